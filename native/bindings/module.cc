@@ -1,0 +1,7 @@
+#include "bindings.h"
+
+PYBIND11_MODULE(_native, m) {
+    m.doc() = "kvxfer native core (use the kvxfer package, not this module)";
+    kvxfer::py_bindings::registerErrors(m);
+    kvxfer::py_bindings::registerEngine(m);
+}

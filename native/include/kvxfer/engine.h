@@ -1,0 +1,192 @@
+// The engine: the public C++ API, mirrored one to one by the Python package.
+//
+// One Engine per process (or per GPU worker). It owns its backends, local registrations
+// (Region), known peers (Peer) and received notifications.
+//
+// Thread contract: every method may be called from any thread. Control-plane calls
+// (registerMemory, addPeer, removePeer, descriptor) serialise on one mutex; post() takes
+// no engine-wide lock on its hot path (it validates against immutable Region / Peer
+// snapshots). Progress is made by each backend's own threads: a caller never has to
+// poll for bytes to move; TransferJob::waitUntil blocks on a condition variable.
+//
+// Lifetime contract: a Region, a Peer and a transfer each keep the Engine alive; a
+// transfer keeps its Region and Peer alive until its backend has let go of it.
+// close() abandons in-flight transfers (they end FAILED/kCanceled) and rejects new work.
+#pragma once
+
+#include <chrono>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kvxfer/backend.h"
+#include "kvxfer/descriptor.h"
+#include "kvxfer/plan.h"
+#include "kvxfer/status.h"
+
+namespace kvxfer {
+
+struct EngineConfig {
+    std::string name;
+    // Backends to start, in order of preference for reaching a peer. Empty = every
+    // available backend except those that must be asked for by name.
+    std::vector<std::string> backends;
+    unsigned threads = 0;  // per-backend worker threads; 0 = backend default
+    std::string device;    // backend device selector (e.g. "rxe0"); "" = auto
+    std::chrono::milliseconds default_timeout{30000};
+    std::chrono::milliseconds connect_timeout{10000};
+};
+
+class Engine;
+class Peer;
+
+// A registered range of local memory. Deregistered (every backend) when the last
+// reference goes, which in-flight transfers hold.
+class Region {
+public:
+    ~Region();
+    uint32_t id() const { return id_; }
+    uint8_t* base() const { return base_; }
+    uint64_t length() const { return length_; }
+    const std::optional<KvLayout>& layout() const { return layout_; }
+    BackendRegion* backendRegion(size_t backend_index) const { return backend_regions_[backend_index].get(); }
+
+private:
+    friend class Engine;
+    Region() = default;
+    std::shared_ptr<Engine> engine_;
+    uint32_t id_ = 0;
+    uint8_t* base_ = nullptr;
+    uint64_t length_ = 0;
+    std::optional<KvLayout> layout_;
+    std::vector<std::unique_ptr<BackendRegion>> backend_regions_;  // indexed like the engine's backends
+    std::shared_ptr<void> owner_;  // keeps the user's buffer alive (e.g. a Python object)
+};
+
+// A known peer engine instance, reached through one backend.
+class Peer {
+public:
+    ~Peer();
+    const std::string& name() const { return name_; }
+    uint64_t instanceId() const { return instance_id_; }
+    const std::string& backendName() const { return backend_name_; }
+    // The peer's latest descriptor (replaced as a whole when the peer is refreshed).
+    std::shared_ptr<const PeerDescriptor> descriptor() const;
+    bool removed() const;
+
+private:
+    friend class Engine;
+    Peer() = default;
+    std::shared_ptr<Engine> engine_;
+    std::string name_;
+    uint64_t instance_id_ = 0;
+    size_t backend_index_ = 0;
+    std::string backend_name_;
+    std::shared_ptr<BackendPeer> connection_;
+    std::map<uint32_t, std::unique_ptr<BackendRemoteRegion>> imports_;
+    mutable std::mutex mutex_;  // guards descriptor_, imports_, removed_, in_flight_
+    std::shared_ptr<const PeerDescriptor> descriptor_;
+    bool removed_ = false;
+    std::vector<std::weak_ptr<TransferJob>> in_flight_;
+};
+
+struct TransferRequest {
+    Op op = Op::kWrite;
+    std::shared_ptr<Peer> peer;
+    std::shared_ptr<Region> local;
+    TransferSide local_side;   // a BlockSide's layout is taken from the local region
+    uint32_t remote_region = 0;
+    TransferSide remote_side;  // a BlockSide's layout is taken from the peer's descriptor
+    Bytes notify;
+    std::chrono::milliseconds timeout{0};  // 0 = the engine's default_timeout
+    bool coalesce = true;
+};
+
+struct Notification {
+    std::string peer_name;
+    uint64_t peer_instance = 0;
+    Bytes payload;
+};
+
+struct EngineStats {
+    uint64_t transfers_posted = 0;
+    uint64_t transfers_done = 0;
+    uint64_t transfers_failed = 0;
+    uint64_t bytes_done = 0;
+    uint64_t runs_posted = 0;
+    uint64_t notifications_received = 0;
+};
+
+class Engine : public std::enable_shared_from_this<Engine>, private NotificationSink {
+public:
+    static Result<std::shared_ptr<Engine>> create(const EngineConfig& config);
+    ~Engine() override;
+    Engine(const Engine&) = delete;
+    Engine& operator=(const Engine&) = delete;
+
+    const std::string& name() const { return config_.name; }
+    uint64_t instanceId() const { return instance_id_; }
+    std::vector<std::string> backendNames() const;
+    std::string describeBackends() const;
+
+    // `layout`, when given, is validated against the region and enables block-id transfers.
+    Result<std::shared_ptr<Region>> registerMemory(void* base, uint64_t length,
+                                                   std::optional<KvLayout> layout,
+                                                   std::shared_ptr<void> owner = {});
+    // Stops publishing the region; its registration ends when the last transfer using it does.
+    Status deregisterMemory(const Region& region);
+
+    Bytes descriptor() const;
+    // Adds or refreshes a peer. Same instance: regions are refreshed in place. New
+    // instance under a known name (a restarted peer): the old entry is replaced and its
+    // in-flight transfers are abandoned with kPeerUnreachable.
+    Result<std::shared_ptr<Peer>> addPeer(ByteView descriptor);
+    Status removePeer(const std::string& name);
+    std::shared_ptr<Peer> findPeer(const std::string& name) const;
+
+    // Validates and plans without moving anything.
+    Result<std::shared_ptr<const Plan>> plan(const TransferRequest& request) const;
+    Result<std::shared_ptr<TransferJob>> post(const TransferRequest& request);
+    Status notify(Peer& peer, ByteView payload, std::chrono::milliseconds timeout);
+
+    std::vector<Notification> takeNotifications(size_t max = 0);
+    // True if a notification is queued by `until`.
+    bool waitNotification(Clock::time_point until);
+
+    EngineStats stats() const;
+    void close();
+    bool closed() const;
+
+private:
+    friend class Region;
+    explicit Engine(EngineConfig config);
+    void deliver(std::string peer_name, uint64_t peer_instance, Bytes payload) override;
+    Result<std::shared_ptr<const Plan>> planFor(const TransferRequest& request,
+                                                RegionDescriptor* remote) const;
+
+    EngineConfig config_;
+    uint64_t instance_id_ = 0;
+    std::string host_id_;
+    std::vector<std::unique_ptr<Backend>> backends_;
+
+    mutable std::mutex control_mutex_;
+    bool closed_ = false;
+    uint32_t next_region_id_ = 0;
+    std::map<uint32_t, std::weak_ptr<Region>> regions_;
+    std::map<uint32_t, RegionDescriptor> published_;
+    std::map<std::string, std::shared_ptr<Peer>> peers_;
+
+    mutable std::mutex notify_mutex_;
+    std::condition_variable notify_cv_;
+    std::deque<Notification> notifications_;
+
+    std::atomic<uint64_t> next_transfer_id_{1};
+    mutable std::mutex stats_mutex_;
+    EngineStats stats_;
+};
+
+}  // namespace kvxfer

@@ -1,0 +1,145 @@
+#include "util/copy_pool.h"
+
+namespace kvxfer {
+
+namespace {
+
+struct ActiveJob {
+    std::shared_ptr<TransferJob> job;
+    uint64_t total_runs = 0;
+    // Guarded by CopyPool::State::mutex.
+    uint64_t next_run = 0;
+    uint32_t in_progress = 0;
+    bool closed = false;  // no more chunks will be handed out
+    bool finalized = false;
+    Status error;
+};
+
+}  // namespace
+
+struct CopyPool::State {
+    uint64_t max_chunk_runs;
+    uint64_t target_chunk_bytes;
+    CopyFn copy;
+    CommitFn commit;
+    std::mutex mutex;
+    std::condition_variable cv;
+    std::deque<std::shared_ptr<ActiveJob>> queue;
+    bool stopping = false;
+
+    // Under `mutex`: true when `a` can be finalized by the caller.
+    static bool readyToFinalize(ActiveJob& a) {
+        if (a.closed && a.in_progress == 0 && !a.finalized) {
+            a.finalized = true;
+            return true;
+        }
+        return false;
+    }
+
+    void finalize(ActiveJob& a) {
+        TransferJob& job = *a.job;
+        if (!a.error.isOk()) {
+            job.finish(a.error);
+        } else if (a.next_run < a.total_runs) {
+            job.finish(Status::canceled("transfer abandoned before all bytes moved"));
+        } else if (job.notify.empty()) {
+            job.finish(Status::ok());
+        } else if (job.beginCommit()) {
+            job.finish(commit(job));
+        } else {
+            job.finish(Status::canceled("transfer abandoned before its notification was sent"));
+        }
+    }
+
+    void workerLoop() {
+        for (;;) {
+            std::shared_ptr<ActiveJob> a;
+            uint64_t first = 0, end = 0;
+            {
+                std::unique_lock<std::mutex> lock(mutex);
+                cv.wait(lock, [&] { return stopping || !queue.empty(); });
+                if (queue.empty()) return;  // stopping
+                a = queue.front();
+                if (stopping || a->job->abandoned() || !a->error.isOk()) a->closed = true;
+                if (!a->closed) {
+                    const Plan& plan = *a->job->plan;
+                    first = a->next_run;
+                    end = first;
+                    uint64_t bytes = 0;
+                    const uint64_t per_plane = plan.runs.size();
+                    while (end < a->total_runs && end - first < max_chunk_runs && bytes < target_chunk_bytes) {
+                        bytes += plan.runs[end % per_plane].length;
+                        ++end;
+                    }
+                    a->next_run = end;
+                    ++a->in_progress;
+                    if (end == a->total_runs) a->closed = true;
+                }
+                if (a->closed) queue.pop_front();
+                if (first == end) {
+                    const bool fin = readyToFinalize(*a);
+                    lock.unlock();
+                    if (fin) finalize(*a);
+                    continue;
+                }
+            }
+            Status st = copy(*a->job, first, end);
+            bool fin = false;
+            {
+                std::lock_guard<std::mutex> lock(mutex);
+                --a->in_progress;
+                if (!st.isOk() && a->error.isOk()) {
+                    a->error = std::move(st);
+                    a->closed = true;  // its queue entry is dropped by the next claimer
+                }
+                fin = readyToFinalize(*a);
+            }
+            if (fin) finalize(*a);
+        }
+    }
+};
+
+CopyPool::CopyPool(unsigned threads, uint64_t max_chunk_runs, uint64_t target_chunk_bytes, CopyFn copy,
+                   CommitFn commit)
+    : state_(std::make_shared<State>()) {
+    state_->max_chunk_runs = max_chunk_runs;
+    state_->target_chunk_bytes = target_chunk_bytes;
+    state_->copy = std::move(copy);
+    state_->commit = std::move(commit);
+    for (unsigned i = 0; i < std::max(1u, threads); ++i) {
+        threads_.emplace_back([state = state_] { state->workerLoop(); });
+    }
+}
+
+CopyPool::~CopyPool() {
+    {
+        std::lock_guard<std::mutex> lock(state_->mutex);
+        state_->stopping = true;
+    }
+    state_->cv.notify_all();
+    for (auto& t : threads_) {
+        if (t.get_id() == std::this_thread::get_id()) {
+            t.detach();
+        } else {
+            t.join();
+        }
+    }
+}
+
+void CopyPool::submit(const std::shared_ptr<TransferJob>& job) {
+    auto a = std::make_shared<ActiveJob>();
+    a->job = job;
+    a->total_runs = job->plan->numRuns();
+    {
+        std::lock_guard<std::mutex> lock(state_->mutex);
+        state_->queue.push_back(std::move(a));
+    }
+    // Wake every worker for big jobs so they share it; one is enough for a single chunk.
+    if (job->plan->total_bytes > state_->target_chunk_bytes || job->plan->numRuns() > state_->max_chunk_runs) {
+        state_->cv.notify_all();
+    } else {
+        state_->cv.notify_one();
+    }
+}
+
+}  // namespace kvxfer

@@ -1,0 +1,50 @@
+// CopyPool: worker threads that execute jobs whose bytes are moved by the CPU (loopback
+// memcpy, shm cross-memory attach). Several workers share one large job: each claims
+// the next chunk of the job's flattened planes x runs sequence (at most `max_chunk_runs`
+// runs and about `target_chunk_bytes` bytes), so a 1 GiB transfer spreads over every
+// thread while a small one stays on one.
+//
+// After the last chunk, one worker commits: it sends the job's notification through
+// `commit` (only when every chunk succeeded and TransferJob::beginCommit() agreed) and
+// calls finish(). Workers stop claiming chunks of an abandoned or failed job.
+//
+// Threads capture only the pool's shared state, never the owning backend, so the pool
+// may be destroyed on one of its own workers (the last reference to an engine can be
+// dropped when a worker releases a finished job): that worker is detached, not joined.
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "kvxfer/backend.h"
+
+namespace kvxfer {
+
+class CopyPool {
+public:
+    // Moves runs [first, end) of job.plan's flattened sequence. Called concurrently.
+    using CopyFn = std::function<Status(TransferJob& job, uint64_t first, uint64_t end)>;
+    // Delivers job.notify to the peer; called once, after all data is visible.
+    using CommitFn = std::function<Status(TransferJob& job)>;
+
+    CopyPool(unsigned threads, uint64_t max_chunk_runs, uint64_t target_chunk_bytes, CopyFn copy,
+             CommitFn commit);
+    ~CopyPool();
+    CopyPool(const CopyPool&) = delete;
+    CopyPool& operator=(const CopyPool&) = delete;
+
+    void submit(const std::shared_ptr<TransferJob>& job);
+    unsigned threads() const { return static_cast<unsigned>(threads_.size()); }
+
+private:
+    struct State;
+    std::shared_ptr<State> state_;
+    std::vector<std::thread> threads_;
+};
+
+}  // namespace kvxfer
