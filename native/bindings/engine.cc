@@ -366,6 +366,63 @@ void registerEngine(py::module_& m) {
         })
         .def_property_readonly("closed", &Engine::closed);
 
+    // Descriptor codec, for tooling and for tests whose peer is not a kvxfer engine.
+    m.def("decode_descriptor", [](py::bytes blob) {
+        std::string data = blob;
+        PeerDescriptor d = unwrap(decodeDescriptor(ByteView(reinterpret_cast<const uint8_t*>(data.data()), data.size())));
+        py::dict out;
+        out["engine_name"] = d.engine_name;
+        out["instance_id"] = d.instance_id;
+        out["host_id"] = d.host_id;
+        out["pid"] = d.pid;
+        py::list backends;
+        for (const auto& b : d.backends) {
+            backends.append(py::make_tuple(b.name, py::bytes(reinterpret_cast<const char*>(b.info.data()), b.info.size())));
+        }
+        out["backends"] = backends;
+        py::list regions;
+        for (const auto& r : d.regions) {
+            py::dict rd;
+            rd["id"] = r.id;
+            rd["base_address"] = r.base_address;
+            rd["length"] = r.length;
+            rd["layout"] = layoutOrNone(r.layout);
+            py::list keys;
+            for (const auto& k : r.remote_keys) keys.append(py::bytes(reinterpret_cast<const char*>(k.data()), k.size()));
+            rd["remote_keys"] = keys;
+            regions.append(rd);
+        }
+        out["regions"] = regions;
+        return out;
+    });
+    m.def("encode_descriptor", [](py::dict d) {
+        PeerDescriptor desc;
+        desc.engine_name = d["engine_name"].cast<std::string>();
+        desc.instance_id = d["instance_id"].cast<uint64_t>();
+        desc.host_id = d.contains("host_id") ? d["host_id"].cast<std::string>() : "";
+        desc.pid = d.contains("pid") ? d["pid"].cast<uint32_t>() : 0;
+        for (auto item : d["backends"]) {
+            auto t = item.cast<py::tuple>();
+            std::string info = t[1].cast<py::bytes>();
+            desc.backends.push_back({t[0].cast<std::string>(), Bytes(info.begin(), info.end())});
+        }
+        for (auto item : d["regions"]) {
+            auto rd = item.cast<py::dict>();
+            RegionDescriptor r;
+            r.id = rd["id"].cast<uint32_t>();
+            r.base_address = rd["base_address"].cast<uint64_t>();
+            r.length = rd["length"].cast<uint64_t>();
+            if (rd.contains("layout") && !rd["layout"].is_none()) r.layout = rd["layout"].cast<KvLayout>();
+            for (auto k : rd["remote_keys"]) {
+                std::string key = k.cast<py::bytes>();
+                r.remote_keys.emplace_back(key.begin(), key.end());
+            }
+            desc.regions.push_back(std::move(r));
+        }
+        const Bytes out = encodeDescriptor(desc);
+        return py::bytes(reinterpret_cast<const char*>(out.data()), out.size());
+    });
+
     m.def("list_backends", [] {
         py::list out;
         for (const auto& b : listBackends()) out.append(py::make_tuple(b.name, b.available, b.reason, b.on_by_default));
