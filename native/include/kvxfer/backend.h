@@ -131,7 +131,9 @@ public:
     // True once the backend has called finish(): its threads no longer touch the memory.
     bool quiesced() const { return finished_.load(std::memory_order_acquire); }
     std::function<void(TransferJob&)> on_abandon;  // backend cancel hook, may be empty
-    std::function<void(const TransferJob&)> on_terminal;  // core statistics hook
+    // Core statistics hook: called once, with the job's lock held and before waiters
+    // wake, with whether it ended DONE. Must not call back into the job.
+    std::function<void(bool done)> on_terminal;
 
 private:
     enum Internal : uint8_t { kRunning, kCommitting, kOk, kFail };

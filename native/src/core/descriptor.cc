@@ -156,6 +156,7 @@ Result<PeerDescriptor> decodeDescriptor(ByteView bytes) {
                                      " is not supported (this build speaks " +
                                      std::to_string(PeerDescriptor::kVersion) + ")");
     }
+    if (reserved != 0) return malformed("reserved header field is not zero");
     if (body_len != bytes.size() - kHeaderBytes) {
         return malformed("body length " + std::to_string(body_len) + " but " +
                          std::to_string(bytes.size() - kHeaderBytes) + " bytes follow the header");

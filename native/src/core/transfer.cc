@@ -42,10 +42,10 @@ bool TransferJob::toTerminal(Internal to, Status status, bool from_backend) {
         // A committing job (notification on its way) can only be ended by its backend.
         if (cur == kCommitting && !from_backend) return false;
         status_ = std::move(status);
+        if (on_terminal) on_terminal(to == kOk);
         state_.store(to, std::memory_order_release);
     }
     cv_.notify_all();
-    if (on_terminal) on_terminal(*this);
     return true;
 }
 
