@@ -39,7 +39,10 @@ def list_backends() -> list[BackendInfo]:
 def _as_ids(blocks: Any) -> np.ndarray | None:
     if blocks is None:
         return None
-    return np.ascontiguousarray(blocks, dtype=np.int64)
+    arr = np.asarray(blocks)
+    if arr.size and arr.dtype.kind not in "iu":
+        raise _error("INVALID_ARGUMENT", f"block ids must be an integer array, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
 
 
 def _as_extents(extents: Any) -> np.ndarray | None:
