@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from . import errors
 from ._native import KvLayout, Op, Peer, Region, RemoteRegion, Transfer, TransferState
-from .engine import BackendInfo, Engine, Notification, list_backends
+from .engine import BackendInfo, Engine, Notification, empty, list_backends
 from .errors import KvxferError
 
 __version__ = "0.1.0"
@@ -35,6 +35,7 @@ __all__ = [
     "RemoteRegion",
     "Transfer",
     "TransferState",
+    "empty",
     "errors",
     "list_backends",
     "__version__",

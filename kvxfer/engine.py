@@ -36,6 +36,19 @@ def list_backends() -> list[BackendInfo]:
     return [BackendInfo(*row) for row in _native.list_backends()]
 
 
+def empty(shape: Any, dtype: Any = np.uint8) -> np.ndarray:
+    """A numpy array in shareable host memory (memfd-backed, page-aligned, prefaulted).
+
+    Register it like any array; a same-host peer then maps it and moves bytes with plain
+    memcpy (the shm backend's fast path) instead of cross-memory attach. The array keeps
+    the memory alive. Contents are zero.
+    """
+    dt = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    buf = _native.HostBuffer(max(1, count * dt.itemsize))
+    return np.frombuffer(buf, dtype=np.uint8, count=count * dt.itemsize).view(dt).reshape(shape)
+
+
 def _as_ids(blocks: Any) -> np.ndarray | None:
     if blocks is None:
         return None

@@ -9,6 +9,7 @@
 
 #include "bindings.h"
 #include "kvxfer/engine.h"
+#include "kvxfer/host_memory.h"
 
 namespace kvxfer::py_bindings {
 namespace {
@@ -365,6 +366,19 @@ void registerEngine(py::module_& m) {
             e.close();
         })
         .def_property_readonly("closed", &Engine::closed);
+
+    py::class_<HostBuffer, std::shared_ptr<HostBuffer>>(m, "HostBuffer", py::buffer_protocol())
+        .def(py::init([](uint64_t nbytes) {
+                 py::gil_scoped_release nogil;
+                 return unwrap(HostBuffer::allocate(nbytes));
+             }),
+             py::arg("nbytes"))
+        .def_property_readonly("nbytes", &HostBuffer::size)
+        .def_property_readonly("address", [](const HostBuffer& b) { return reinterpret_cast<uintptr_t>(b.data()); })
+        .def_buffer([](HostBuffer& b) {
+            return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
+                                   {static_cast<ssize_t>(b.size())}, {1});
+        });
 
     // Descriptor codec, for tooling and for tests whose peer is not a kvxfer engine.
     m.def("decode_descriptor", [](py::bytes blob) {

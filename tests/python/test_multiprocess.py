@@ -25,10 +25,10 @@ LAYOUT = dict(num_layers=4, num_kv=2, num_blocks=256, block_bytes=4096)
 class Remote:
     """A peer engine in a spawned process."""
 
-    def __init__(self, name, backend, seed=1, layout=LAYOUT):
+    def __init__(self, name, backend, seed=1, layout=LAYOUT, shareable=False):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=serve, args=(child, name, backend, layout, seed), daemon=True)
+        self.proc = ctx.Process(target=serve, args=(child, name, backend, layout, seed, shareable), daemon=True)
         self.proc.start()
         self.descriptor = self.call_reply(timeout=60)
 
@@ -71,10 +71,13 @@ def local(xbackend):
     eng.close()
 
 
+@pytest.mark.parametrize("shareable", [False, True], ids=["numpy-memory", "kvxfer.empty-memory"])
 @pytest.mark.parametrize("op", [Op.WRITE, Op.READ])
-def test_random_block_maps_across_processes(xbackend, local, op):
+def test_random_block_maps_across_processes(xbackend, local, op, shareable):
+    """Target memory from numpy (shm reaches it by cross-memory attach) or from
+    kvxfer.empty (shm maps the peer's memfd and uses memcpy)."""
     eng, pool, region, layout = local
-    remote = Remote("target", xbackend)
+    remote = Remote("target", xbackend, shareable=shareable)
     try:
         peer = eng.add_peer(remote.descriptor)
         rng = np.random.default_rng(11)
@@ -119,7 +122,8 @@ def test_target_writes_back_to_initiator(xbackend, local):
         remote.close()
 
 
-def test_peer_killed_mid_transfer_fails_within_deadline(xbackend):
+@pytest.mark.parametrize("shareable", [False, True], ids=["numpy-memory", "kvxfer.empty-memory"])
+def test_peer_killed_mid_transfer_fails_within_deadline(xbackend, shareable):
     """SIGKILL the target while a large write is in flight: the transfer ends FAILED
     within its deadline (no hang), and the engine keeps serving another peer."""
     layout = dict(num_layers=1, num_kv=1, num_blocks=64 * 1024, block_bytes=4096)  # 256 MiB
@@ -127,7 +131,8 @@ def test_peer_killed_mid_transfer_fails_within_deadline(xbackend):
     eng = kvxfer.Engine("initiator", backends=[xbackend], threads=1, timeout=60.0)
     pool = np.ones(kl.num_blocks * kl.block_bytes, np.uint8)
     region = eng.register(pool, kl)
-    victim, bystander = Remote("victim", xbackend, layout=layout), Remote("bystander", xbackend, layout=layout)
+    victim = Remote("victim", xbackend, layout=layout, shareable=shareable)
+    bystander = Remote("bystander", xbackend, layout=layout)
     try:
         p_victim = eng.add_peer(victim.descriptor)
         p_other = eng.add_peer(bystander.descriptor)
@@ -143,7 +148,7 @@ def test_peer_killed_mid_transfer_fails_within_deadline(xbackend):
                 raise errors.InternalError("transfer finished before the kill landed")
             if isinstance(info.value, errors.InternalError):
                 victim.close()
-                victim = Remote("victim", xbackend, layout=layout)
+                victim = Remote("victim", xbackend, layout=layout, shareable=shareable)
                 p_victim = eng.add_peer(victim.descriptor)
                 continue
             assert time.monotonic() - start < 30

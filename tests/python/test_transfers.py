@@ -176,3 +176,27 @@ def test_large_request_of_one_million_block_ids(backend):
         assert np.array_equal(dst_blocks[rids], src_blocks[lids])
     finally:
         p.close()
+
+
+def test_shareable_host_memory(backend):
+    """kvxfer.empty gives zeroed, page-aligned, writable arrays that transfer like any
+    other memory (and take the shm backend's mapped-memcpy path)."""
+    arr = kvxfer.empty((4, 1024), np.float32)
+    assert arr.shape == (4, 1024) and arr.dtype == np.float32 and not arr.any()
+    assert arr.ctypes.data % 4096 == 0
+    layout = dense_layout(2, 2, 16, 512)
+    a = kvxfer.Engine("sa", backends=[backend])
+    b = kvxfer.Engine("sb", backends=[backend])
+    src = kvxfer.empty(2 * 2 * 16 * 512)
+    src[:] = np.random.default_rng(1).integers(0, 256, src.size, dtype=np.uint8)
+    dst = kvxfer.empty(src.size)
+    ra, rb = a.register(src, layout), b.register(dst, layout)
+    peer = a.add_peer(b.descriptor())
+    ids = np.array([3, 9, 10, 15])
+    a.write(peer, ra, rb.id, ids).wait(30)
+    assert stream(dst, layout, ids) == stream(src, layout, ids)
+    dst[:] = 7
+    a.read(peer, ra, rb.id, ids).wait(30)
+    assert stream(src, layout, ids) == stream(dst, layout, ids)
+    a.close()
+    b.close()

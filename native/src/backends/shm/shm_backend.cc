@@ -1,9 +1,12 @@
 // Shared-memory backend for engines on one host: one copy, straight between the two
-// processes' registered buffers, with Linux cross-memory attach (process_vm_writev /
-// process_vm_readv). Why CMA and not memfd-mapped regions: it needs no allocator of
-// ours (any numpy array or torch tensor can be registered as it is), copies once
-// without a staging buffer, and takes 1024 (local, remote) iovec pairs per system call,
-// so a chunk of coalesced runs is one syscall. docs/shm.md has the full reasoning.
+// processes' registered buffers, by one of two mechanisms chosen per remote region:
+// - the peer's region lies in a kvxfer HostBuffer (memfd): the initiator takes a copy
+//   of the peer's memfd with pidfd_getfd, maps it, and copies with memcpy. This is the
+//   fast path: glibc memcpy (non-temporal stores for large runs) at full speed.
+// - any other memory (a numpy array, a torch tensor): Linux cross-memory attach
+//   (process_vm_writev / process_vm_readv), 1024 (local, remote) iovec pairs per system
+//   call. Slower for large runs (the kernel copy has no non-temporal stores) but it
+//   needs no allocator of ours. docs/shm.md has the measurements behind the choice.
 //
 // Notifications travel over a SOCK_SEQPACKET Unix socket in the abstract namespace,
 // sent by the copy worker after the last chunk's syscall returned, i.e. after the bytes
@@ -23,10 +26,14 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <thread>
 
+#include <sys/mman.h>
+
 #include "backends/factories.h"
+#include "kvxfer/host_memory.h"
 #include "util/copy_pool.h"
 
 namespace kvxfer {
@@ -118,6 +125,33 @@ struct ShmPeer : BackendPeer {
     }
 };
 
+// Remote key: u8 kind (0 = reach by CMA, 1 = memfd) [i32 fd in the owner, u64 offset].
+constexpr uint8_t kKeyCma = 0;
+constexpr uint8_t kKeyMemfd = 1;
+
+struct ShmRegion : BackendRegion {
+    std::optional<ShareableRange> shareable;
+    Bytes remoteKey() const override {
+        if (!shareable) return {kKeyCma};
+        Bytes key(13);
+        key[0] = kKeyMemfd;
+        const int32_t fd = shareable->fd;
+        std::memcpy(key.data() + 1, &fd, 4);
+        std::memcpy(key.data() + 5, &shareable->offset, 8);
+        return key;
+    }
+};
+
+// The peer's region as this process reaches it: mapped (memfd) or by address (CMA).
+struct ShmRemoteRegion : BackendRemoteRegion {
+    uint8_t* mapped = nullptr;  // start of the region in our mapping, or null for CMA
+    void* mapping = nullptr;
+    size_t mapping_bytes = 0;
+    ~ShmRemoteRegion() override {
+        if (mapping != nullptr) ::munmap(mapping, mapping_bytes);
+    }
+};
+
 Status cmaError(const ShmPeer& peer, int err) {
     if (err == ESRCH || peer.exited()) {
         return Status::peerUnreachable("shm peer '" + peer.name + "' (pid " + std::to_string(peer.pid) +
@@ -138,6 +172,19 @@ Status cmaError(const ShmPeer& peer, int err) {
 
 Status copyChunk(TransferJob& job, uint64_t first, uint64_t end) {
     auto& peer = static_cast<ShmPeer&>(*job.peer);
+    if (uint8_t* mapped = static_cast<ShmRemoteRegion*>(job.remote.backend)->mapped) {
+        // The mapping outlives the peer, so liveness is checked explicitly.
+        if (peer.exited()) return cmaError(peer, ESRCH);
+        for (uint64_t i = first; i < end; ++i) {
+            const Run r = job.plan->flatRun(i);
+            if (job.op == Op::kWrite) {
+                std::memcpy(mapped + r.remote_offset, job.local.base + r.local_offset, r.length);
+            } else {
+                std::memcpy(job.local.base + r.local_offset, mapped + r.remote_offset, r.length);
+            }
+        }
+        return Status::ok();
+    }
     iovec local[kMaxIov];
     iovec remote[kMaxIov];
     size_t n = 0;
@@ -281,8 +328,10 @@ public:
         return out;
     }
 
-    Result<std::unique_ptr<BackendRegion>> registerMemory(uint8_t*, uint64_t) override {
-        return std::make_unique<BackendRegion>();  // CMA reaches any mapped page: nothing to pin
+    Result<std::unique_ptr<BackendRegion>> registerMemory(uint8_t* base, uint64_t length) override {
+        auto region = std::make_unique<ShmRegion>();
+        region->shareable = findShareableRange(base, length);  // else CMA: nothing to pin
+        return std::unique_ptr<BackendRegion>(std::move(region));
     }
 
     Result<std::shared_ptr<BackendPeer>> connect(const PeerIdentity& identity, ByteView info,
@@ -323,9 +372,34 @@ public:
         return std::shared_ptr<BackendPeer>(std::move(peer));
     }
 
-    Result<std::unique_ptr<BackendRemoteRegion>> importRemoteRegion(BackendPeer&, const RegionDescriptor&,
-                                                                    ByteView) override {
-        return std::make_unique<BackendRemoteRegion>();
+    Result<std::unique_ptr<BackendRemoteRegion>> importRemoteRegion(BackendPeer& backend_peer,
+                                                                    const RegionDescriptor& region,
+                                                                    ByteView key) override {
+        auto& peer = static_cast<ShmPeer&>(backend_peer);
+        auto remote = std::make_unique<ShmRemoteRegion>();
+        if (key.empty() || key[0] > kKeyMemfd || (key[0] == kKeyMemfd && key.size() != 13)) {
+            return Status::badDescriptor("shm key of region " + std::to_string(region.id) + " of peer '" +
+                                         peer.name + "' is malformed");
+        }
+        if (key[0] == kKeyCma) return std::unique_ptr<BackendRemoteRegion>(std::move(remote));
+        int32_t remote_fd = 0;
+        uint64_t offset = 0;
+        std::memcpy(&remote_fd, key.data() + 1, 4);
+        std::memcpy(&offset, key.data() + 5, 8);
+        // Take a copy of the peer's memfd (same permission check as CMA) and map it.
+        // Failure is not fatal: the region is then reached by CMA.
+        Fd fd(static_cast<int>(::syscall(SYS_pidfd_getfd, peer.pidfd.fd, remote_fd, 0)));
+        if (fd.fd < 0) return std::unique_ptr<BackendRemoteRegion>(std::move(remote));
+        const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+        const uint64_t head = offset % page;
+        const size_t bytes = static_cast<size_t>(head + region.length);
+        void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd.fd,
+                         static_cast<off_t>(offset - head));
+        if (p == MAP_FAILED) return std::unique_ptr<BackendRemoteRegion>(std::move(remote));
+        remote->mapping = p;
+        remote->mapping_bytes = bytes;
+        remote->mapped = static_cast<uint8_t*>(p) + head;
+        return std::unique_ptr<BackendRemoteRegion>(std::move(remote));
     }
 
     Status submit(const std::shared_ptr<TransferJob>& job) override {
@@ -347,12 +421,13 @@ private:
           self_instance_(ctx.instance_id),
           start_time_(processStartTime(::getpid())),
           pool_(ctx.threads ? ctx.threads : std::min(4u, std::max(1u, std::thread::hardware_concurrency())),
-                kMaxIov, 16 << 20, copyChunk,
+                kMaxIov, 64 << 20, copyChunk,
                 [](TransferJob& job) { return static_cast<ShmPeer&>(*job.peer).send(job.notify); }) {
         thread_ = std::thread([l = listener_] { l->run(); });
     }
 
-    BackendCaps caps_{.same_process_only = false, .same_host_only = true, .max_run_bytes = 4 << 20};
+    // Runs up to 64 MiB keep memcpy on its non-temporal path yet split 1 GiB over threads.
+    BackendCaps caps_{.same_process_only = false, .same_host_only = true, .max_run_bytes = 64 << 20};
     std::shared_ptr<Listener> listener_;
     std::string socket_name_;
     std::string self_name_;
