@@ -1,6 +1,8 @@
 // Engine, Region, Peer, Transfer and KvLayout bindings. Block ids and extents arrive as
 // numpy arrays and are read in place (no Python object per block); every call that can
 // block or spin releases the GIL.
+#include "kvxfer/engine.h"
+
 #include <pybind11/chrono.h>
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
@@ -8,7 +10,6 @@
 #include <cmath>
 
 #include "bindings.h"
-#include "kvxfer/engine.h"
 #include "kvxfer/host_memory.h"
 
 namespace kvxfer::py_bindings {
@@ -41,7 +42,8 @@ std::span<const int64_t> idSpan(const IdArray& a, const char* what) {
 
 std::span<const Extent> extentSpan(const ExtentArray& a, const char* what) {
     if (a.ndim() != 2 || a.shape(1) != 2) {
-        throw StatusError(Status::invalidArgument(std::string(what) + " must be an (N, 2) array of [offset, length]"));
+        throw StatusError(
+            Status::invalidArgument(std::string(what) + " must be an (N, 2) array of [offset, length]"));
     }
     return {reinterpret_cast<const Extent*>(a.data()), static_cast<size_t>(a.shape(0))};
 }
@@ -62,7 +64,8 @@ TransferSide makeSide(const SideArgs& args, const char* which) {
         if (args.layers) {
             b.layer_begin = args.layers->first;
             b.layer_end = args.layers->second;
-            if (b.layer_end == 0) throw StatusError(Status::outOfRange(std::string(which) + " layer range is empty"));
+            if (b.layer_end == 0)
+                throw StatusError(Status::outOfRange(std::string(which) + " layer range is empty"));
         }
         return b;
     }
@@ -75,9 +78,10 @@ struct PostArgs {
     SideArgs local, remote;  // own the arrays the request's spans point into
 };
 
-PostArgs buildRequest(Op op, std::shared_ptr<Peer> peer, std::shared_ptr<Region> local, uint32_t remote_region,
-                      std::optional<IdArray> local_blocks, std::optional<IdArray> remote_blocks,
-                      std::optional<ExtentArray> local_extents, std::optional<ExtentArray> remote_extents,
+PostArgs buildRequest(Op op, std::shared_ptr<Peer> peer, std::shared_ptr<Region> local,
+                      uint32_t remote_region, std::optional<IdArray> local_blocks,
+                      std::optional<IdArray> remote_blocks, std::optional<ExtentArray> local_extents,
+                      std::optional<ExtentArray> remote_extents,
                       std::optional<std::pair<uint32_t, uint32_t>> layers,
                       std::optional<std::pair<uint32_t, uint32_t>> remote_layers, py::bytes notify,
                       std::optional<double> timeout, bool coalesce) {
@@ -110,16 +114,12 @@ py::dict planInfo(const Plan& p) {
     return d;
 }
 
-py::object layoutOrNone(const std::optional<KvLayout>& l) {
-    return l ? py::cast(*l) : py::none();
-}
+py::object layoutOrNone(const std::optional<KvLayout>& l) { return l ? py::cast(*l) : py::none(); }
 
 }  // namespace
 
 void registerEngine(py::module_& m) {
-    py::enum_<Op>(m, "Op")
-        .value("WRITE", Op::kWrite)
-        .value("READ", Op::kRead);
+    py::enum_<Op>(m, "Op").value("WRITE", Op::kWrite).value("READ", Op::kRead);
     py::enum_<TransferState>(m, "TransferState")
         .value("PENDING", TransferState::kPending)
         .value("DONE", TransferState::kDone)
@@ -128,7 +128,8 @@ void registerEngine(py::module_& m) {
     py::class_<KvLayout>(m, "KvLayout")
         .def(py::init([](uint32_t num_layers, uint32_t num_kv, uint64_t num_blocks, uint64_t block_bytes,
                          uint64_t block_stride, uint64_t kv_stride, uint64_t layer_stride, uint64_t offset) {
-                 KvLayout l{num_layers, num_kv, num_blocks, block_bytes, block_stride, kv_stride, layer_stride, offset};
+                 KvLayout l{num_layers,   num_kv,    num_blocks,   block_bytes,
+                            block_stride, kv_stride, layer_stride, offset};
                  return l.normalized();
              }),
              py::kw_only(), py::arg("num_layers") = 1, py::arg("num_kv") = 1, py::arg("num_blocks"),
@@ -146,19 +147,24 @@ void registerEngine(py::module_& m) {
         .def("validate", [](const KvLayout& l, uint64_t region_bytes) { check(l.validate(region_bytes)); })
         .def("__eq__", [](const KvLayout& a, const KvLayout& b) { return a == b; })
         .def("__repr__", [](const KvLayout& l) {
-            return "KvLayout(num_layers=" + std::to_string(l.num_layers) + ", num_kv=" + std::to_string(l.num_kv) +
-                   ", num_blocks=" + std::to_string(l.num_blocks) + ", block_bytes=" + std::to_string(l.block_bytes) +
-                   ", block_stride=" + std::to_string(l.block_stride) + ", kv_stride=" + std::to_string(l.kv_stride) +
-                   ", layer_stride=" + std::to_string(l.layer_stride) + ", offset=" + std::to_string(l.offset) + ")";
+            return "KvLayout(num_layers=" + std::to_string(l.num_layers) +
+                   ", num_kv=" + std::to_string(l.num_kv) + ", num_blocks=" + std::to_string(l.num_blocks) +
+                   ", block_bytes=" + std::to_string(l.block_bytes) +
+                   ", block_stride=" + std::to_string(l.block_stride) +
+                   ", kv_stride=" + std::to_string(l.kv_stride) +
+                   ", layer_stride=" + std::to_string(l.layer_stride) +
+                   ", offset=" + std::to_string(l.offset) + ")";
         });
 
     py::class_<Region, std::shared_ptr<Region>>(m, "Region")
         .def_property_readonly("id", &Region::id)
-        .def_property_readonly("address", [](const Region& r) { return reinterpret_cast<uintptr_t>(r.base()); })
+        .def_property_readonly("address",
+                               [](const Region& r) { return reinterpret_cast<uintptr_t>(r.base()); })
         .def_property_readonly("nbytes", &Region::length)
         .def_property_readonly("layout", [](const Region& r) { return layoutOrNone(r.layout()); })
         .def("__repr__", [](const Region& r) {
-            return "<kvxfer.Region id=" + std::to_string(r.id()) + " nbytes=" + std::to_string(r.length()) + ">";
+            return "<kvxfer.Region id=" + std::to_string(r.id()) + " nbytes=" + std::to_string(r.length()) +
+                   ">";
         });
 
     py::class_<RegionDescriptor>(m, "RemoteRegion")
@@ -166,7 +172,8 @@ void registerEngine(py::module_& m) {
         .def_readonly("nbytes", &RegionDescriptor::length)
         .def_property_readonly("layout", [](const RegionDescriptor& r) { return layoutOrNone(r.layout); })
         .def("__repr__", [](const RegionDescriptor& r) {
-            return "<kvxfer.RemoteRegion id=" + std::to_string(r.id) + " nbytes=" + std::to_string(r.length) + ">";
+            return "<kvxfer.RemoteRegion id=" + std::to_string(r.id) + " nbytes=" + std::to_string(r.length) +
+                   ">";
         });
 
     py::class_<Peer, std::shared_ptr<Peer>>(m, "Peer")
@@ -175,9 +182,8 @@ void registerEngine(py::module_& m) {
         .def_property_readonly("backend", &Peer::backendName)
         .def_property_readonly("regions", [](const Peer& p) { return p.descriptor()->regions; })
         .def_property_readonly("removed", &Peer::removed)
-        .def("__repr__", [](const Peer& p) {
-            return "<kvxfer.Peer " + p.name() + " via " + p.backendName() + ">";
-        });
+        .def("__repr__",
+             [](const Peer& p) { return "<kvxfer.Peer " + p.name() + " via " + p.backendName() + ">"; });
 
     py::class_<TransferJob, std::shared_ptr<TransferJob>>(m, "Transfer")
         .def_readonly("id", &TransferJob::id)
@@ -196,7 +202,8 @@ void registerEngine(py::module_& m) {
                 if (s == TransferState::kFailed) throw StatusError(j.status());
                 if (s == TransferState::kPending) {
                     throw StatusError(Status::timeout("wait() gave up after " + std::to_string(*timeout) +
-                                                      " s; transfer " + std::to_string(j.id) + " is still pending"));
+                                                      " s; transfer " + std::to_string(j.id) +
+                                                      " is still pending"));
                 }
                 return s;
             },
@@ -204,10 +211,11 @@ void registerEngine(py::module_& m) {
             "Blocks until DONE (returned) or FAILED (raises its error). Without a timeout it waits at most "
             "until the transfer's own deadline.")
         .def("cancel", [](TransferJob& j) { return j.abandon(Status::canceled("canceled by the caller")); })
-        .def_property_readonly("error", [](const TransferJob& j) -> py::object {
-            const Status st = j.status();
-            return st.isOk() ? py::none() : makeError(st);
-        })
+        .def_property_readonly("error",
+                               [](const TransferJob& j) -> py::object {
+                                   const Status st = j.status();
+                                   return st.isOk() ? py::none() : makeError(st);
+                               })
         .def_property_readonly("quiesced", &TransferJob::quiesced,
                                "True once the backend no longer touches the transfer's memory.")
         .def_property_readonly("bytes", [](const TransferJob& j) { return j.plan->total_bytes; })
@@ -219,19 +227,20 @@ void registerEngine(py::module_& m) {
         });
 
     py::class_<Engine, std::shared_ptr<Engine>>(m, "Engine")
-        .def(py::init([](const std::string& name, std::optional<std::vector<std::string>> backends, unsigned threads,
-                         const std::string& device, double timeout, double connect_timeout) {
-                 EngineConfig c;
-                 c.name = name;
-                 if (backends) c.backends = *backends;
-                 c.threads = threads;
-                 c.device = device;
-                 c.default_timeout = toMillis(timeout);
-                 c.connect_timeout = toMillis(connect_timeout);
-                 return unwrap(Engine::create(c));
-             }),
-             py::arg("name"), py::kw_only(), py::arg("backends") = py::none(), py::arg("threads") = 0,
-             py::arg("device") = "", py::arg("timeout") = 30.0, py::arg("connect_timeout") = 10.0)
+        .def(
+            py::init([](const std::string& name, std::optional<std::vector<std::string>> backends,
+                        unsigned threads, const std::string& device, double timeout, double connect_timeout) {
+                EngineConfig c;
+                c.name = name;
+                if (backends) c.backends = *backends;
+                c.threads = threads;
+                c.device = device;
+                c.default_timeout = toMillis(timeout);
+                c.connect_timeout = toMillis(connect_timeout);
+                return unwrap(Engine::create(c));
+            }),
+            py::arg("name"), py::kw_only(), py::arg("backends") = py::none(), py::arg("threads") = 0,
+            py::arg("device") = "", py::arg("timeout") = 30.0, py::arg("connect_timeout") = 10.0)
         .def_property_readonly("name", &Engine::name)
         .def_property_readonly("instance_id", &Engine::instanceId)
         .def_property_readonly("backends", &Engine::backendNames)
@@ -241,7 +250,8 @@ void registerEngine(py::module_& m) {
             [](Engine& e, uintptr_t ptr, uint64_t nbytes, std::optional<KvLayout> layout, py::object owner) {
                 std::shared_ptr<void> keep = owner.is_none() ? nullptr : holdPyObject(owner);
                 py::gil_scoped_release nogil;
-                return unwrap(e.registerMemory(reinterpret_cast<void*>(ptr), nbytes, layout, std::move(keep)));
+                return unwrap(
+                    e.registerMemory(reinterpret_cast<void*>(ptr), nbytes, layout, std::move(keep)));
             },
             py::arg("ptr"), py::arg("nbytes"), py::arg("layout") = py::none(), py::arg("owner") = py::none())
         .def(
@@ -263,55 +273,61 @@ void registerEngine(py::module_& m) {
             },
             py::arg("buffer"), py::arg("layout") = py::none())
         .def("deregister", [](Engine& e, const Region& r) { check(e.deregisterMemory(r)); })
-        .def("descriptor", [](const Engine& e) {
-            const Bytes d = e.descriptor();
-            return py::bytes(reinterpret_cast<const char*>(d.data()), d.size());
-        })
+        .def("descriptor",
+             [](const Engine& e) {
+                 const Bytes d = e.descriptor();
+                 return py::bytes(reinterpret_cast<const char*>(d.data()), d.size());
+             })
         .def(
             "add_peer",
             [](Engine& e, py::bytes descriptor) {
                 std::string_view view = descriptor;
                 std::string copy(view);
                 py::gil_scoped_release nogil;
-                return unwrap(e.addPeer(ByteView(reinterpret_cast<const uint8_t*>(copy.data()), copy.size())));
+                return unwrap(
+                    e.addPeer(ByteView(reinterpret_cast<const uint8_t*>(copy.data()), copy.size())));
             },
             py::arg("descriptor"))
-        .def("remove_peer", [](Engine& e, const std::string& name) { check(e.removePeer(name)); }, py::arg("name"))
-        .def("peer", [](const Engine& e, const std::string& name) {
-            auto p = e.findPeer(name);
-            if (!p) throw StatusError(Status::notFound("unknown peer '" + name + "'"));
-            return p;
-        })
+        .def(
+            "remove_peer", [](Engine& e, const std::string& name) { check(e.removePeer(name)); },
+            py::arg("name"))
+        .def("peer",
+             [](const Engine& e, const std::string& name) {
+                 auto p = e.findPeer(name);
+                 if (!p) throw StatusError(Status::notFound("unknown peer '" + name + "'"));
+                 return p;
+             })
         .def(
             "post",
-            [](Engine& e, Op op, std::shared_ptr<Peer> peer, std::shared_ptr<Region> local, uint32_t remote_region,
-               std::optional<IdArray> local_blocks, std::optional<IdArray> remote_blocks,
-               std::optional<ExtentArray> local_extents, std::optional<ExtentArray> remote_extents,
-               std::optional<std::pair<uint32_t, uint32_t>> layers,
+            [](Engine& e, Op op, std::shared_ptr<Peer> peer, std::shared_ptr<Region> local,
+               uint32_t remote_region, std::optional<IdArray> local_blocks,
+               std::optional<IdArray> remote_blocks, std::optional<ExtentArray> local_extents,
+               std::optional<ExtentArray> remote_extents, std::optional<std::pair<uint32_t, uint32_t>> layers,
                std::optional<std::pair<uint32_t, uint32_t>> remote_layers, py::bytes notify,
                std::optional<double> timeout, bool coalesce) {
-                PostArgs a = buildRequest(op, std::move(peer), std::move(local), remote_region,
-                                          std::move(local_blocks), std::move(remote_blocks), std::move(local_extents),
-                                          std::move(remote_extents), layers, remote_layers, notify, timeout, coalesce);
+                PostArgs a =
+                    buildRequest(op, std::move(peer), std::move(local), remote_region,
+                                 std::move(local_blocks), std::move(remote_blocks), std::move(local_extents),
+                                 std::move(remote_extents), layers, remote_layers, notify, timeout, coalesce);
                 py::gil_scoped_release nogil;
                 return unwrap(e.post(a.request));
             },
             py::arg("op"), py::arg("peer"), py::arg("local"), py::arg("remote_region"), py::kw_only(),
             py::arg("local_blocks") = py::none(), py::arg("remote_blocks") = py::none(),
             py::arg("local_extents") = py::none(), py::arg("remote_extents") = py::none(),
-            py::arg("layers") = py::none(), py::arg("remote_layers") = py::none(), py::arg("notify") = py::bytes(""),
-            py::arg("timeout") = py::none(), py::arg("coalesce") = true)
+            py::arg("layers") = py::none(), py::arg("remote_layers") = py::none(),
+            py::arg("notify") = py::bytes(""), py::arg("timeout") = py::none(), py::arg("coalesce") = true)
         .def(
             "plan",
-            [](const Engine& e, Op op, std::shared_ptr<Peer> peer, std::shared_ptr<Region> local, uint32_t remote_region,
-               std::optional<IdArray> local_blocks, std::optional<IdArray> remote_blocks,
-               std::optional<ExtentArray> local_extents, std::optional<ExtentArray> remote_extents,
-               std::optional<std::pair<uint32_t, uint32_t>> layers,
+            [](const Engine& e, Op op, std::shared_ptr<Peer> peer, std::shared_ptr<Region> local,
+               uint32_t remote_region, std::optional<IdArray> local_blocks,
+               std::optional<IdArray> remote_blocks, std::optional<ExtentArray> local_extents,
+               std::optional<ExtentArray> remote_extents, std::optional<std::pair<uint32_t, uint32_t>> layers,
                std::optional<std::pair<uint32_t, uint32_t>> remote_layers, bool coalesce) {
                 PostArgs a = buildRequest(op, std::move(peer), std::move(local), remote_region,
-                                          std::move(local_blocks), std::move(remote_blocks), std::move(local_extents),
-                                          std::move(remote_extents), layers, remote_layers, py::bytes(""), std::nullopt,
-                                          coalesce);
+                                          std::move(local_blocks), std::move(remote_blocks),
+                                          std::move(local_extents), std::move(remote_extents), layers,
+                                          remote_layers, py::bytes(""), std::nullopt, coalesce);
                 std::shared_ptr<const Plan> plan;
                 {
                     py::gil_scoped_release nogil;
@@ -337,8 +353,9 @@ void registerEngine(py::module_& m) {
             [](Engine& e, size_t max) {
                 py::list out;
                 for (auto& n : e.takeNotifications(max)) {
-                    out.append(py::make_tuple(n.peer_name, n.peer_instance,
-                                              py::bytes(reinterpret_cast<const char*>(n.payload.data()), n.payload.size())));
+                    out.append(py::make_tuple(
+                        n.peer_name, n.peer_instance,
+                        py::bytes(reinterpret_cast<const char*>(n.payload.data()), n.payload.size())));
                 }
                 return out;
             },
@@ -350,21 +367,23 @@ void registerEngine(py::module_& m) {
                 return e.waitNotification(Clock::now() + toMillis(timeout));
             },
             py::arg("timeout"))
-        .def("stats", [](const Engine& e) {
-            const EngineStats s = e.stats();
-            py::dict d;
-            d["transfers_posted"] = s.transfers_posted;
-            d["transfers_done"] = s.transfers_done;
-            d["transfers_failed"] = s.transfers_failed;
-            d["bytes_done"] = s.bytes_done;
-            d["runs_posted"] = s.runs_posted;
-            d["notifications_received"] = s.notifications_received;
-            return d;
-        })
-        .def("close", [](Engine& e) {
-            py::gil_scoped_release nogil;
-            e.close();
-        })
+        .def("stats",
+             [](const Engine& e) {
+                 const EngineStats s = e.stats();
+                 py::dict d;
+                 d["transfers_posted"] = s.transfers_posted;
+                 d["transfers_done"] = s.transfers_done;
+                 d["transfers_failed"] = s.transfers_failed;
+                 d["bytes_done"] = s.bytes_done;
+                 d["runs_posted"] = s.runs_posted;
+                 d["notifications_received"] = s.notifications_received;
+                 return d;
+             })
+        .def("close",
+             [](Engine& e) {
+                 py::gil_scoped_release nogil;
+                 e.close();
+             })
         .def_property_readonly("closed", &Engine::closed);
 
     py::class_<HostBuffer, std::shared_ptr<HostBuffer>>(m, "HostBuffer", py::buffer_protocol())
@@ -374,7 +393,8 @@ void registerEngine(py::module_& m) {
              }),
              py::arg("nbytes"))
         .def_property_readonly("nbytes", &HostBuffer::size)
-        .def_property_readonly("address", [](const HostBuffer& b) { return reinterpret_cast<uintptr_t>(b.data()); })
+        .def_property_readonly("address",
+                               [](const HostBuffer& b) { return reinterpret_cast<uintptr_t>(b.data()); })
         .def_buffer([](HostBuffer& b) {
             return py::buffer_info(b.data(), 1, py::format_descriptor<uint8_t>::format(), 1,
                                    {static_cast<ssize_t>(b.size())}, {1});
@@ -383,7 +403,8 @@ void registerEngine(py::module_& m) {
     // Descriptor codec, for tooling and for tests whose peer is not a kvxfer engine.
     m.def("decode_descriptor", [](py::bytes blob) {
         std::string data = blob;
-        PeerDescriptor d = unwrap(decodeDescriptor(ByteView(reinterpret_cast<const uint8_t*>(data.data()), data.size())));
+        PeerDescriptor d =
+            unwrap(decodeDescriptor(ByteView(reinterpret_cast<const uint8_t*>(data.data()), data.size())));
         py::dict out;
         out["engine_name"] = d.engine_name;
         out["instance_id"] = d.instance_id;
@@ -391,7 +412,8 @@ void registerEngine(py::module_& m) {
         out["pid"] = d.pid;
         py::list backends;
         for (const auto& b : d.backends) {
-            backends.append(py::make_tuple(b.name, py::bytes(reinterpret_cast<const char*>(b.info.data()), b.info.size())));
+            backends.append(py::make_tuple(
+                b.name, py::bytes(reinterpret_cast<const char*>(b.info.data()), b.info.size())));
         }
         out["backends"] = backends;
         py::list regions;
@@ -402,7 +424,8 @@ void registerEngine(py::module_& m) {
             rd["length"] = r.length;
             rd["layout"] = layoutOrNone(r.layout);
             py::list keys;
-            for (const auto& k : r.remote_keys) keys.append(py::bytes(reinterpret_cast<const char*>(k.data()), k.size()));
+            for (const auto& k : r.remote_keys)
+                keys.append(py::bytes(reinterpret_cast<const char*>(k.data()), k.size()));
             rd["remote_keys"] = keys;
             regions.append(rd);
         }
@@ -439,7 +462,8 @@ void registerEngine(py::module_& m) {
 
     m.def("list_backends", [] {
         py::list out;
-        for (const auto& b : listBackends()) out.append(py::make_tuple(b.name, b.available, b.reason, b.on_by_default));
+        for (const auto& b : listBackends())
+            out.append(py::make_tuple(b.name, b.available, b.reason, b.on_by_default));
         return out;
     });
 }

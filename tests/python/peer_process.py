@@ -26,7 +26,10 @@ def digest(pool: np.ndarray, layout: kvxfer.KvLayout, ids) -> str:
 
 def serve(conn, name: str, backend: str, layout_kwargs: dict, seed: int, shareable: bool = False) -> None:
     layout = kvxfer.KvLayout(**layout_kwargs)
-    nbytes = layout.piece_offset(layout.num_layers - 1, layout.num_kv - 1, layout.num_blocks - 1) + layout.block_bytes
+    nbytes = (
+        layout.piece_offset(layout.num_layers - 1, layout.num_kv - 1, layout.num_blocks - 1)
+        + layout.block_bytes
+    )
     engine = kvxfer.Engine(name, backends=[backend], timeout=60.0)
     pool = kvxfer.empty(nbytes) if shareable else np.empty(nbytes, np.uint8)
     pool[:] = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)

@@ -18,7 +18,9 @@ from kvxfer import Op, TransferState, errors
 
 pytestmark = pytest.mark.multiprocess
 
-CROSS_PROCESS = [b for b in ("shm", "tcp") if any(x.name == b and x.available for x in kvxfer.list_backends())]
+CROSS_PROCESS = [
+    b for b in ("shm", "tcp") if any(x.name == b and x.available for x in kvxfer.list_backends())
+]
 LAYOUT = dict(num_layers=4, num_kv=2, num_blocks=256, block_bytes=4096)
 
 
@@ -28,7 +30,9 @@ class Remote:
     def __init__(self, name, backend, seed=1, layout=LAYOUT, shareable=False):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=serve, args=(child, name, backend, layout, seed, shareable), daemon=True)
+        self.proc = ctx.Process(
+            target=serve, args=(child, name, backend, layout, seed, shareable), daemon=True
+        )
         self.proc.start()
         self.descriptor = self.call_reply(timeout=60)
 

@@ -69,7 +69,9 @@ def test_coalesced_equals_block_by_block(case, seed):
     assert np.array_equal(results[0], results[1])
     assert stream(results[0], rlay, rids) == stream(src, llay, lids)
     coalesced, single = plans
-    assert coalesced["bytes"] == single["bytes"] == len(lids) * llay.num_layers * llay.num_kv * llay.block_bytes
+    assert (
+        coalesced["bytes"] == single["bytes"] == len(lids) * llay.num_layers * llay.num_kv * llay.block_bytes
+    )
     assert coalesced["runs"] <= single["runs"] == single["pieces"]
     untouched = np.ones(results[0].size, bool)
     for layer in range(rlay.num_layers):

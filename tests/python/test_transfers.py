@@ -108,7 +108,13 @@ def test_cross_layer_layout_coalesces_whole_blocks(backend):
     # One block holds every layer's K and V (vLLM cross-layer blocks): a run of blocks
     # is one operation.
     layout = kvxfer.KvLayout(
-        num_layers=4, num_kv=2, num_blocks=32, block_bytes=64, kv_stride=64, layer_stride=128, block_stride=512
+        num_layers=4,
+        num_kv=2,
+        num_blocks=32,
+        block_bytes=64,
+        kv_stride=64,
+        layer_stride=128,
+        block_stride=512,
     )
     p = Pair(backend, layout)
     try:

@@ -174,8 +174,9 @@ public:
     // kUnsupported when this backend cannot reach the peer (the engine tries the next one).
     virtual Result<std::shared_ptr<BackendPeer>> connect(const PeerIdentity& peer, ByteView endpoint_info,
                                                          Clock::time_point deadline) = 0;
-    virtual Result<std::unique_ptr<BackendRemoteRegion>> importRemoteRegion(
-        BackendPeer& peer, const RegionDescriptor& region, ByteView remote_key) = 0;
+    virtual Result<std::unique_ptr<BackendRemoteRegion>> importRemoteRegion(BackendPeer& peer,
+                                                                            const RegionDescriptor& region,
+                                                                            ByteView remote_key) = 0;
 
     // Starts the job asynchronously. An error return means nothing was started and the
     // core fails the transfer with it; otherwise the backend calls job->finish() later.
@@ -190,7 +191,7 @@ public:
 struct BackendInfo {
     std::string name;
     bool available = false;
-    std::string reason;  // why unavailable ("" when available)
+    std::string reason;          // why unavailable ("" when available)
     bool on_by_default = false;  // started by an Engine whose config names no backends
 };
 std::vector<BackendInfo> listBackends();

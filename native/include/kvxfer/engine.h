@@ -98,7 +98,7 @@ struct TransferRequest {
     Op op = Op::kWrite;
     std::shared_ptr<Peer> peer;
     std::shared_ptr<Region> local;
-    TransferSide local_side;   // a BlockSide's layout is taken from the local region
+    TransferSide local_side;  // a BlockSide's layout is taken from the local region
     uint32_t remote_region = 0;
     TransferSide remote_side;  // a BlockSide's layout is taken from the peer's descriptor
     Bytes notify;

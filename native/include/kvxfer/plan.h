@@ -105,8 +105,7 @@ void splitRuns(std::vector<Run>& runs, uint64_t max_run_bytes);
 // region, equal byte totals) before anything moves, then builds the plan. The local byte
 // stream (pieces in (layer, kv, list position) order for blocks, list order for extents)
 // is copied onto the remote byte stream in the same order.
-Result<Plan> makePlan(const TransferSide& local, uint64_t local_region_bytes,
-                      const TransferSide& remote, uint64_t remote_region_bytes,
-                      const PlanOptions& options);
+Result<Plan> makePlan(const TransferSide& local, uint64_t local_region_bytes, const TransferSide& remote,
+                      uint64_t remote_region_bytes, const PlanOptions& options);
 
 }  // namespace kvxfer

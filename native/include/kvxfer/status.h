@@ -63,7 +63,7 @@ private:
 template <typename T>
 class [[nodiscard]] Result {
 public:
-    Result(T value) : value_(std::move(value)) {}  // NOLINT: implicit by design
+    Result(T value) : value_(std::move(value)) {}          // NOLINT: implicit by design
     Result(Status status) : status_(std::move(status)) {}  // NOLINT: implicit by design
 
     bool isOk() const { return status_.isOk(); }
@@ -87,15 +87,15 @@ private:
 #define KVXFER_CONCAT(a, b) KVXFER_CONCAT_INNER(a, b)
 
 // Propagate a non-OK Status from an expression returning Status.
-#define KVXFER_RETURN_IF_ERROR(expr)                  \
-    do {                                              \
-        ::kvxfer::Status kvxfer_status_ = (expr);     \
+#define KVXFER_RETURN_IF_ERROR(expr)                       \
+    do {                                                   \
+        ::kvxfer::Status kvxfer_status_ = (expr);          \
         if (!kvxfer_status_.isOk()) return kvxfer_status_; \
     } while (0)
 
 // `KVXFER_ASSIGN_OR_RETURN(auto x, makeX());` unwraps a Result<T> or returns its Status.
-#define KVXFER_ASSIGN_OR_RETURN(lhs, expr)                               \
-    auto KVXFER_CONCAT(kvxfer_result_, __LINE__) = (expr);               \
-    if (!KVXFER_CONCAT(kvxfer_result_, __LINE__).isOk())                 \
-        return KVXFER_CONCAT(kvxfer_result_, __LINE__).status();         \
+#define KVXFER_ASSIGN_OR_RETURN(lhs, expr)                       \
+    auto KVXFER_CONCAT(kvxfer_result_, __LINE__) = (expr);       \
+    if (!KVXFER_CONCAT(kvxfer_result_, __LINE__).isOk())         \
+        return KVXFER_CONCAT(kvxfer_result_, __LINE__).status(); \
     lhs = std::move(KVXFER_CONCAT(kvxfer_result_, __LINE__)).value()

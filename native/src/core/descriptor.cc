@@ -79,9 +79,8 @@ void writeLayout(Writer& w, const KvLayout& l) {
 }
 
 bool readLayout(Reader& r, KvLayout* l) {
-    return r.u32(&l->num_layers) && r.u32(&l->num_kv) && r.u64(&l->num_blocks) &&
-           r.u64(&l->block_bytes) && r.u64(&l->block_stride) && r.u64(&l->kv_stride) &&
-           r.u64(&l->layer_stride) && r.u64(&l->offset);
+    return r.u32(&l->num_layers) && r.u32(&l->num_kv) && r.u64(&l->num_blocks) && r.u64(&l->block_bytes) &&
+           r.u64(&l->block_stride) && r.u64(&l->kv_stride) && r.u64(&l->layer_stride) && r.u64(&l->offset);
 }
 
 const std::array<uint32_t, 256>& crcTable() {
@@ -146,8 +145,7 @@ Result<PeerDescriptor> decodeDescriptor(ByteView bytes) {
     Reader h(bytes);
     uint32_t magic = 0, body_len = 0, crc = 0;
     uint16_t version = 0, reserved = 0;
-    if (!h.u32(&magic) || !h.u16(&version) || !h.u16(&reserved) || !h.u32(&body_len) ||
-        !h.u32(&crc)) {
+    if (!h.u32(&magic) || !h.u16(&version) || !h.u16(&reserved) || !h.u32(&body_len) || !h.u32(&crc)) {
         return malformed("truncated header (" + std::to_string(bytes.size()) + " bytes)");
     }
     if (magic != PeerDescriptor::kMagic) return malformed("bad magic, not a kvxfer descriptor");
@@ -190,8 +188,8 @@ Result<PeerDescriptor> decodeDescriptor(ByteView bytes) {
     for (uint32_t i = 0; i < nregions; ++i) {
         RegionDescriptor reg;
         uint8_t has_layout = 0;
-        if (!r.u32(&reg.id) || !r.u64(&reg.base_address) || !r.u64(&reg.length) ||
-            !r.u8(&has_layout) || has_layout > 1) {
+        if (!r.u32(&reg.id) || !r.u64(&reg.base_address) || !r.u64(&reg.length) || !r.u8(&has_layout) ||
+            has_layout > 1) {
             return malformed("region entry " + std::to_string(i));
         }
         if (reg.length == 0 || reg.base_address + reg.length < reg.base_address) {

@@ -28,9 +28,7 @@ uint64_t randomInstanceId() {
     return v;
 }
 
-Clock::time_point deadlineAfter(std::chrono::milliseconds timeout) {
-    return Clock::now() + timeout;
-}
+Clock::time_point deadlineAfter(std::chrono::milliseconds timeout) { return Clock::now() + timeout; }
 
 }  // namespace
 
@@ -65,8 +63,8 @@ Engine::~Engine() {
 
 Result<std::shared_ptr<Engine>> Engine::create(const EngineConfig& config) {
     if (config.name.empty() || config.name.size() > PeerDescriptor::kMaxName) {
-        return Status::invalidArgument("engine name must be 1.." +
-                                       std::to_string(PeerDescriptor::kMaxName) + " characters");
+        return Status::invalidArgument("engine name must be 1.." + std::to_string(PeerDescriptor::kMaxName) +
+                                       " characters");
     }
     std::shared_ptr<Engine> engine(new Engine(config));
     engine->instance_id_ = randomInstanceId();
@@ -196,7 +194,9 @@ Result<std::shared_ptr<Peer>> Engine::addPeer(ByteView bytes) {
                 if (ep.name != backends_[i]->name()) continue;
                 const BackendCaps& caps = backends_[i]->caps();
                 if (caps.same_host_only && !identity.same_host) break;
-                if (caps.same_process_only && (!identity.same_host || desc.pid != static_cast<uint32_t>(::getpid()))) break;
+                if (caps.same_process_only &&
+                    (!identity.same_host || desc.pid != static_cast<uint32_t>(::getpid())))
+                    break;
                 auto conn = backends_[i]->connect(identity, ep.info, deadline);
                 if (conn.isOk()) {
                     peer->connection_ = std::move(conn).value();
@@ -227,7 +227,7 @@ Result<std::shared_ptr<Peer>> Engine::addPeer(ByteView bytes) {
             if (peer->imports_.count(region.id)) continue;
         }
         KVXFER_ASSIGN_OR_RETURN(auto import, backend.importRemoteRegion(*peer->connection_, region,
-                                                                          region.remote_keys[key_index]));
+                                                                        region.remote_keys[key_index]));
         std::lock_guard<std::mutex> plock(peer->mutex_);
         peer->imports_[region.id] = std::move(import);
     }
@@ -243,7 +243,8 @@ Result<std::shared_ptr<Peer>> Engine::addPeer(ByteView bytes) {
             jobs.swap(existing->in_flight_);
         }
         for (auto& w : jobs) {
-            if (auto job = w.lock()) job->abandon(Status::peerUnreachable("peer '" + existing->name() + "' restarted"));
+            if (auto job = w.lock())
+                job->abandon(Status::peerUnreachable("peer '" + existing->name() + "' restarted"));
         }
     }
     peers_[peer->name()] = peer;
@@ -315,8 +316,8 @@ Result<std::shared_ptr<const Plan>> Engine::planFor(const TransferRequest& req,
     PlanOptions options;
     options.coalesce = req.coalesce;
     options.max_run_bytes = backends_[req.peer->backend_index_]->caps().max_run_bytes;
-    KVXFER_ASSIGN_OR_RETURN(Plan plan, makePlan(local_side, req.local->length(), remote_side,
-                                                remote->length, options));
+    KVXFER_ASSIGN_OR_RETURN(Plan plan,
+                            makePlan(local_side, req.local->length(), remote_side, remote->length, options));
     if (remote_out) *remote_out = *remote;
     return std::make_shared<const Plan>(std::move(plan));
 }
@@ -341,8 +342,8 @@ Result<std::shared_ptr<TransferJob>> Engine::post(const TransferRequest& req) {
     job->peer = peer.connection_.get();
     job->notify = req.notify;
     job->deadline = deadlineAfter(req.timeout.count() > 0 ? req.timeout : config_.default_timeout);
-    job->keepalive = std::make_shared<std::pair<std::shared_ptr<Region>, std::shared_ptr<Peer>>>(
-        req.local, req.peer);
+    job->keepalive =
+        std::make_shared<std::pair<std::shared_ptr<Region>, std::shared_ptr<Peer>>>(req.local, req.peer);
     const uint64_t bytes = plan->total_bytes;
     const uint64_t runs = plan->numRuns();
     job->plan = std::move(plan);

@@ -30,7 +30,8 @@ Result<std::shared_ptr<HostBuffer>> HostBuffer::allocate(uint64_t nbytes) {
         return Status::systemErrno("ftruncate of a " + std::to_string(mapped) + "-byte memfd", errno);
     }
     void* p = ::mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, buf->fd_, 0);
-    if (p == MAP_FAILED) return Status::systemErrno("mmap of a " + std::to_string(mapped) + "-byte memfd", errno);
+    if (p == MAP_FAILED)
+        return Status::systemErrno("mmap of a " + std::to_string(mapped) + "-byte memfd", errno);
     ::madvise(p, mapped, MADV_HUGEPAGE);  // honoured where shmem THP is enabled
     buf->data_ = static_cast<uint8_t*>(p);
     buf->size_ = nbytes;

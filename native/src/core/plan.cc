@@ -10,8 +10,7 @@ bool mulOverflow(uint64_t a, uint64_t b, uint64_t* out) { return __builtin_mul_o
 bool addOverflow(uint64_t a, uint64_t b, uint64_t* out) { return __builtin_add_overflow(a, b, out); }
 
 // Appends a run, merging it into the previous one when it continues it on both sides.
-inline void pushRun(std::vector<Run>& runs, uint64_t local, uint64_t remote, uint64_t length,
-                    bool coalesce) {
+inline void pushRun(std::vector<Run>& runs, uint64_t local, uint64_t remote, uint64_t length, bool coalesce) {
     if (coalesce && !runs.empty()) {
         Run& last = runs.back();
         if (last.local_offset + last.length == local && last.remote_offset + last.length == remote) {
@@ -34,9 +33,9 @@ Status checkSide(const TransferSide& side, uint64_t region_bytes, const char* wh
         KVXFER_RETURN_IF_ERROR(l.validate(region_bytes));
         const uint32_t end = b->layer_end == 0 ? l.num_layers : b->layer_end;
         if (b->layer_begin >= end || end > l.num_layers) {
-            return Status::outOfRange(std::string(which) + " layer range [" +
-                                      std::to_string(b->layer_begin) + ", " + std::to_string(end) +
-                                      ") is not inside [0, " + std::to_string(l.num_layers) + ")");
+            return Status::outOfRange(std::string(which) + " layer range [" + std::to_string(b->layer_begin) +
+                                      ", " + std::to_string(end) + ") is not inside [0, " +
+                                      std::to_string(l.num_layers) + ")");
         }
         // One branch-light pass; the error path re-scans to name the first offender.
         const uint64_t nb = l.num_blocks;
@@ -45,16 +44,14 @@ Status checkSide(const TransferSide& side, uint64_t region_bytes, const char* wh
         if (bad) {
             for (size_t i = 0; i < b->block_ids.size(); ++i) {
                 if (static_cast<uint64_t>(b->block_ids[i]) >= nb) {
-                    return Status::outOfRange(std::string(which) + " block id " +
-                                              std::to_string(b->block_ids[i]) + " at position " +
-                                              std::to_string(i) + " is outside [0, " +
-                                              std::to_string(nb) + ")");
+                    return Status::outOfRange(
+                        std::string(which) + " block id " + std::to_string(b->block_ids[i]) +
+                        " at position " + std::to_string(i) + " is outside [0, " + std::to_string(nb) + ")");
                 }
             }
         }
         uint64_t per_block = 0, total = 0;
-        if (mulOverflow(static_cast<uint64_t>(end - b->layer_begin) * l.num_kv, l.block_bytes,
-                        &per_block) ||
+        if (mulOverflow(static_cast<uint64_t>(end - b->layer_begin) * l.num_kv, l.block_bytes, &per_block) ||
             mulOverflow(per_block, b->block_ids.size(), &total)) {
             return Status::invalidArgument(std::string(which) + " transfer size overflows 64 bits");
         }
@@ -71,9 +68,9 @@ Status checkSide(const TransferSide& side, uint64_t region_bytes, const char* wh
         }
         if (addOverflow(e[i].offset, e[i].length, &end) || end > region_bytes) {
             return Status::outOfRange(std::string(which) + " extent " + std::to_string(i) + " [" +
-                                      std::to_string(e[i].offset) + ", +" +
-                                      std::to_string(e[i].length) + ") is outside the region of " +
-                                      std::to_string(region_bytes) + " bytes");
+                                      std::to_string(e[i].offset) + ", +" + std::to_string(e[i].length) +
+                                      ") is outside the region of " + std::to_string(region_bytes) +
+                                      " bytes");
         }
         if (addOverflow(total, e[i].length, &total)) {
             return Status::invalidArgument(std::string(which) + " transfer size overflows 64 bits");
@@ -112,8 +109,8 @@ public:
             }
         }
         if (layer_ >= info_.layer_count) return false;
-        *offset = blocks_->layout.pieceOffset(info_.layer_begin + layer_, kv_,
-                                              static_cast<uint64_t>(ids[index_]));
+        *offset =
+            blocks_->layout.pieceOffset(info_.layer_begin + layer_, kv_, static_cast<uint64_t>(ids[index_]));
         *length = blocks_->layout.block_bytes;
         ++index_;
         return true;
@@ -149,8 +146,8 @@ bool denseWithinBlock(const KvLayout& l, uint32_t layer_count) {
 }
 
 // Blocks on both sides with the same piece geometry: pair by (layer, kv, position).
-void planBlocks(const BlockSide& l, const SideInfo& li, const BlockSide& r, const SideInfo& ri,
-                bool coalesce, Plan* plan) {
+void planBlocks(const BlockSide& l, const SideInfo& li, const BlockSide& r, const SideInfo& ri, bool coalesce,
+                Plan* plan) {
     const uint64_t n = l.block_ids.size();
     const uint64_t pieces_per_block = static_cast<uint64_t>(li.layer_count) * l.layout.num_kv;
     plan->num_pieces = n * pieces_per_block;
@@ -189,8 +186,8 @@ void planBlocks(const BlockSide& l, const SideInfo& li, const BlockSide& r, cons
         std::vector<Run> flat;
         const Run run = plan->runs[0];
         for (const Plane& p : plan->planes) {
-            pushRun(flat, p.local_base + run.local_offset, p.remote_base + run.remote_offset,
-                    run.length, true);
+            pushRun(flat, p.local_base + run.local_offset, p.remote_base + run.remote_offset, run.length,
+                    true);
         }
         plan->runs = std::move(flat);
         plan->planes = {{0, 0}};
@@ -226,8 +223,8 @@ Status KvLayout::validate(uint64_t region_bytes) const {
         return Status::invalidArgument("KV layout extent overflows 64 bits");
     }
     if (end > region_bytes) {
-        return Status::outOfRange("KV layout spans " + std::to_string(end) +
-                                  " bytes but the region has " + std::to_string(region_bytes));
+        return Status::outOfRange("KV layout spans " + std::to_string(end) + " bytes but the region has " +
+                                  std::to_string(region_bytes));
     }
     return Status::ok();
 }
@@ -257,16 +254,15 @@ void splitRuns(std::vector<Run>& runs, uint64_t max_run_bytes) {
     out.reserve(runs.size() + extra);
     for (const Run& r : runs) {
         for (uint64_t done = 0; done < r.length; done += max_run_bytes) {
-            out.push_back({r.local_offset + done, r.remote_offset + done,
-                           std::min(max_run_bytes, r.length - done)});
+            out.push_back(
+                {r.local_offset + done, r.remote_offset + done, std::min(max_run_bytes, r.length - done)});
         }
     }
     runs = std::move(out);
 }
 
-Result<Plan> makePlan(const TransferSide& local, uint64_t local_region_bytes,
-                      const TransferSide& remote, uint64_t remote_region_bytes,
-                      const PlanOptions& options) {
+Result<Plan> makePlan(const TransferSide& local, uint64_t local_region_bytes, const TransferSide& remote,
+                      uint64_t remote_region_bytes, const PlanOptions& options) {
     SideInfo li, ri;
     KVXFER_RETURN_IF_ERROR(checkSide(local, local_region_bytes, "local", &li));
     KVXFER_RETURN_IF_ERROR(checkSide(remote, remote_region_bytes, "remote", &ri));

@@ -7,18 +7,30 @@ namespace kvxfer {
 
 const char* statusCodeName(StatusCode code) {
     switch (code) {
-        case StatusCode::kOk: return "OK";
-        case StatusCode::kInvalidArgument: return "INVALID_ARGUMENT";
-        case StatusCode::kOutOfRange: return "OUT_OF_RANGE";
-        case StatusCode::kNotFound: return "NOT_FOUND";
-        case StatusCode::kUnsupported: return "UNSUPPORTED";
-        case StatusCode::kSystem: return "SYSTEM";
-        case StatusCode::kPeerUnreachable: return "PEER_UNREACHABLE";
-        case StatusCode::kRemote: return "REMOTE";
-        case StatusCode::kTimeout: return "TIMEOUT";
-        case StatusCode::kCanceled: return "CANCELED";
-        case StatusCode::kBadDescriptor: return "BAD_DESCRIPTOR";
-        case StatusCode::kInternal: return "INTERNAL";
+        case StatusCode::kOk:
+            return "OK";
+        case StatusCode::kInvalidArgument:
+            return "INVALID_ARGUMENT";
+        case StatusCode::kOutOfRange:
+            return "OUT_OF_RANGE";
+        case StatusCode::kNotFound:
+            return "NOT_FOUND";
+        case StatusCode::kUnsupported:
+            return "UNSUPPORTED";
+        case StatusCode::kSystem:
+            return "SYSTEM";
+        case StatusCode::kPeerUnreachable:
+            return "PEER_UNREACHABLE";
+        case StatusCode::kRemote:
+            return "REMOTE";
+        case StatusCode::kTimeout:
+            return "TIMEOUT";
+        case StatusCode::kCanceled:
+            return "CANCELED";
+        case StatusCode::kBadDescriptor:
+            return "BAD_DESCRIPTOR";
+        case StatusCode::kInternal:
+            return "INTERNAL";
     }
     return "UNKNOWN";
 }
@@ -86,9 +98,12 @@ bool TransferJob::abandon(Status why) {
 TransferState TransferJob::state() {
     expireIfDue();
     switch (state_.load(std::memory_order_acquire)) {
-        case kOk: return TransferState::kDone;
-        case kFail: return TransferState::kFailed;
-        default: return TransferState::kPending;
+        case kOk:
+            return TransferState::kDone;
+        case kFail:
+            return TransferState::kFailed;
+        default:
+            return TransferState::kPending;
     }
 }
 

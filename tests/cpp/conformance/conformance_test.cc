@@ -49,7 +49,8 @@ class Conformance : public ::testing::TestWithParam<std::string> {
 protected:
     void SetUp() override {
         for (const auto& b : listBackends()) {
-            if (b.name == GetParam() && !b.available) GTEST_SKIP() << GetParam() << " unavailable: " << b.reason;
+            if (b.name == GetParam() && !b.available)
+                GTEST_SKIP() << GetParam() << " unavailable: " << b.reason;
         }
     }
 
@@ -98,7 +99,8 @@ protected:
                 for (size_t i = 0; i < local.size(); ++i) {
                     const uint64_t lo = layout_.pieceOffset(l, k, local[i]);
                     const uint64_t ro = layout_.pieceOffset(l, k, remote[i]);
-                    ASSERT_EQ(0, std::memcmp(a_.memory.data() + lo, b_.memory.data() + ro, layout_.block_bytes))
+                    ASSERT_EQ(0,
+                              std::memcmp(a_.memory.data() + lo, b_.memory.data() + ro, layout_.block_bytes))
                         << "layer " << l << " kv " << k << " position " << i;
                 }
     }
@@ -185,7 +187,8 @@ TEST_P(Conformance, ContiguousExtentScattersIntoBlocks) {
     for (uint32_t l = 0; l < 2; ++l)
         for (uint32_t k = 0; k < 2; ++k)
             for (int64_t id : remote) {
-                ASSERT_EQ(0, std::memcmp(a_.memory.data() + pos, b_.memory.data() + layout_.pieceOffset(l, k, id), 64));
+                ASSERT_EQ(0, std::memcmp(a_.memory.data() + pos,
+                                         b_.memory.data() + layout_.pieceOffset(l, k, id), 64));
                 pos += 64;
             }
 }

@@ -1,11 +1,11 @@
 // Descriptor codec: round trip, constant size in the number of blocks, and every kind
 // of damage rejected with kBadDescriptor (never a crash, never a partial result).
+#include "kvxfer/descriptor.h"
+
 #include <gtest/gtest.h>
 
 #include <cstring>
 #include <random>
-
-#include "kvxfer/descriptor.h"
 
 namespace kvxfer {
 namespace {

@@ -1,13 +1,13 @@
 // Coalescer and planner invariants: bytes conserved, runs stay inside both regions,
 // contiguous pieces merge, non-contiguous ones do not, splits respect the maximum,
 // and the plan moves exactly the bytes a naive piece-by-piece copy would.
+#include "kvxfer/plan.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <numeric>
 #include <random>
-
-#include "kvxfer/plan.h"
 
 namespace kvxfer {
 namespace {
@@ -109,7 +109,8 @@ TEST(Plan, CrossLayerLayoutMergesWholeBlocks) {
 TEST(Plan, RejectsOutOfRangeIdsAndLayers) {
     const KvLayout l = dense(2, 2, 8, 32);
     std::vector<int64_t> bad = {0, 8};
-    auto p = makePlan(BlockSide{l, bad}, layoutBytes(l), BlockSide{l, std::vector<int64_t>{0, 1}}, layoutBytes(l), {});
+    auto p = makePlan(BlockSide{l, bad}, layoutBytes(l), BlockSide{l, std::vector<int64_t>{0, 1}},
+                      layoutBytes(l), {});
     EXPECT_EQ(p.status().code(), StatusCode::kOutOfRange);
     std::vector<int64_t> negative = {-1};
     p = makePlan(BlockSide{l, negative}, layoutBytes(l), BlockSide{l, negative}, layoutBytes(l), {});
@@ -181,7 +182,8 @@ TEST(Plan, RandomisedEquivalenceAndBounds) {
         const size_t n = 1 + rng() % (2 * blocks);
         std::vector<int64_t> lid(n), rid(n);
         for (size_t i = 0; i < n; ++i) {
-            lid[i] = (rng() % 3 == 0) ? static_cast<int64_t>(rng() % blocks) : static_cast<int64_t>(i % blocks);
+            lid[i] =
+                (rng() % 3 == 0) ? static_cast<int64_t>(rng() % blocks) : static_cast<int64_t>(i % blocks);
             rid[i] = static_cast<int64_t>(rng() % ray.num_blocks);
         }
         const uint64_t lbytes = layoutBytes(lay), rbytes = layoutBytes(ray);

@@ -34,7 +34,7 @@ TEST(TransferJob, DeadlineFailsWithoutBackend) {
     EXPECT_TRUE(j->abandoned());
     EXPECT_FALSE(j->beginCommit());
     EXPECT_FALSE(j->quiesced());  // the backend has not let go yet
-    j->finish(Status::ok());       // late success does not resurrect it
+    j->finish(Status::ok());      // late success does not resurrect it
     EXPECT_EQ(j->state(), TransferState::kFailed);
     EXPECT_TRUE(j->quiesced());
 }

@@ -65,8 +65,9 @@ class LoopbackBackend final : public Backend {
 public:
     explicit LoopbackBackend(const BackendContext& ctx)
         : endpoint_(std::make_shared<Endpoint>()),
-          pool_(ctx.threads ? ctx.threads : 1, 1024, 8 << 20, copyRuns,
-                [](TransferJob& job) { return deliverTo(static_cast<LoopbackPeer&>(*job.peer), job.notify); }) {
+          pool_(ctx.threads ? ctx.threads : 1, 1024, 8 << 20, copyRuns, [](TransferJob& job) {
+              return deliverTo(static_cast<LoopbackPeer&>(*job.peer), job.notify);
+          }) {
         endpoint_->sink = ctx.sink;
         endpoint_->name = ctx.engine_name;
         endpoint_->instance = ctx.instance_id;

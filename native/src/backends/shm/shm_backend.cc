@@ -16,6 +16,7 @@
 #include <poll.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -29,8 +30,6 @@
 #include <optional>
 #include <sstream>
 #include <thread>
-
-#include <sys/mman.h>
 
 #include "backends/factories.h"
 #include "kvxfer/host_memory.h"
@@ -164,7 +163,8 @@ Status cmaError(const ShmPeer& peer, int err) {
                               "process_vm_writev (see docs/shm.md)");
     }
     if (err == EFAULT) {
-        return Status::remote("shm peer '" + peer.name + "' memory is not mapped at the target address "
+        return Status::remote("shm peer '" + peer.name +
+                              "' memory is not mapped at the target address "
                               "(was the region freed without deregistering?)");
     }
     return Status::systemErrno("process_vm_writev/readv into pid " + std::to_string(peer.pid), err);
@@ -198,9 +198,10 @@ Status copyChunk(TransferJob& job, uint64_t first, uint64_t end) {
     size_t index = 0;
     while (total > 0) {
         if (peer.exited()) return cmaError(peer, ESRCH);
-        const ssize_t k = job.op == Op::kWrite
-                              ? ::process_vm_writev(peer.pid, local + index, n - index, remote + index, n - index, 0)
-                              : ::process_vm_readv(peer.pid, local + index, n - index, remote + index, n - index, 0);
+        const ssize_t k =
+            job.op == Op::kWrite
+                ? ::process_vm_writev(peer.pid, local + index, n - index, remote + index, n - index, 0)
+                : ::process_vm_readv(peer.pid, local + index, n - index, remote + index, n - index, 0);
         if (k < 0) {
             if (errno == EINTR) continue;
             return cmaError(peer, errno);
@@ -354,7 +355,8 @@ public:
         peer->self_instance = self_instance_;
         peer->pidfd = Fd(static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
         if (peer->pidfd.fd < 0) {
-            if (errno == ESRCH) return Status::peerUnreachable("shm peer '" + identity.name + "' is not running");
+            if (errno == ESRCH)
+                return Status::peerUnreachable("shm peer '" + identity.name + "' is not running");
             return Status::systemErrno("pidfd_open(" + std::to_string(pid) + ")", errno);
         }
         if (processStartTime(peer->pid) != start) {
@@ -366,8 +368,8 @@ public:
         socklen_t len = 0;
         sockaddr_un addr = abstractAddress(sock, &len);
         if (::connect(peer->notify_socket.fd, reinterpret_cast<sockaddr*>(&addr), len) != 0) {
-            return Status::peerUnreachable("shm peer '" + identity.name + "' notification socket: " +
-                                           std::strerror(errno));
+            return Status::peerUnreachable("shm peer '" + identity.name +
+                                           "' notification socket: " + std::strerror(errno));
         }
         return std::shared_ptr<BackendPeer>(std::move(peer));
     }

@@ -172,21 +172,30 @@ private:
     size_t index_ = 0;
 };
 
+// Connected sockets are blocking with SO_SNDTIMEO / SO_RCVTIMEO of one slice, so a call
+// sleeps in the kernel (no poll round trip per wake-up) yet returns at least every slice;
+// shutdown() from another thread wakes it at once.
 constexpr int kPollSliceMs = 50;
 
-// Moves every byte of `cur` through the connected socket `fd` (never blocking in the
-// kernel for more than one poll slice). `check(idle)` runs after each partial transfer
-// (idle = false) and after each poll slice without progress (idle = true); a non-OK
-// status from it aborts the loop and is returned. A closed or reset connection returns
-// kPeerUnreachable; the iovecs are advanced past what moved either way.
+inline void setSliceTimeouts(int fd) {
+    timeval tv{0, kPollSliceMs * 1000};
+    ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+}
+
+// Moves every byte of `cur` through the connected socket `fd` (set up with
+// setSliceTimeouts). `check(idle)` runs after each partial transfer (idle = false) and
+// after each slice without progress (idle = true); a non-OK status from it aborts the
+// loop and is returned. A closed or reset connection returns kPeerUnreachable; the
+// iovecs are advanced past what moved either way.
 template <typename Check>
 Status moveAll(int fd, bool sending, IovCursor& cur, Check&& check, const char* what) {
     while (!cur.empty()) {
         msghdr msg{};
         msg.msg_iov = cur.data();
         msg.msg_iovlen = cur.count();
-        const ssize_t k = sending ? ::sendmsg(fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT)
-                                  : ::recvmsg(fd, &msg, MSG_DONTWAIT);
+        // MSG_WAITALL: one call per frame while data flows; the timeout still bounds it.
+        const ssize_t k = sending ? ::sendmsg(fd, &msg, MSG_NOSIGNAL) : ::recvmsg(fd, &msg, MSG_WAITALL);
         if (k > 0) {
             cur.advance(static_cast<size_t>(k));
             Status st = check(false);
@@ -196,13 +205,9 @@ Status moveAll(int fd, bool sending, IovCursor& cur, Check&& check, const char* 
         if (k == 0) return Status::peerUnreachable(std::string(what) + ": connection closed by the peer");
         if (errno == EINTR) continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK) {
-            pollfd p{fd, static_cast<short>(sending ? POLLOUT : POLLIN), 0};
-            const int r = ::poll(&p, 1, kPollSliceMs);
-            if (r == 0) {
-                Status st = check(true);
-                if (!st.isOk()) return st;
-            }
-            continue;  // ready, or an error the next call reports
+            Status st = check(true);
+            if (!st.isOk()) return st;
+            continue;
         }
         const int err = errno;
         return Status::peerUnreachable(std::string(what) + ": " + std::strerror(err) + " (errno " +
