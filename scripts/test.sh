@@ -40,7 +40,9 @@ if [ "${KVXFER_SKIP_RDMA:-0}" = "1" ]; then
   step "RDMA suite on soft-RoCE: SKIPPED because KVXFER_SKIP_RDMA=1"
 else
   step "RDMA suite on soft-RoCE (qemu VM, TCG)"
-  bash tests/rdma/run_in_vm.sh
+  # The installed package in .venv, never the source tree (PYTHONSAFEPATH = python -P),
+  # and the C++ conformance binary built above with the ibverbs backend.
+  PYTHONSAFEPATH=1 KVXFER_PYTHON="$py" KVXFER_BUILD_DIR=build/cpp bash tests/rdma/run_in_vm.sh
 fi
 echo
 echo "all test stages passed"

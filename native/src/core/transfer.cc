@@ -80,6 +80,9 @@ bool TransferJob::beginCommit() {
 }
 
 void TransferJob::finish(Status status) {
+    // The outcome must not depend on whether anyone observed the job before its
+    // deadline: a job still running past it ends TIMEOUT, as a poll would have said.
+    expireIfDue();
     finished_.store(true, std::memory_order_release);
     if (status.isOk()) {
         toTerminal(kOk, Status::ok(), true);

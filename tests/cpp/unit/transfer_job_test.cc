@@ -39,6 +39,19 @@ TEST(TransferJob, DeadlineFailsWithoutBackend) {
     EXPECT_TRUE(j->quiesced());
 }
 
+TEST(TransferJob, LateFinishWithoutObserverStillTimesOut) {
+    auto j = makeJob(std::chrono::milliseconds(5));
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));  // nobody polls meanwhile
+    j->finish(Status::canceled("backend stopped"));
+    EXPECT_EQ(j->state(), TransferState::kFailed);
+    EXPECT_EQ(j->status().code(), StatusCode::kTimeout);
+    auto k = makeJob(std::chrono::milliseconds(5));
+    ASSERT_TRUE(k->beginCommit());  // committed before its deadline: may finish late
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    k->finish(Status::ok());
+    EXPECT_EQ(k->state(), TransferState::kDone);
+}
+
 TEST(TransferJob, CancelCallsHookOnce) {
     auto j = makeJob();
     int hooks = 0;
