@@ -77,6 +77,14 @@ class Engine(_native.Engine):
     def __enter__(self) -> Engine:
         return self
 
+    def __del__(self) -> None:
+        # The native engine holds its peers and they hold it: without close() it would
+        # live (with its threads) until the process ends.
+        try:
+            self.close()
+        except Exception:
+            pass
+
     def __exit__(self, *exc: object) -> None:
         self.close()
 

@@ -45,6 +45,8 @@ if [ -x "$conf" ]; then
 else
   echo "== rdma 2/3: C++ conformance suite not built ($conf): skipped" >&2
 fi
+echo "== rdma: kvxfer-bench --backend ibverbs against ib_write_bw (tests/python/test_bench.py)" >&2
+"$py" -m pytest -q -p no:cacheprovider tests/python/test_bench.py -k ibverbs -rs || rc=1
 echo "== rdma 3/3: device removal (own pytest process, last: it deletes the device)" >&2
 KVXFER_RDMA_DEVICE_REMOVAL=1 "$py" -m pytest -q -p no:cacheprovider -s tests/rdma/test_zz_device_removal.py || rc=1
 echo "== rdma: exit status $rc" >&2

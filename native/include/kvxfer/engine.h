@@ -11,7 +11,9 @@
 //
 // Lifetime contract: a Region, a Peer and a transfer each keep the Engine alive; a
 // transfer keeps its Region and Peer alive until its backend has let go of it.
-// close() abandons in-flight transfers (they end FAILED/kCanceled) and rejects new work.
+// close() abandons in-flight transfers (they end FAILED/kCanceled), drops the peers and
+// rejects new work. The engine holds its peers, so an engine is destroyed only after
+// close() (the Python Engine calls it when garbage-collected).
 #pragma once
 
 #include <chrono>
@@ -63,8 +65,10 @@ private:
     uint8_t* base_ = nullptr;
     uint64_t length_ = 0;
     std::optional<KvLayout> layout_;
-    std::vector<std::unique_ptr<BackendRegion>> backend_regions_;  // indexed like the engine's backends
+    // Declared before the registrations so it is destroyed after them: the buffer must
+    // outlive every backend's view of it (an MR, a receive in progress).
     std::shared_ptr<void> owner_;  // keeps the user's buffer alive (e.g. a Python object)
+    std::vector<std::unique_ptr<BackendRegion>> backend_regions_;  // indexed like the engine's backends
 };
 
 // A known peer engine instance, reached through one backend.

@@ -1,5 +1,7 @@
 #include "util/copy_pool.h"
 
+#include <algorithm>
+
 namespace kvxfer {
 
 namespace {
@@ -7,6 +9,7 @@ namespace {
 struct ActiveJob {
     std::shared_ptr<TransferJob> job;
     uint64_t total_runs = 0;
+    uint64_t chunk_bytes = 0;  // target bytes per chunk for this job
     // Guarded by CopyPool::State::mutex.
     uint64_t next_run = 0;
     uint32_t in_progress = 0;
@@ -68,7 +71,7 @@ struct CopyPool::State {
                     uint64_t bytes = 0;
                     const uint64_t per_plane = plan.runs.size();
                     while (end < a->total_runs && end - first < max_chunk_runs &&
-                           bytes < target_chunk_bytes) {
+                           bytes < a->chunk_bytes) {
                         bytes += plan.runs[end % per_plane].length;
                         ++end;
                     }
@@ -131,12 +134,18 @@ void CopyPool::submit(const std::shared_ptr<TransferJob>& job) {
     auto a = std::make_shared<ActiveJob>();
     a->job = job;
     a->total_runs = job->plan->numRuns();
+    // Aim for about two chunks per thread so a mid-sized job (one layer of a paged KV,
+    // a few MiB) still spreads over every thread; never below 1 MiB per chunk, where
+    // claiming would cost more than it shares.
+    const uint64_t share = job->plan->total_bytes / (2 * threads_.size());
+    a->chunk_bytes = std::clamp<uint64_t>(share, 1 << 20, state_->target_chunk_bytes);
+    const uint64_t chunk_bytes = a->chunk_bytes;
     {
         std::lock_guard<std::mutex> lock(state_->mutex);
         state_->queue.push_back(std::move(a));
     }
     // Wake every worker for big jobs so they share it; one is enough for a single chunk.
-    if (job->plan->total_bytes > state_->target_chunk_bytes ||
+    if (job->plan->total_bytes > chunk_bytes ||
         job->plan->numRuns() > state_->max_chunk_runs) {
         state_->cv.notify_all();
     } else {

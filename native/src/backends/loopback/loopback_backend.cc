@@ -9,6 +9,7 @@
 
 #include "backends/factories.h"
 #include "util/copy_pool.h"
+#include "util/fast_copy.h"
 
 namespace kvxfer {
 namespace {
@@ -53,11 +54,12 @@ Status copyRuns(TransferJob& job, uint64_t first, uint64_t end) {
     for (uint64_t i = first; i < end; ++i) {
         const Run r = job.plan->flatRun(i);
         if (job.op == Op::kWrite) {
-            std::memcpy(remote + r.remote_offset, job.local.base + r.local_offset, r.length);
+            copyRun(remote + r.remote_offset, job.local.base + r.local_offset, r.length);
         } else {
-            std::memcpy(job.local.base + r.local_offset, remote + r.remote_offset, r.length);
+            copyRun(job.local.base + r.local_offset, remote + r.remote_offset, r.length);
         }
     }
+    copyFence();
     return Status::ok();
 }
 

@@ -1,8 +1,8 @@
 // Shared-memory backend for engines on one host: one copy, straight between the two
 // processes' registered buffers, by one of two mechanisms chosen per remote region:
 // - the peer's region lies in a kvxfer HostBuffer (memfd): the initiator takes a copy
-//   of the peer's memfd with pidfd_getfd, maps it, and copies with memcpy. This is the
-//   fast path: glibc memcpy (non-temporal stores for large runs) at full speed.
+//   of the peer's memfd with pidfd_getfd, maps it, and copies in user space
+//   (util/fast_copy.h: streaming stores for runs of 32 KiB and more). The fast path.
 // - any other memory (a numpy array, a torch tensor): Linux cross-memory attach
 //   (process_vm_writev / process_vm_readv), 1024 (local, remote) iovec pairs per system
 //   call. Slower for large runs (the kernel copy has no non-temporal stores) but it
@@ -34,6 +34,7 @@
 #include "backends/factories.h"
 #include "kvxfer/host_memory.h"
 #include "util/copy_pool.h"
+#include "util/fast_copy.h"
 
 namespace kvxfer {
 namespace {
@@ -178,11 +179,12 @@ Status copyChunk(TransferJob& job, uint64_t first, uint64_t end) {
         for (uint64_t i = first; i < end; ++i) {
             const Run r = job.plan->flatRun(i);
             if (job.op == Op::kWrite) {
-                std::memcpy(mapped + r.remote_offset, job.local.base + r.local_offset, r.length);
+                copyRun(mapped + r.remote_offset, job.local.base + r.local_offset, r.length);
             } else {
-                std::memcpy(job.local.base + r.local_offset, mapped + r.remote_offset, r.length);
+                copyRun(job.local.base + r.local_offset, mapped + r.remote_offset, r.length);
             }
         }
+        copyFence();  // before the pool may send the notification
         return Status::ok();
     }
     iovec local[kMaxIov];
@@ -317,7 +319,9 @@ public:
     std::string_view name() const override { return "shm"; }
     const BackendCaps& caps() const override { return caps_; }
     std::string describe() const override {
-        return "shm (cross-memory attach, " + std::to_string(pool_.threads()) + " threads)";
+        return "shm (memcpy into the peer's mapped memfd for kvxfer.empty memory, cross-memory attach "
+               "otherwise; " +
+               std::to_string(pool_.threads()) + " threads)";
     }
 
     Bytes endpointInfo() const override {

@@ -110,7 +110,8 @@ inline bool decodeHeader(const uint8_t* in, Header* h) {
 }
 
 // Appends a header (and optionally a body) to `out`.
-inline void appendFrame(std::vector<uint8_t>& out, const Header& h, const void* body = nullptr, size_t n = 0) {
+inline void appendFrame(std::vector<uint8_t>& out, const Header& h, const void* body = nullptr,
+                        size_t n = 0) {
     const size_t at = out.size();
     out.resize(at + kHeaderBytes + n);
     encodeHeader(h, out.data() + at);
