@@ -54,6 +54,11 @@ protected:
         }
     }
 
+    // Engines hold their peers (and peers their engine) until close().
+    void TearDown() override {
+        for (auto& e : engines_) e->close();
+    }
+
     Side makeSide(const std::string& name, const KvLayout& layout, uint8_t fill) {
         EngineConfig c;
         c.name = name;
@@ -61,6 +66,7 @@ protected:
         c.default_timeout = 60s;
         Side s;
         s.engine = must(Engine::create(c));
+        engines_.push_back(s.engine);
         s.memory.assign(layout.num_layers * layout.layer_stride, fill);
         s.region = must(s.engine->registerMemory(s.memory.data(), s.memory.size(), layout));
         return s;
@@ -111,6 +117,7 @@ protected:
     }
 
     std::deque<std::vector<int64_t>> owned_ids_;
+    std::vector<std::shared_ptr<Engine>> engines_;
     Side a_, b_;
     std::shared_ptr<Peer> peer_;
     KvLayout layout_;

@@ -3,7 +3,7 @@
 // the descriptor travels through a pipe). Build against the core library:
 //
 //   cmake -S . -B build/rel -G Ninja -DCMAKE_BUILD_TYPE=Release && ninja -C build/rel kvxfer_core
-//   g++ -O2 -std=c++20 -Inative/include native/src/backends/tcp/bench/tcp_bench_native.cc \
+//   g++ -O2 -std=c++20 -Inative/include bench/tcp/tcp_bench_native.cc \
 //       build/rel/native/libkvxfer_core.a -lpthread -o /tmp/tcp_bench_native
 //   /tmp/tcp_bench_native [MiB=256] [iterations=10]
 #include <sys/wait.h>

@@ -5,7 +5,7 @@
 // time is taken on the sender from the first send to that answer, i.e. until the bytes are
 // in the receiver's memory (what a kvxfer WRITE's DONE means).
 //
-//   g++ -O2 -std=c++20 -o /tmp/tcp_baseline native/src/backends/tcp/bench/tcp_baseline.cc
+//   g++ -O2 -std=c++20 -o /tmp/tcp_baseline bench/tcp/tcp_baseline.cc
 //   /tmp/tcp_baseline [MiB=256] [iterations=10] [socket buffer KiB, 0 = kernel autotuning]
 #include <arpa/inet.h>
 #include <netinet/in.h>

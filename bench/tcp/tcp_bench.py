@@ -5,7 +5,7 @@ through a Pipe. Each iteration moves one extent of SIZE bytes between pre-faulte
 buffers and waits for DONE (for a WRITE: the target has ACKed, the bytes are in its
 memory). The bytes are verified (SHA-256) after the timed loop.
 
-    PYTHONPATH=$PWD python3 native/src/backends/tcp/bench/tcp_bench.py [MiB=256] [iterations=10]
+    PYTHONPATH=$PWD python3 bench/tcp/tcp_bench.py [MiB=256] [iterations=10]
 """
 
 from __future__ import annotations
