@@ -29,8 +29,8 @@ std::chrono::milliseconds toMillis(std::optional<double> seconds) {
 // Keeps a Python object alive from C++ (a registered buffer); drops it with the GIL held.
 std::shared_ptr<void> holdPyObject(py::object obj) {
     return std::shared_ptr<void>(new py::object(std::move(obj)), [](void* p) {
-        // A backend thread may drop the last reference while the interpreter shuts
-        // down; taking the GIL then would end the thread mid-destructor. Leak instead.
+    // A backend thread may drop the last reference while the interpreter shuts
+    // down; taking the GIL then would end the thread mid-destructor. Leak instead.
 #if PY_VERSION_HEX >= 0x030D0000
         if (!Py_IsInitialized() || Py_IsFinalizing()) return;
 #else

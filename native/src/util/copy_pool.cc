@@ -70,8 +70,7 @@ struct CopyPool::State {
                     end = first;
                     uint64_t bytes = 0;
                     const uint64_t per_plane = plan.runs.size();
-                    while (end < a->total_runs && end - first < max_chunk_runs &&
-                           bytes < a->chunk_bytes) {
+                    while (end < a->total_runs && end - first < max_chunk_runs && bytes < a->chunk_bytes) {
                         bytes += plan.runs[end % per_plane].length;
                         ++end;
                     }
@@ -145,8 +144,7 @@ void CopyPool::submit(const std::shared_ptr<TransferJob>& job) {
         state_->queue.push_back(std::move(a));
     }
     // Wake every worker for big jobs so they share it; one is enough for a single chunk.
-    if (job->plan->total_bytes > chunk_bytes ||
-        job->plan->numRuns() > state_->max_chunk_runs) {
+    if (job->plan->total_bytes > chunk_bytes || job->plan->numRuns() > state_->max_chunk_runs) {
         state_->cv.notify_all();
     } else {
         state_->cv.notify_one();
