@@ -168,7 +168,8 @@ void planBlocks(const BlockSide& l, const SideInfo& li, const BlockSide& r, cons
     }
     // Per-layer planes: the id pattern is coalesced once and repeated over every plane.
     const uint64_t bb = l.layout.block_bytes;
-    plan->runs.reserve(coalesce ? 16 : n);
+    // Upper bound: pages of the reservation that coalescing leaves unused are never touched.
+    plan->runs.reserve(n);
     for (uint64_t i = 0; i < n; ++i) {
         pushRun(plan->runs, static_cast<uint64_t>(l.block_ids[i]) * lbs,
                 static_cast<uint64_t>(r.block_ids[i]) * rbs, bb, coalesce);
