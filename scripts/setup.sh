@@ -24,4 +24,4 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 echo "setup: building and installing kvxfer into .venv (C++ core + pybind11 module)"
 .venv/bin/python -m pip install -q ".[test]" ruff
-.venv/bin/python -c "import kvxfer; print('setup: kvxfer', kvxfer.__version__, 'backends:', [b.name for b in kvxfer.list_backends() if b.available])"
+.venv/bin/python -P -c "import kvxfer; print('setup: kvxfer', kvxfer.__version__, 'backends:', [b.name for b in kvxfer.list_backends() if b.available])"
