@@ -65,6 +65,18 @@ def _as_extents(extents: Any) -> np.ndarray | None:
     return arr.reshape(-1, 2) if arr.ndim == 1 and arr.size == 2 else arr
 
 
+def _sides(local_blocks, remote_blocks, local_extents, remote_extents, layers, remote_layers) -> dict:
+    """The keyword arguments describing both sides, as the native post()/plan() take them."""
+    return {
+        "local_blocks": _as_ids(local_blocks),
+        "remote_blocks": _as_ids(remote_blocks),
+        "local_extents": _as_extents(local_extents),
+        "remote_extents": _as_extents(remote_extents),
+        "layers": layers,
+        "remote_layers": remote_layers,
+    }
+
+
 class Engine(_native.Engine):
     """One per process (or GPU worker). See the module docstring for the thread contract.
 
@@ -131,12 +143,7 @@ class Engine(_native.Engine):
             peer,
             local,
             remote_region,
-            local_blocks=_as_ids(local_blocks),
-            remote_blocks=_as_ids(remote_blocks),
-            local_extents=_as_extents(local_extents),
-            remote_extents=_as_extents(remote_extents),
-            layers=layers,
-            remote_layers=remote_layers,
+            **_sides(local_blocks, remote_blocks, local_extents, remote_extents, layers, remote_layers),
             notify=notify,
             timeout=timeout,
             coalesce=coalesce,
@@ -164,12 +171,7 @@ class Engine(_native.Engine):
             peer,
             local,
             remote_region,
-            local_blocks=_as_ids(local_blocks),
-            remote_blocks=_as_ids(remote_blocks),
-            local_extents=_as_extents(local_extents),
-            remote_extents=_as_extents(remote_extents),
-            layers=layers,
-            remote_layers=remote_layers,
+            **_sides(local_blocks, remote_blocks, local_extents, remote_extents, layers, remote_layers),
             coalesce=coalesce,
         )
 

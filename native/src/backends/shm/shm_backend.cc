@@ -35,6 +35,7 @@
 #include "kvxfer/host_memory.h"
 #include "util/copy_pool.h"
 #include "util/fast_copy.h"
+#include "util/scoped_fd.h"
 
 namespace kvxfer {
 namespace {
@@ -70,25 +71,6 @@ sockaddr_un abstractAddress(const std::string& name, socklen_t* len) {
     *len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size());
     return addr;
 }
-
-struct Fd {
-    int fd = -1;
-    Fd() = default;
-    explicit Fd(int f) : fd(f) {}
-    Fd(Fd&& o) noexcept : fd(std::exchange(o.fd, -1)) {}
-    Fd& operator=(Fd&& o) noexcept {
-        if (this != &o) {
-            reset();
-            fd = std::exchange(o.fd, -1);
-        }
-        return *this;
-    }
-    ~Fd() { reset(); }
-    void reset() {
-        if (fd >= 0) ::close(fd);
-        fd = -1;
-    }
-};
 
 struct ShmPeer : BackendPeer {
     std::string name;

@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "kvxfer/status.h"
+#include "util/scoped_fd.h"
 
 namespace kvxfer::tcp {
 
@@ -117,27 +118,6 @@ inline void appendFrame(std::vector<uint8_t>& out, const Header& h, const void* 
     encodeHeader(h, out.data() + at);
     if (n) std::memcpy(out.data() + at + kHeaderBytes, body, n);
 }
-
-struct Fd {
-    int fd = -1;
-    Fd() = default;
-    explicit Fd(int f) : fd(f) {}
-    Fd(Fd&& o) noexcept : fd(std::exchange(o.fd, -1)) {}
-    Fd& operator=(Fd&& o) noexcept {
-        if (this != &o) {
-            reset();
-            fd = std::exchange(o.fd, -1);
-        }
-        return *this;
-    }
-    Fd(const Fd&) = delete;
-    Fd& operator=(const Fd&) = delete;
-    ~Fd() { reset(); }
-    void reset() {
-        if (fd >= 0) ::close(fd);
-        fd = -1;
-    }
-};
 
 // A list of buffers consumed front to back by partial sends / receives.
 class IovCursor {
