@@ -184,6 +184,9 @@ class Bench:
             if env.get("PYTHONPATH"):
                 paths.append(env["PYTHONPATH"])
             env["PYTHONPATH"] = os.pathsep.join(paths)
+            # `-m` would put the working directory first on sys.path; from a source
+            # checkout that is the unbuilt kvxfer/ package. Import what this process did.
+            env["PYTHONSAFEPATH"] = "1"
             cmd = [sys.executable, "-m", "kvxfer_bench.target", "--connect", f"127.0.0.1:{port}"]
             if o.device:
                 cmd += ["--device", o.device]

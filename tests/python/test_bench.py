@@ -51,10 +51,17 @@ SMALL = [
 
 
 def _env() -> dict:
+    """The child runs exactly the kvxfer and kvxfer_bench this process imported (the
+    installed ones in CI, the source tree's in a development checkout), never whatever the
+    working directory would put first on sys.path."""
+    import kvxfer_bench
+
     env = dict(os.environ)
+    homes = {str(Path(m.__file__).resolve().parents[1]) for m in (kvxfer, kvxfer_bench)}
     env["PYTHONPATH"] = os.pathsep.join(
-        ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []) + [str(ROOT), str(BENCH)]
+        sorted(homes) + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     )
+    env["PYTHONSAFEPATH"] = "1"
     env.pop("KVXFER_BENCH_TRACE", None)
     return env
 
