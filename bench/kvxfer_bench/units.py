@@ -19,8 +19,8 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
-def parse_sizes(text: str) -> list[int]:
-    """A sweep: ``4K..1G`` (powers of 4), ``4K..1G*2`` (factor 2), or a list ``4K,1M,1G``."""
+def _parse_sweep(text: str, parse_one, default_factor: int, what: str) -> list[int]:
+    """Comma-separated values and ``LO..HI`` / ``LO..HI*F`` geometric sweeps, sorted, unique."""
     out: list[int] = []
     for part in str(text).split(","):
         part = part.strip()
@@ -28,49 +28,34 @@ def parse_sizes(text: str) -> list[int]:
             continue
         if ".." in part:
             lo_text, hi_text = part.split("..", 1)
-            factor = 4
+            factor = default_factor
             if "*" in hi_text:
                 hi_text, f = hi_text.split("*", 1)
                 factor = int(f)
                 if factor < 2:
                     raise ValueError(f"sweep factor must be >= 2: {part!r}")
-            lo, hi = parse_size(lo_text), parse_size(hi_text)
-            if lo > hi:
+            lo, hi = parse_one(lo_text), parse_one(hi_text)
+            if lo <= 0 or lo > hi:
                 raise ValueError(f"empty sweep {part!r}")
             v = lo
             while v <= hi:
                 out.append(v)
                 v *= factor
         else:
-            out.append(parse_size(part))
-    if not out:
-        raise ValueError(f"no sizes in {text!r}")
+            out.append(parse_one(part))
+    if not out or min(out) <= 0:
+        raise ValueError(f"{what} must be positive: {text!r}")
     return sorted(set(out))
+
+
+def parse_sizes(text: str) -> list[int]:
+    """A sweep: ``4K..1G`` (powers of 4), ``4K..1G*2`` (factor 2), or a list ``4K,1M,1G``."""
+    return _parse_sweep(text, parse_size, 4, "sizes")
 
 
 def parse_counts(text: str) -> list[int]:
     """Block counts: ``512``, ``1_000_000``, ``64,512``, or ``16..1024`` (powers of 2)."""
-    out: list[int] = []
-    for part in str(text).split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if ".." in part:
-            lo_text, hi_text = part.split("..", 1)
-            factor = 2
-            if "*" in hi_text:
-                hi_text, f = hi_text.split("*", 1)
-                factor = int(f)
-            lo, hi = int(lo_text), int(hi_text)
-            v = lo
-            while v <= hi:
-                out.append(v)
-                v *= factor
-        else:
-            out.append(int(part))
-    if not out or min(out) <= 0:
-        raise ValueError(f"block counts must be positive: {text!r}")
-    return sorted(set(out))
+    return _parse_sweep(text, lambda t: int(t.strip()), 2, "block counts")
 
 
 def fmt_bytes(n: float) -> str:

@@ -111,6 +111,12 @@ def test_units():
     assert units.parse_counts("1_000_000") == [1_000_000]
     with pytest.raises(ValueError):
         units.parse_size("4Q")
+    # Sweeps that would never end or are empty are refused, for sizes and counts alike.
+    for bad in ("16..1024*1", "0..8", "64..16", "-4"):
+        with pytest.raises(ValueError):
+            units.parse_counts(bad)
+    with pytest.raises(ValueError):
+        units.parse_sizes("4K..1M*1")
 
 
 def test_patterns():

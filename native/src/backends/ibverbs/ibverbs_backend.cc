@@ -144,16 +144,6 @@ void debugLog(const char* fmt, Args... args) {
     std::fputc('\n', stderr);
 }
 
-// The status a job abandoned by its deadline or a cancel ends with when the backend finishes
-// it first (the core applies deadlines lazily, so it may not have marked the job yet): a
-// deadline miss must read as TIMEOUT, not as a cancel.
-Status abandonedStatus(const TransferJob& job, const char* when) {
-    if (Clock::now() >= job.deadline) {
-        return Status::timeout("transfer " + std::to_string(job.id) + " missed its deadline " + when);
-    }
-    return Status::canceled(std::string("transfer abandoned ") + when);
-}
-
 std::string hex(uint64_t v) {
     char buf[24];
     std::snprintf(buf, sizeof(buf), "%llx", static_cast<unsigned long long>(v));
@@ -743,7 +733,8 @@ void Shared::advance(Work& w) {
     }
     // Data phase.
     if (!w.error.isOk()) return finishWork(w, w.error);
-    if (w.job && w.job->abandoned()) return finishWork(w, abandonedStatus(*w.job, "before all bytes moved"));
+    if (w.job && w.job->abandoned())
+        return finishWork(w, Status::canceled("transfer abandoned before all bytes moved"));
     if (w.stopped) return finishWork(w, Status::canceled("transfer stopped"));
     if (w.dataLeft()) {
         enqueueWork(w);
@@ -751,7 +742,7 @@ void Shared::advance(Work& w) {
     }
     if (w.notifyPayload().empty()) return finishWork(w, Status::ok());
     if (w.job && !w.job->beginCommit()) {
-        return finishWork(w, abandonedStatus(*w.job, "before its notification was sent"));
+        return finishWork(w, Status::canceled("transfer abandoned before its notification was sent"));
     }
     w.phase = Work::Phase::kNotifyQueued;
     enqueueWork(w);
