@@ -103,7 +103,7 @@ PostArgs buildRequest(Op op, std::shared_ptr<Peer> peer, std::shared_ptr<Region>
     r.remote_region = remote_region;
     r.local_side = makeSide(a.local, "local");
     r.remote_side = makeSide(a.remote, "remote");
-    const std::string payload = notify;
+    const std::string_view payload = notify;  // a view into the bytes object: one copy
     r.notify.assign(payload.begin(), payload.end());
     r.timeout = toMillis(timeout);
     r.coalesce = coalesce;

@@ -170,7 +170,7 @@ private:
     explicit Engine(EngineConfig config);
     void deliver(std::string peer_name, uint64_t peer_instance, Bytes payload) override;
     Result<std::shared_ptr<const Plan>> planFor(const TransferRequest& request,
-                                                RegionDescriptor* remote) const;
+                                                RemoteRegionView* remote) const;
 
     EngineConfig config_;
     uint64_t instance_id_ = 0;

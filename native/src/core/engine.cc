@@ -279,7 +279,7 @@ std::shared_ptr<Peer> Engine::findPeer(const std::string& name) const {
 }
 
 Result<std::shared_ptr<const Plan>> Engine::planFor(const TransferRequest& req,
-                                                    RegionDescriptor* remote_out) const {
+                                                    RemoteRegionView* remote_out) const {
     if (!req.peer) return Status::invalidArgument("no peer given");
     if (!req.local) return Status::invalidArgument("no local region given");
     if (req.peer->engine_.get() != this) return Status::invalidArgument("peer belongs to another engine");
@@ -318,7 +318,7 @@ Result<std::shared_ptr<const Plan>> Engine::planFor(const TransferRequest& req,
     options.max_run_bytes = backends_[req.peer->backend_index_]->caps().max_run_bytes;
     KVXFER_ASSIGN_OR_RETURN(Plan plan,
                             makePlan(local_side, req.local->length(), remote_side, remote->length, options));
-    if (remote_out) *remote_out = *remote;
+    if (remote_out) *remote_out = {remote->id, remote->base_address, remote->length, nullptr};
     return std::make_shared<const Plan>(std::move(plan));
 }
 
@@ -328,7 +328,7 @@ Result<std::shared_ptr<const Plan>> Engine::plan(const TransferRequest& request)
 
 Result<std::shared_ptr<TransferJob>> Engine::post(const TransferRequest& req) {
     if (closed()) return Status::canceled("engine is closed");
-    RegionDescriptor remote;
+    RemoteRegionView remote;
     KVXFER_ASSIGN_OR_RETURN(auto plan, planFor(req, &remote));
     if (req.notify.size() > PeerDescriptor::kMaxBlob) {
         return Status::invalidArgument("notification payload is larger than 64 KiB");
