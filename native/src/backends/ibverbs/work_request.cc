@@ -5,38 +5,33 @@
 
 namespace kvxfer::ib {
 
-void PostList::addRdma(ibv_wr_opcode opcode, uint64_t wr_id, uint64_t local_addr, uint32_t length,
-                       uint32_t lkey, uint64_t remote_addr, uint32_t rkey, bool signaled) {
+ibv_send_wr& PostList::append(ibv_wr_opcode opcode, uint64_t wr_id, uint64_t addr, uint32_t length,
+                              uint32_t lkey, unsigned send_flags) {
     ibv_sge& sge = sges_[n_ * kMaxSge];
-    sge.addr = local_addr;
+    sge.addr = addr;
     sge.length = length;
     sge.lkey = lkey;
-    ibv_send_wr& wr = wrs_[n_];
+    ibv_send_wr& wr = wrs_[n_++];
     std::memset(&wr, 0, sizeof(wr));
     wr.wr_id = wr_id;
     wr.sg_list = &sge;
     wr.num_sge = 1;
     wr.opcode = opcode;
-    wr.send_flags = signaled ? IBV_SEND_SIGNALED : 0;
+    wr.send_flags = send_flags;
+    return wr;
+}
+
+void PostList::addRdma(ibv_wr_opcode opcode, uint64_t wr_id, uint64_t local_addr, uint32_t length,
+                       uint32_t lkey, uint64_t remote_addr, uint32_t rkey, bool signaled) {
+    ibv_send_wr& wr = append(opcode, wr_id, local_addr, length, lkey, signaled ? IBV_SEND_SIGNALED : 0);
     wr.wr.rdma.remote_addr = remote_addr;
     wr.wr.rdma.rkey = rkey;
-    ++n_;
 }
 
 void PostList::addSend(uint64_t wr_id, uint64_t addr, uint32_t length, uint32_t lkey, bool signaled,
                        bool inline_data) {
-    ibv_sge& sge = sges_[n_ * kMaxSge];
-    sge.addr = addr;
-    sge.length = length;
-    sge.lkey = lkey;
-    ibv_send_wr& wr = wrs_[n_];
-    std::memset(&wr, 0, sizeof(wr));
-    wr.wr_id = wr_id;
-    wr.sg_list = &sge;
-    wr.num_sge = 1;
-    wr.opcode = IBV_WR_SEND;
-    wr.send_flags = (signaled ? IBV_SEND_SIGNALED : 0) | (inline_data ? IBV_SEND_INLINE : 0);
-    ++n_;
+    append(IBV_WR_SEND, wr_id, addr, length, lkey,
+           (signaled ? IBV_SEND_SIGNALED : 0) | (inline_data ? IBV_SEND_INLINE : 0));
 }
 
 void PostList::signalLast() {

@@ -44,6 +44,9 @@ public:
     size_t indexOf(const ibv_send_wr* bad) const;
 
 private:
+    // Fills the next WR and its single SGE; the caller adds opcode-specific fields.
+    ibv_send_wr& append(ibv_wr_opcode opcode, uint64_t wr_id, uint64_t addr, uint32_t length, uint32_t lkey,
+                        unsigned send_flags);
     std::array<ibv_send_wr, kMaxWrs> wrs_{};
     std::array<ibv_sge, kMaxWrs * kMaxSge> sges_{};
     size_t n_ = 0;
