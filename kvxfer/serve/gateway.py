@@ -1,0 +1,767 @@
+"""The P/D-Serve gateway: OpenAI-compatible HTTP in front of prefill workers.
+
+What it does (P/D-Serve section 3.3, "on-demand forwarding upon rejection") [paper]:
+
+* Requests wait at the gateway, not in prefill queues. For each request the gateway ranks
+  the prefills of the request's scenario by the number of streams the gateway itself holds
+  open to them (fewest first) and forwards ``POST /v1/prefill`` (:mod:`kvxfer.serve.protocol`).
+* A prefill with no free slot answers 429 at once; the gateway then tries the next candidate,
+  one after another, round after round, until one accepts or the request's deadline (its TTFT
+  SLO) passes. At the deadline the request ends with an error event (early intervention).
+* Batch forwarding: the prefill that accepted last in a scenario goes first for the next
+  request of that scenario, until it rejects; so an idle prefill's batch fills up.
+* Several gateways can front the same prefills without talking to each other: each one ranks
+  by its own open streams and learns of full prefills only through their 429s.
+
+Policy ``"local-queue"`` is the paper's baseline (its first commercial version): push to the
+prefill with the fewest open streams and let it queue locally. The gateway marks those requests
+with the header ``X-Kvxfer-Policy: local-queue`` (the prefill side of that policy is the
+worker's). Both policies use the same code path; only the ranking and the header differ.
+
+Choices the paper leaves open [inferred]: ties in the ranking rotate round-robin; a round in
+which every candidate rejected is followed by a pause of ``retry_interval_s``; a prefill that
+refuses the connection is skipped for ``down_for_s``; the first-token deadline is also enforced
+by the gateway (the upstream stream is closed when it passes), so a client never waits past it.
+
+Responses: ``stream=true`` gives server-sent events in OpenAI's chunk format, one chunk per
+token, ``data: [DONE]`` at the end; an error mid-stream is ``data: {"error": {...}}`` (the
+``openai`` client raises ``APIError`` with that body). Every chunk carries an extra field
+``kvxfer`` with ``request_id``, ``retries`` and ``prefill``; the response headers carry
+``X-Kvxfer-Request-Id``, ``X-Kvxfer-Retries`` and ``X-Kvxfer-Prefill``. The scenario comes
+from the body field ``scenario`` or the header ``X-Scenario`` (default ``"default"``); the TTFT
+SLO from the body field ``ttft_slo_s`` or the header ``X-TTFT-SLO`` (default: the gateway's).
+
+``GET /v1/kvxfer/requests`` returns the per-request records (:class:`RequestRecord`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import itertools
+import json
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import aiohttp
+from aiohttp import web
+
+from kvxfer.errors import KvxferError
+from kvxfer.serve import protocol
+
+POLICIES = ("reject-retry", "local-queue")
+
+
+class GatewayError(KvxferError):
+    """Bad gateway configuration or a request the gateway refuses (bad JSON, unknown field value)."""
+
+    code = "INVALID_ARGUMENT"
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+class Tokenizer(Protocol):
+    """What the gateway needs from a tokenizer."""
+
+    name: str
+    eos_token_ids: list[int]
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def chat(self, messages: Sequence[dict[str, Any]]) -> list[int]: ...
+
+    def detokenizer(self) -> Detokenizer: ...
+
+
+class Detokenizer(Protocol):
+    def add(self, token_id: int) -> str: ...
+
+    def flush(self) -> str: ...
+
+
+class ByteTokenizer:
+    """Deterministic byte-level tokenizer for the seeded random tiny models.
+
+    A token id below 256 is that byte; ``eos_token_id`` (default 256) ends a sequence; ids above
+    it map to byte ``id % 256`` so any model output decodes. ``encode`` of ASCII text gives one
+    token per character, which is what the workload uses to hit exact prompt lengths.
+    """
+
+    def __init__(self, vocab_size: int = 512, eos_token_id: int = 256) -> None:
+        if vocab_size < 257 or not 0 <= eos_token_id < vocab_size:
+            raise GatewayError(f"byte tokenizer needs vocab_size >= 257 and eos in range, got {vocab_size}")
+        self.name = "bytes"
+        self.vocab_size = vocab_size
+        self.eos_token_ids = [eos_token_id]
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        parts = [f"<|{m.get('role', 'user')}|>{_content_text(m.get('content', ''))}\n" for m in messages]
+        return self.encode("".join(parts) + "<|assistant|>")
+
+    def detokenizer(self) -> Detokenizer:
+        return _ByteDetokenizer(self.eos_token_ids)
+
+
+class _ByteDetokenizer:
+    def __init__(self, eos: list[int]) -> None:
+        self._dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._eos = set(eos)
+
+    def add(self, token_id: int) -> str:
+        if token_id in self._eos:
+            return ""
+        return self._dec.decode(bytes([token_id % 256]))
+
+    def flush(self) -> str:
+        return self._dec.decode(b"", final=True)
+
+
+class HfTokenizer:
+    """A ``transformers`` tokenizer (e.g. SmolLM2's), with its chat template."""
+
+    def __init__(self, tokenizer: Any, name: str = "hf") -> None:
+        self._tok = tokenizer
+        self.name = name
+        eos = tokenizer.eos_token_id
+        self.eos_token_ids = [] if eos is None else [int(eos)]
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        msgs = [
+            {"role": m.get("role", "user"), "content": _content_text(m.get("content", ""))} for m in messages
+        ]
+        ids = self._tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):  # newer transformers return a BatchEncoding
+            ids = ids["input_ids"]
+        return [int(t) for t in ids]
+
+    def detokenizer(self) -> Detokenizer:
+        return _HfDetokenizer(self._tok, self.eos_token_ids)
+
+
+class _HfDetokenizer:
+    """Incremental detokenization: decode the whole output, emit the new suffix once it is whole."""
+
+    def __init__(self, tok: Any, eos: list[int]) -> None:
+        self._tok = tok
+        self._ids: list[int] = []
+        self._sent = 0
+        self._eos = set(eos)
+
+    def add(self, token_id: int) -> str:
+        if token_id in self._eos:
+            return ""
+        self._ids.append(token_id)
+        text = self._tok.decode(self._ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an unfinished multi-byte character
+            return ""
+        new, self._sent = text[self._sent :], len(text)
+        return new
+
+    def flush(self) -> str:
+        text = self._tok.decode(self._ids, skip_special_tokens=True)
+        new, self._sent = text[self._sent :], len(text)
+        return new
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    raise GatewayError(f"message content must be a string or a list of parts, got {type(content).__name__}")
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """``"bytes"`` (or ``"bytes:VOCAB"``) for the tiny random models; ``"smollm2"`` for the real
+    weights (the tokenizer that :func:`kvxfer.models.load_smollm2` returns); otherwise a local
+    ``transformers`` tokenizer directory."""
+    if spec == "bytes" or spec.startswith("bytes:"):
+        vocab = int(spec.split(":", 1)[1]) if ":" in spec else 512
+        return ByteTokenizer(vocab_size=vocab)
+    if spec == "smollm2":
+        from kvxfer import models  # the serving extras' model loader
+
+        loaded = models.load_smollm2()
+        tok = getattr(loaded, "tokenizer", None)
+        if tok is None and isinstance(loaded, tuple):
+            tok = next((x for x in loaded if hasattr(x, "apply_chat_template")), None)
+        if tok is None:
+            raise GatewayError("kvxfer.models.load_smollm2() returned no tokenizer")
+        return HfTokenizer(tok, name="smollm2")
+    from transformers import AutoTokenizer
+
+    return HfTokenizer(AutoTokenizer.from_pretrained(spec, local_files_only=True), name=spec)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and records
+
+
+@dataclass
+class GatewayConfig:
+    """``routes`` maps a scenario to its prefill base URLs; ``"*"`` serves scenarios without a
+    route of their own. ``ttft_slo_s`` is the default deadline from arrival to first token."""
+
+    routes: dict[str, list[str]]
+    policy: str = "reject-retry"
+    ttft_slo_s: float = 5.0
+    model: str = "kvxfer"
+    default_max_tokens: int = 64
+    batch_forwarding: bool = True
+    retry_interval_s: float = 0.002
+    down_for_s: float = 1.0
+    stream_idle_timeout_s: float = 60.0  # longest gap allowed between two tokens once accepted
+    enforce_first_token_deadline: bool = True
+    records_kept: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise GatewayError(f"unknown policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if not self.routes or not any(self.routes.values()):
+            raise GatewayError("gateway needs at least one prefill URL in routes")
+        if self.ttft_slo_s <= 0:
+            raise GatewayError(f"ttft_slo_s must be > 0, got {self.ttft_slo_s}")
+
+
+@dataclass
+class RequestRecord:
+    """What the gateway saw of one request; times are ``time.time()`` seconds."""
+
+    request_id: str
+    scenario: str
+    policy: str
+    arrival: float
+    deadline: float
+    prompt_tokens: int
+    accept: float | None = None
+    first_token: float | None = None
+    finish: float | None = None
+    retries: int = 0  # rejections (429) seen before acceptance
+    attempts: int = 0
+    prefill: str | None = None
+    completion_tokens: int = 0
+    outcome: str = "running"  # "stop" | "length" | an error code
+    message: str = ""
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.arrival
+
+
+class _Rejected(Exception):
+    pass
+
+
+class _Unavailable(Exception):
+    pass
+
+
+class _Terminal(Exception):
+    """The request ends with this error code (no further candidate will help)."""
+
+    def __init__(self, code: str, message: str, http_status: int = 502) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.http_status = http_status
+
+
+# --------------------------------------------------------------------------------------------
+# The gateway
+
+
+class Gateway:
+    """An aiohttp application; ``await start(host, port)`` serves it, ``await stop()`` ends it.
+
+    ``open_streams[url]`` counts the prefill streams this gateway holds open (accepted and not
+    yet finished); it is the ranking key.
+    """
+
+    def __init__(self, config: GatewayConfig, tokenizer: Tokenizer | None = None) -> None:
+        self.config = config
+        self.tokenizer: Tokenizer = tokenizer or ByteTokenizer()
+        self.prefills: list[str] = list(
+            dict.fromkeys(u.rstrip("/") for us in config.routes.values() for u in us)
+        )
+        self.open_streams: dict[str, int] = {u: 0 for u in self.prefills}
+        self.records: deque[RequestRecord] = deque(maxlen=config.records_kept)
+        self._sticky: dict[str, str] = {}  # scenario -> the prefill that accepted last (batch forwarding)
+        self._down_until: dict[str, float] = {}
+        self._rr = itertools.count()
+        self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
+        self.url: str | None = None
+        self.app = web.Application(client_max_size=64 * 1024 * 1024)
+        self.app.router.add_post("/v1/completions", self._completions)
+        self.app.router.add_post("/v1/chat/completions", self._chat)
+        self.app.router.add_get("/v1/models", self._models)
+        self.app.router.add_get("/health", self._health)
+        self.app.router.add_get("/v1/kvxfer/requests", self._requests)
+        self.app.on_startup.append(self._on_startup)
+        self.app.on_cleanup.append(self._on_cleanup)
+
+    # lifecycle ---------------------------------------------------------------------------
+    async def _on_startup(self, _app: web.Application) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, force_close=False),
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+
+    async def _on_cleanup(self, _app: web.Application) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Serve on ``host:port`` (0 = any free port); returns the base URL."""
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        sock = site._server.sockets[0]  # type: ignore[union-attr]
+        self.url = f"http://{host}:{sock.getsockname()[1]}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # ranking -----------------------------------------------------------------------------
+    def candidates(self, scenario: str) -> list[str]:
+        """Prefills for ``scenario`` in the order this gateway would try them now."""
+        pool = self.config.routes.get(scenario) or self.config.routes.get("*")
+        if not pool:
+            raise _Terminal("no_route", f"no prefill serves scenario {scenario!r}", 404)
+        pool = [u.rstrip("/") for u in pool]
+        now = time.monotonic()
+        up = [u for u in pool if self._down_until.get(u, 0.0) <= now] or pool
+        rot = next(self._rr) % len(up)
+        up = up[rot:] + up[:rot]  # ties rotate round-robin (sorted() is stable)
+        ranked = sorted(up, key=lambda u: self.open_streams[u])
+        if self.config.policy == "reject-retry" and self.config.batch_forwarding:
+            sticky = self._sticky.get(scenario)
+            if sticky in ranked:
+                ranked.remove(sticky)
+                ranked.insert(0, sticky)
+        return ranked
+
+    # forwarding --------------------------------------------------------------------------
+    async def _try(
+        self, url: str, req: protocol.PrefillRequest, rec: RequestRecord
+    ) -> aiohttp.ClientResponse:
+        assert self._session is not None
+        remaining = req.deadline - time.time()
+        if remaining <= 0:
+            raise _Terminal("deadline", "TTFT deadline passed before any prefill accepted", 504)
+        headers = {"X-Kvxfer-Policy": self.config.policy}
+        rec.attempts += 1
+        try:
+            resp = await self._session.post(
+                url + "/v1/prefill",
+                json=req.to_json(),
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=None, connect=remaining, sock_connect=remaining),
+            )
+        except (aiohttp.ClientConnectionError, OSError) as e:
+            self._down_until[url] = time.monotonic() + self.config.down_for_s
+            raise _Unavailable(str(e)) from e
+        if resp.status == 429:
+            resp.release()
+            raise _Rejected()
+        if resp.status != 200:
+            text = (await resp.text())[:300]
+            resp.release()
+            if resp.status == 400:
+                raise _Terminal("bad_request", f"prefill {url} refused the request: {text}", 400)
+            raise _Unavailable(f"prefill {url} answered {resp.status}: {text}")
+        return resp
+
+    async def _forward(self, req: protocol.PrefillRequest, rec: RequestRecord) -> aiohttp.ClientResponse:
+        """Find a prefill that accepts, or raise :class:`_Terminal` at the deadline."""
+        while True:
+            tried = False
+            for url in self.candidates(rec.scenario):
+                if time.time() >= req.deadline:
+                    break
+                tried = True
+                try:
+                    resp = await self._try(url, req, rec)
+                except _Rejected:
+                    rec.retries += 1
+                    if self._sticky.get(rec.scenario) == url:
+                        del self._sticky[rec.scenario]
+                    continue
+                except _Unavailable as e:
+                    rec.message = str(e)
+                    continue
+                self._sticky[rec.scenario] = url
+                rec.prefill = url
+                rec.accept = time.time()
+                return resp
+            remaining = req.deadline - time.time()
+            if remaining <= 0 or not tried:
+                why = "every prefill rejected" if rec.retries else "no prefill reachable"
+                raise _Terminal(
+                    "deadline", f"TTFT deadline passed at the gateway: {why} ({rec.attempts} attempts)", 504
+                )
+            await asyncio.sleep(min(self.config.retry_interval_s, remaining))
+
+    async def _events(self, resp: aiohttp.ClientResponse, rec: RequestRecord):
+        """Yield NDJSON events of an accepted stream, enforcing the first-token deadline."""
+        first_deadline = rec.deadline if self.config.enforce_first_token_deadline else None
+        buf = b""
+        while True:
+            if rec.first_token is None and first_deadline is not None:
+                timeout = max(0.0, first_deadline - time.time())
+                code, msg = "deadline", "TTFT deadline passed before the first token"
+            else:
+                timeout = self.config.stream_idle_timeout_s
+                code, msg = "stalled", f"no token for {timeout:g} s"
+            try:
+                line = await asyncio.wait_for(resp.content.readline(), timeout)
+            except asyncio.TimeoutError as e:
+                raise _Terminal(code, msg, 504) from e
+            except (aiohttp.ClientError, OSError) as e:
+                raise _Terminal("upstream_failed", f"prefill stream broke: {e!r}") from e
+            if not line:
+                raise _Terminal("upstream_failed", "prefill stream ended without a done or error event")
+            buf += line
+            if not buf.endswith(b"\n") and not resp.content.at_eof():
+                continue
+            text, buf = buf.strip(), b""
+            if not text:
+                continue
+            try:
+                event = json.loads(text)
+                protocol.check_version(event)
+            except (ValueError, protocol.ProtocolError) as e:
+                raise _Terminal("upstream_failed", f"bad event from prefill: {e}") from e
+            yield event
+
+    # HTTP handlers -----------------------------------------------------------------------
+    async def _health(self, _r: web.Request) -> web.Response:
+        return web.json_response(
+            {"status": "ok", "policy": self.config.policy, "prefills": self.open_streams}
+        )
+
+    async def _models(self, _r: web.Request) -> web.Response:
+        m = {"id": self.config.model, "object": "model", "created": 0, "owned_by": "kvxfer"}
+        return web.json_response({"object": "list", "data": [m]})
+
+    async def _requests(self, _r: web.Request) -> web.Response:
+        return web.json_response([asdict(r) for r in self.records])
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=False)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, chat=True)
+
+    def _parse(self, request: web.Request, body: Any, chat: bool) -> tuple[list[int], int, str, float]:
+        if not isinstance(body, dict):
+            raise GatewayError("request body must be a JSON object")
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages:
+                raise GatewayError("'messages' must be a non-empty list")
+            ids = self.tokenizer.chat(messages)
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1:
+                prompt = prompt[0]
+            if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+                ids = [int(t) for t in prompt]
+            elif isinstance(prompt, str):
+                ids = self.tokenizer.encode(prompt)
+            else:
+                raise GatewayError("'prompt' must be a string, one string in a list, or a list of token ids")
+        if not ids:
+            raise GatewayError("the prompt is empty")
+        max_tokens = (
+            body.get("max_completion_tokens", body.get("max_tokens")) or self.config.default_max_tokens
+        )
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise GatewayError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        scenario = body.get("scenario") or request.headers.get("X-Scenario") or "default"
+        slo = body.get("ttft_slo_s") or request.headers.get("X-TTFT-SLO") or self.config.ttft_slo_s
+        try:
+            slo = float(slo)
+        except (TypeError, ValueError) as e:
+            raise GatewayError(f"ttft_slo_s must be a number, got {slo!r}") from e
+        if slo <= 0:
+            raise GatewayError(f"ttft_slo_s must be > 0, got {slo}")
+        return ids, max_tokens, str(scenario), slo
+
+    async def _serve(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        arrival = time.time()
+        try:
+            body = await request.json()
+            ids, max_tokens, scenario, slo = self._parse(request, body, chat)
+        except (ValueError, GatewayError) as e:
+            return _error_response(400, "invalid_request_error", f"bad request: {e}")
+        stream = bool(body.get("stream", False))
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        rec = RequestRecord(rid, scenario, self.config.policy, arrival, arrival + slo, len(ids))
+        self.records.append(rec)
+        preq = protocol.PrefillRequest(
+            request_id=rid,
+            scenario=scenario,
+            prompt_token_ids=ids,
+            max_tokens=max_tokens,
+            deadline=rec.deadline,
+            stop_token_ids=list(self.tokenizer.eos_token_ids),
+        )
+        fmt = _ChunkFormat(rid, self.config.model, chat, rec)
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        try:
+            upstream = await self._forward(preq, rec)
+        except _Terminal as t:
+            return await self._fail_early(request, rec, t, stream, fmt)
+        self.open_streams[rec.prefill] += 1  # type: ignore[index]
+        try:
+            if stream:
+                return await self._stream(request, upstream, rec, fmt, include_usage)
+            return await self._collect(upstream, rec, fmt)
+        finally:
+            self.open_streams[rec.prefill] -= 1  # type: ignore[index]
+            upstream.close()  # a no-op after a full read; aborts the upstream otherwise
+            if rec.finish is None:
+                rec.finish = time.time()
+            if rec.outcome == "running":
+                rec.outcome = "client_gone"
+
+    async def _fail_early(
+        self, request: web.Request, rec: RequestRecord, t: _Terminal, stream: bool, fmt: _ChunkFormat
+    ) -> web.StreamResponse:
+        rec.outcome, rec.message, rec.finish = t.code, t.message, time.time()
+        if not stream:
+            return _error_response(t.http_status, t.code, t.message, fmt.meta())
+        resp = _sse_response(rec)
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            await resp.write(_sse(fmt.error(t.code, t.message)))
+            await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+    async def _stream(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        rec: RequestRecord,
+        fmt: _ChunkFormat,
+        include_usage: bool,
+    ) -> web.StreamResponse:
+        resp = _sse_response(rec)
+        await resp.prepare(request)
+        detok = self.tokenizer.detokenizer()
+        try:
+            async for ev in self._events(upstream, rec):
+                kind = ev.get("type")
+                if kind == "token":
+                    if rec.first_token is None:
+                        rec.first_token = time.time()
+                    rec.completion_tokens += 1
+                    await resp.write(_sse(fmt.chunk(detok.add(int(ev["token_id"])), None)))
+                elif kind == "done":
+                    rec.outcome = str(ev.get("finish_reason", "stop"))
+                    rec.finish = time.time()
+                    await resp.write(_sse(fmt.chunk(detok.flush(), rec.outcome)))
+                    if include_usage:
+                        await resp.write(_sse(fmt.usage()))
+                    await resp.write(b"data: [DONE]\n\n")
+                    return resp
+                elif kind == "error":
+                    raise _Terminal(str(ev.get("code", "internal")), str(ev.get("message", "")))
+        except _Terminal as t:
+            rec.outcome, rec.message, rec.finish = t.code, t.message, time.time()
+            with contextlib.suppress(ConnectionError):
+                await resp.write(_sse(fmt.error(t.code, t.message)))
+                await resp.write(b"data: [DONE]\n\n")
+        except ConnectionError:
+            rec.outcome, rec.message = "client_gone", "the client closed the connection"
+        return resp
+
+    async def _collect(
+        self, upstream: aiohttp.ClientResponse, rec: RequestRecord, fmt: _ChunkFormat
+    ) -> web.Response:
+        detok = self.tokenizer.detokenizer()
+        text: list[str] = []
+        try:
+            async for ev in self._events(upstream, rec):
+                kind = ev.get("type")
+                if kind == "token":
+                    if rec.first_token is None:
+                        rec.first_token = time.time()
+                    rec.completion_tokens += 1
+                    text.append(detok.add(int(ev["token_id"])))
+                elif kind == "done":
+                    rec.outcome = str(ev.get("finish_reason", "stop"))
+                    rec.finish = time.time()
+                    text.append(detok.flush())
+                    return web.json_response(
+                        fmt.whole("".join(text), rec.outcome), headers=_meta_headers(rec)
+                    )
+                elif kind == "error":
+                    raise _Terminal(str(ev.get("code", "internal")), str(ev.get("message", "")))
+        except _Terminal as t:
+            rec.outcome, rec.message, rec.finish = t.code, t.message, time.time()
+            return _error_response(t.http_status, t.code, t.message, fmt.meta())
+        raise AssertionError("unreachable: _events ends with done, error or _Terminal")
+
+
+# --------------------------------------------------------------------------------------------
+# OpenAI wire format
+
+
+class _ChunkFormat:
+    def __init__(self, rid: str, model: str, chat: bool, rec: RequestRecord) -> None:
+        self.rid, self.model, self.chat, self.rec = rid, model, chat, rec
+        self.created = int(time.time())
+        self._role_sent = False
+
+    def meta(self) -> dict[str, Any]:
+        return {"request_id": self.rid, "retries": self.rec.retries, "prefill": self.rec.prefill}
+
+    def _base(self, obj: str) -> dict[str, Any]:
+        return {
+            "id": self.rid,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "kvxfer": self.meta(),
+        }
+
+    def chunk(self, text: str, finish: str | None) -> dict[str, Any]:
+        if self.chat:
+            delta: dict[str, Any] = {"content": text} if text or finish is None else {}
+            if not self._role_sent:
+                delta["role"] = "assistant"
+                self._role_sent = True
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {**self._base("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {**self._base("text_completion"), "choices": [choice]}
+
+    def usage(self) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._base(obj), "choices": [], "usage": self._usage()}
+
+    def _usage(self) -> dict[str, int]:
+        p, c = self.rec.prompt_tokens, self.rec.completion_tokens
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def whole(self, text: str, finish: str) -> dict[str, Any]:
+        if self.chat:
+            msg = {"role": "assistant", "content": text}
+            choice = {"index": 0, "message": msg, "logprobs": None, "finish_reason": finish}
+            return {**self._base("chat.completion"), "choices": [choice], "usage": self._usage()}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {**self._base("text_completion"), "choices": [choice], "usage": self._usage()}
+
+    def error(self, code: str, message: str) -> dict[str, Any]:
+        return {
+            "error": {"message": message, "type": code, "code": code, "param": None, "kvxfer": self.meta()}
+        }
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _meta_headers(rec: RequestRecord) -> dict[str, str]:
+    return {
+        "X-Kvxfer-Request-Id": rec.request_id,
+        "X-Kvxfer-Retries": str(rec.retries),
+        "X-Kvxfer-Prefill": rec.prefill or "",
+    }
+
+
+def _sse_response(rec: RequestRecord) -> web.StreamResponse:
+    headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **_meta_headers(rec)}
+    return web.StreamResponse(status=200, headers=headers)
+
+
+def _error_response(status: int, code: str, message: str, meta: dict[str, Any] | None = None) -> web.Response:
+    err: dict[str, Any] = {"message": message, "type": code, "code": code, "param": None}
+    if meta:
+        err["kvxfer"] = meta
+    return web.json_response({"error": err}, status=status)
+
+
+def single_route(prefill_urls: Iterable[str]) -> dict[str, list[str]]:
+    """Routes where every scenario may use every prefill (the mixed pool)."""
+    return {"*": list(prefill_urls)}
+
+
+# --------------------------------------------------------------------------------------------
+# Running one gateway as a process
+
+
+async def serve_forever(
+    config: GatewayConfig, tokenizer: Tokenizer, host: str, port: int, ready=None
+) -> None:
+    """Serve until cancelled. ``ready(url)`` is called once the socket listens."""
+    gw = Gateway(config, tokenizer)
+    url = await gw.start(host, port)
+    if ready is not None:
+        ready(url)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await gw.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kvxfer.serve.gateway --prefill URL [--prefill URL ...] [--route SCEN=URL,URL]``."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="kvxfer-gateway", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--prefill", action="append", default=[], help="prefill base URL (all scenarios)")
+    p.add_argument("--route", action="append", default=[], help="SCENARIO=URL[,URL...]")
+    p.add_argument("--policy", choices=POLICIES, default="reject-retry")
+    p.add_argument("--ttft-slo", type=float, default=5.0)
+    p.add_argument("--tokenizer", default="bytes", help="bytes | bytes:VOCAB | smollm2 | a tokenizer dir")
+    p.add_argument("--model", default="kvxfer")
+    args = p.parse_args(argv)
+    routes: dict[str, list[str]] = {}
+    if args.prefill:
+        routes["*"] = args.prefill
+    for r in args.route:
+        scen, _, urls = r.partition("=")
+        if not scen or not urls:
+            p.error(f"--route wants SCENARIO=URL[,URL...], got {r!r}")
+        routes[scen] = urls.split(",")
+    try:
+        cfg = GatewayConfig(routes=routes, policy=args.policy, ttft_slo_s=args.ttft_slo, model=args.model)
+        tok = load_tokenizer(args.tokenizer)
+    except GatewayError as e:
+        print(f"kvxfer-gateway: {e}", file=sys.stderr)
+        return 2
+
+    def ready(url: str) -> None:
+        print(f"gateway listening on {url}", file=sys.stderr, flush=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve_forever(cfg, tok, args.host, args.port, ready))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

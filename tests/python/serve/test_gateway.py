@@ -1,0 +1,364 @@
+"""Gateway unit tests against an in-test prefill stub (one piece: the gateway).
+
+The stub speaks :mod:`kvxfer.serve.protocol`: it has ``slots`` slots and no queue (429 when
+full), streams NDJSON tokens, and logs every attempt. Its output tokens are the prompt's bytes
+reversed, so the text a client receives can be checked character for character. The end-to-end
+path through real prefill and decode workers is tested in ``test_gateway_e2e.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+
+import aiohttp
+import openai
+import pytest
+from aiohttp import web
+
+from kvxfer.serve import protocol
+from kvxfer.serve.gateway import ByteTokenizer, Gateway, GatewayConfig, GatewayError
+
+
+class StubPrefill:
+    def __init__(self, name: str, slots: int, first_delay: float = 0.0, token_delay: float = 0.0):
+        self.name, self.slots = name, slots
+        self.first_delay, self.token_delay = first_delay, token_delay
+        self.busy = 0
+        self.max_busy = 0
+        self.log: list[tuple[float, str, str, int]] = []  # (time, request_id, policy header, status)
+        self.fail_with: str | None = None  # an error code to send instead of tokens
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_post("/v1/prefill", self._prefill)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"
+        return self.url
+
+    async def stop(self) -> None:
+        await self._runner.cleanup()
+
+    async def _prefill(self, request: web.Request) -> web.StreamResponse:
+        req = protocol.PrefillRequest.from_json(await request.json())
+        policy = request.headers.get("X-Kvxfer-Policy", "")
+        if self.busy >= self.slots:
+            self.log.append((time.time(), req.request_id, policy, 429))
+            return web.json_response({"v": 1, "error": "busy"}, status=429)
+        self.log.append((time.time(), req.request_id, policy, 200))
+        self.busy += 1
+        self.max_busy = max(self.max_busy, self.busy)
+        try:
+            resp = web.StreamResponse(headers={"Content-Type": protocol.NDJSON})
+            await resp.prepare(request)
+            await asyncio.sleep(self.first_delay)
+            if self.fail_with:
+                await resp.write(_line(protocol.error_event(self.fail_with, "stub failure")))
+                return resp
+            out = list(reversed(req.prompt_token_ids))[: req.max_tokens]
+            for i, t in enumerate(out):
+                if i:
+                    await asyncio.sleep(self.token_delay)
+                await resp.write(_line(protocol.token_event(i, t)))
+            reason = "length" if len(out) == req.max_tokens else "stop"
+            await resp.write(_line(protocol.done_event(reason)))
+            return resp
+        finally:
+            self.busy -= 1
+
+
+def _line(ev: dict) -> bytes:
+    return (json.dumps(ev) + "\n").encode()
+
+
+async def _setup(stubs: list[StubPrefill], **cfg) -> Gateway:
+    for s in stubs:
+        await s.start()
+    gw = Gateway(GatewayConfig(routes={"*": [s.url for s in stubs]}, **cfg), ByteTokenizer())
+    await gw.start()
+    return gw
+
+
+def _client(gw: Gateway) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 60))
+
+
+def test_stream_chat_parsed_by_openai_client():
+    async def body():
+        stub = StubPrefill("p0", slots=2)
+        gw = await _setup([stub], model="tiny")
+        client = _client(gw)
+        try:
+            msgs = [{"role": "user", "content": "Hello, héllo!"}]
+            stream = await client.chat.completions.create(
+                model="tiny", messages=msgs, stream=True, max_tokens=500
+            )
+            text, finish, chunks = "", None, 0
+            async for chunk in stream:
+                chunks += 1
+                assert chunk.object == "chat.completion.chunk"
+                delta = chunk.choices[0].delta
+                text += delta.content or ""
+                finish = chunk.choices[0].finish_reason or finish
+                assert chunk.model_extra["kvxfer"]["retries"] == 0
+            prompt_ids = ByteTokenizer().chat(msgs)
+            # the stub answers the prompt's bytes reversed: check the text byte for byte
+            expected = bytes(reversed(prompt_ids)).decode("utf-8", errors="replace")
+            assert text == expected
+            assert finish == "stop"
+            assert chunks == len(prompt_ids) + 1  # one chunk per token, then the finish chunk
+            models = await client.models.list()
+            assert [m.id for m in models.data] == ["tiny"]
+        finally:
+            await client.close()
+            await gw.stop()
+            await stub.stop()
+
+    run(body())
+
+
+def test_completion_stream_and_non_stream_and_length():
+    async def body():
+        stub = StubPrefill("p0", slots=1)
+        gw = await _setup([stub])
+        client = _client(gw)
+        try:
+            resp = await client.completions.create(model="kvxfer", prompt="abcdef", max_tokens=4)
+            assert resp.choices[0].text == "fedc"
+            assert resp.choices[0].finish_reason == "length"
+            assert resp.usage.prompt_tokens == 6 and resp.usage.completion_tokens == 4
+            stream = await client.completions.create(model="kvxfer", prompt="xyz", max_tokens=10, stream=True)
+            parts = [c.choices[0].text async for c in stream]
+            assert "".join(parts) == "zyx"
+        finally:
+            await client.close()
+            await gw.stop()
+            await stub.stop()
+
+    run(body())
+
+
+def test_retry_on_429_tries_candidates_in_rank_order():
+    """Two prefills are full; the gateway tries each once, in its ranking, then the free one."""
+
+    async def body():
+        stubs = [StubPrefill(f"p{i}", slots=0 if i < 2 else 1) for i in range(3)]
+        gw = await _setup(stubs, batch_forwarding=False)
+        client = _client(gw)
+        try:
+            gw._rr = itertools.count(0)  # ties at 0 streams rotate; start the rotation at p0
+            resp = await client.completions.create(model="kvxfer", prompt="hi", max_tokens=2)
+            assert resp.choices[0].text == "ih"
+            assert resp.model_extra["kvxfer"]["retries"] == 2
+            rec = gw.records[-1]
+            assert rec.retries == 2 and rec.attempts == 3 and rec.prefill == stubs[2].url
+            assert rec.outcome == "length" and rec.first_token is not None
+            tried = sorted((t, s.name) for s in stubs for (t, _, _, _) in s.log)
+            assert [n for _, n in tried] == ["p0", "p1", "p2"]
+            assert [st for s in stubs for (*_, st) in s.log] == [429, 429, 200]
+        finally:
+            await client.close()
+            await gw.stop()
+            for s in stubs:
+                await s.stop()
+
+    run(body())
+
+
+def test_deadline_ends_request_with_error_event():
+    async def body():
+        stubs = [StubPrefill("p0", slots=0), StubPrefill("p1", slots=0)]
+        gw = await _setup(stubs, ttft_slo_s=0.4)
+        client = _client(gw)
+        try:
+            t0 = time.time()
+            stream = await client.completions.create(model="kvxfer", prompt="hi", max_tokens=2, stream=True)
+            with pytest.raises(openai.APIError) as info:
+                async for _ in stream:
+                    pass
+            elapsed = time.time() - t0
+            assert 0.4 <= elapsed < 1.5
+            assert info.value.body["code"] == "deadline"
+            retries = info.value.body["kvxfer"]["retries"]
+            assert retries >= 4  # kept trying both prefills in turn until the deadline
+            assert retries == sum(len(s.log) for s in stubs)
+            rec = gw.records[-1]
+            assert rec.outcome == "deadline" and rec.accept is None and rec.retries == retries
+            # non-streamed: a 504 with the same error code; per-request SLO from the header
+            t0 = time.time()
+            with pytest.raises(openai.APIStatusError) as info2:
+                await client.completions.create(
+                    model="kvxfer", prompt="hi", max_tokens=2, extra_headers={"X-TTFT-SLO": "0.2"}
+                )
+            assert info2.value.status_code == 504 and info2.value.body["code"] == "deadline"
+            assert time.time() - t0 < 1.0
+        finally:
+            await client.close()
+            await gw.stop()
+            for s in stubs:
+                await s.stop()
+
+    run(body())
+
+
+def test_first_token_deadline_and_upstream_error_are_error_events():
+    async def body():
+        slow = StubPrefill("slow", slots=4, first_delay=2.0)
+        gw = await _setup([slow], ttft_slo_s=0.3)
+        client = _client(gw)
+        try:
+            t0 = time.time()
+            stream = await client.completions.create(model="kvxfer", prompt="hi", max_tokens=2, stream=True)
+            with pytest.raises(openai.APIError) as info:
+                async for _ in stream:
+                    pass
+            assert info.value.body["code"] == "deadline" and time.time() - t0 < 1.5
+            assert gw.records[-1].accept is not None and gw.records[-1].first_token is None
+            slow.first_delay, slow.fail_with = 0.0, "decode_failed"
+            stream = await client.chat.completions.create(
+                model="kvxfer", messages=[{"role": "user", "content": "x"}], stream=True
+            )
+            with pytest.raises(openai.APIError) as info:
+                async for _ in stream:
+                    pass
+            assert info.value.body["code"] == "decode_failed"
+            assert gw.open_streams[slow.url] == 0
+        finally:
+            await client.close()
+            await gw.stop()
+            await slow.stop()
+
+    run(body())
+
+
+def test_batch_forwarding_fills_one_prefill_until_it_rejects():
+    async def body():
+        a, b = StubPrefill("a", slots=3, token_delay=0.3), StubPrefill("b", slots=3, token_delay=0.3)
+        gw = await _setup([a, b])
+        client = _client(gw)
+        try:
+
+            async def one(i: int) -> str:
+                r = await client.completions.create(
+                    model="kvxfer", prompt="abc", max_tokens=3, extra_body={"scenario": "s"}
+                )
+                return r.model_extra["kvxfer"]["prefill"]
+
+            tasks = []
+            for i in range(4):  # started one after another, each still open when the next comes
+                tasks.append(asyncio.create_task(one(i)))
+                await asyncio.sleep(0.05)
+            placed = await asyncio.gather(*tasks)
+            first = placed[0]
+            assert placed[:3] == [first] * 3  # the idle prefill is filled to its 3 slots
+            assert placed[3] != first  # then it rejects and the next one takes over
+            assert max(a.max_busy, b.max_busy) == 3
+            assert gw.records[-1].retries == 1
+        finally:
+            await client.close()
+            await gw.stop()
+            await a.stop()
+            await b.stop()
+
+    run(body())
+
+
+def test_local_queue_policy_picks_fewest_streams_and_marks_requests():
+    async def body():
+        a, b = StubPrefill("a", slots=8, token_delay=0.3), StubPrefill("b", slots=8, token_delay=0.3)
+        gw = await _setup([a, b], policy="local-queue")
+        client = _client(gw)
+        try:
+            tasks = []
+            for _ in range(4):
+                tasks.append(
+                    asyncio.create_task(client.completions.create(model="kvxfer", prompt="ab", max_tokens=2))
+                )
+                await asyncio.sleep(0.05)
+            await asyncio.gather(*tasks)
+            assert len(a.log) == 2 and len(b.log) == 2  # fewest open streams alternates them
+            assert {p for s in (a, b) for (_, _, p, _) in s.log} == {"local-queue"}
+        finally:
+            await client.close()
+            await gw.stop()
+            await a.stop()
+            await b.stop()
+
+    run(body())
+
+
+def test_two_gateways_share_prefills_without_coordination():
+    """Two gateways, two one-slot prefills, eight concurrent requests: every one is served,
+    no prefill ever runs two at once, and the gateways learn of full prefills only by 429."""
+
+    async def body():
+        stubs = [StubPrefill(f"p{i}", slots=1, token_delay=0.02) for i in range(2)]
+        for s in stubs:
+            await s.start()
+        gws = []
+        for _ in range(2):
+            gw = Gateway(GatewayConfig(routes={"*": [s.url for s in stubs]}, ttft_slo_s=10), ByteTokenizer())
+            await gw.start()
+            gws.append(gw)
+        clients = [_client(g) for g in gws]
+        try:
+
+            async def one(i: int) -> str:
+                c = clients[i % 2]
+                stream = await c.completions.create(
+                    model="kvxfer", prompt=f"req{i}", max_tokens=4, stream=True
+                )
+                return "".join([ch.choices[0].text async for ch in stream])
+
+            texts = await asyncio.gather(*(one(i) for i in range(8)))
+            assert texts == [f"req{i}"[::-1][:4] for i in range(8)]
+            assert all(s.max_busy == 1 for s in stubs)
+            recs = [r for g in gws for r in g.records]
+            assert len(recs) == 8 and all(r.outcome == "length" for r in recs)
+            assert sum(r.retries for r in recs) == sum(1 for s in stubs for e in s.log if e[3] == 429)
+            assert sum(r.retries for r in recs) > 0
+        finally:
+            for c in clients:
+                await c.close()
+            for g in gws:
+                await g.stop()
+            for s in stubs:
+                await s.stop()
+
+    run(body())
+
+
+def test_bad_requests_are_refused_with_400():
+    async def body():
+        stub = StubPrefill("p0", slots=1)
+        gw = await _setup([stub])
+        try:
+            async with aiohttp.ClientSession() as s:
+                for payload in ({"prompt": ""}, {"messages": []}, {"prompt": "x", "max_tokens": -1}, [1, 2]):
+                    path = "/v1/chat/completions" if "messages" in payload else "/v1/completions"
+                    async with s.post(gw.url + path, json=payload) as r:
+                        assert r.status == 400, payload
+                        assert "bad request" in (await r.json())["error"]["message"]
+                async with s.post(gw.url + "/v1/completions", data=b"{not json") as r:
+                    assert r.status == 400
+            assert stub.log == []
+        finally:
+            await gw.stop()
+            await stub.stop()
+
+    run(body())
+    with pytest.raises(GatewayError, match="unknown policy"):
+        GatewayConfig(routes={"*": ["http://x"]}, policy="fifo")
+    with pytest.raises(GatewayError, match="prefill URL"):
+        GatewayConfig(routes={"*": []})
