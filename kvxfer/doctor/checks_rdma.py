@@ -1,0 +1,372 @@
+"""RDMA checks: memlock vs what registering a KV pool pins, devices, port state and MTU,
+GIDs, the ibverbs backend itself (a real engine on the device it would pick), rdma_rxe."""
+
+from __future__ import annotations
+
+import glob
+import os
+import platform
+import resource
+import shutil
+import subprocess
+
+from .context import Context, human_bytes
+from .report import Check
+from .verbs import query_ports
+
+CAP_IPC_LOCK = 14
+
+
+def _effective_caps() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def ibverbs_pinned_overhead(env: dict[str, str]) -> int:
+    """Bytes one ibverbs backend registers for itself (native ibverbs_backend.cc): the
+    shared receive buffers and notify slots (64 KiB + 8 each, 64-byte aligned) and the
+    connection manager's UD buffers (96 x (40 + 1024))."""
+    try:
+        recv = min(4096, max(4, int(env.get("KVXFER_IB_RECV_BUFFERS", "64"), 0)))
+    except ValueError:
+        recv = 64
+    slot = (8 + 64 * 1024 + 63) & ~63
+    ud = (40 + 1024 + 63) & ~63
+    return (recv + 8) * slot + (64 + 32) * ud
+
+
+def check_memlock(ctx: Context) -> Check:
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    inf = resource.RLIM_INFINITY
+    cap = bool(_effective_caps() & (1 << CAP_IPC_LOCK))
+    required = ctx.pool_bytes + ibverbs_pinned_overhead(ctx.env)
+    data = {
+        "soft_bytes": None if soft == inf else soft,
+        "hard_bytes": None if hard == inf else hard,
+        "cap_ipc_lock": cap,
+        "required_bytes": required,
+        "pool_bytes": ctx.pool_bytes,
+    }
+    limit = f"RLIMIT_MEMLOCK soft {human_bytes(data['soft_bytes'])}, hard {human_bytes(data['hard_bytes'])}"
+    what = (
+        f"registering a {human_bytes(ctx.pool_bytes)} KV pool with ibverbs pins "
+        f"{human_bytes(required)} (pool + the backend's own buffers)"
+    )
+    if soft == inf:
+        return Check("memlock", "ok", f"{limit}: {what}, no limit", data=data)
+    if cap:
+        return Check(
+            "memlock", "ok", f"{limit}, but CAP_IPC_LOCK is held, so the kernel does not apply it", data=data
+        )
+    if soft >= required:
+        return Check("memlock", "ok", f"{limit} >= {human_bytes(required)}: {what}", data=data)
+    if hard == inf or hard >= required:
+        to = "unlimited" if hard == inf else str(hard // 1024)
+        fix = (
+            f"raise the soft limit before starting kvxfer: `ulimit -l {to}` (the hard limit allows it), "
+            "or LimitMEMLOCK=infinity in the systemd unit"
+        )
+    else:
+        fix = (
+            "raise the hard limit: `* - memlock unlimited` in /etc/security/limits.conf (new login), "
+            "LimitMEMLOCK=infinity (systemd), `docker run --ulimit memlock=-1:-1`, or grant CAP_IPC_LOCK "
+            "(docker: --cap-add IPC_LOCK)"
+        )
+    if ctx.needed("rdma"):
+        status, tail = "fail", "ibv_reg_mr of the pool would fail with ENOMEM"
+    else:
+        status, tail = "warn", "it matters only for RDMA, which is not in use here"
+    return Check("memlock", status, f"{limit} < {human_bytes(required)}: {what}; {tail}", fix, data)
+
+
+def _rxe_info(ctx: Context) -> dict[str, object]:
+    """Where rdma_rxe stands: loaded, loadable (module file or built in), or absent."""
+    release = platform.release()
+    moddir = f"/lib/modules/{release}"
+    info: dict[str, object] = {"kernel": release, "loaded": os.path.isdir("/sys/module/rdma_rxe")}
+    path = ""
+    modinfo = shutil.which("modinfo") or next(
+        (p for p in ("/sbin/modinfo", "/usr/sbin/modinfo") if os.access(p, os.X_OK)), None
+    )
+    if modinfo:
+        try:
+            r = subprocess.run([modinfo, "-n", "rdma_rxe"], capture_output=True, text=True, timeout=10)
+            if r.returncode == 0:
+                path = r.stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            pass
+    if not path and os.path.isdir(moddir):
+        hits = glob.glob(f"{moddir}/**/rdma_rxe.ko*", recursive=True)
+        path = hits[0] if hits else ""
+    builtin = False
+    try:
+        with open(f"{moddir}/modules.builtin", encoding="ascii") as f:
+            builtin = any(line.strip().endswith("/rdma_rxe.ko") for line in f)
+    except OSError:
+        pass
+    info["module"] = path or ("(built in)" if builtin else None)
+    info["moddir_exists"] = os.path.isdir(moddir)
+    try:
+        with open("/proc/sys/kernel/modules_disabled", encoding="ascii") as f:
+            info["modules_disabled"] = f.read().strip() == "1"
+    except OSError:
+        info["modules_disabled"] = not os.path.exists("/proc/modules")
+    return info
+
+
+def check_rxe(ctx: Context) -> Check:
+    info = _rxe_info(ctx)
+    soft = [d for d in ctx.devices if d.soft]
+    hard = [d for d in ctx.devices if not d.soft]
+    if soft:
+        on = ", ".join(f"{d.name} on {d.parent or d.ports[0].netdev if d.ports else '?'}" for d in soft)
+        return Check("rdma.rxe", "ok", f"soft-RoCE device present: {on}", data=info)
+    if hard:
+        return Check("rdma.rxe", "skip", "not needed: hardware RDMA devices are present", data=info)
+    vm_fix = (
+        "run the RDMA path in tools/softroce/softroce-vm (a QEMU guest with rdma_rxe, docs/soft-roce.md), "
+        "or on a kernel built with CONFIG_RDMA_RXE"
+    )
+    if info["loaded"]:
+        return Check(
+            "rdma.rxe",
+            "ok",
+            "rdma_rxe is loaded but no rxe device exists",
+            "`rdma link add rxe0 type rxe netdev <interface>`",
+            info,
+        )
+    if info["module"] and not info["modules_disabled"]:
+        return Check(
+            "rdma.rxe",
+            "ok",
+            f"rdma_rxe can be loaded ({info['module']})",
+            "`modprobe rdma_rxe && rdma link add rxe0 type rxe netdev <interface>`",
+            info,
+        )
+    if info["module"]:
+        why = f"rdma_rxe exists ({info['module']}) but module loading is disabled in this kernel"
+    elif not info["moddir_exists"]:
+        k = info["kernel"]
+        why = f"rdma_rxe is not in this kernel ({k}: no /lib/modules/{k}, not built in)"
+    else:
+        why = f"rdma_rxe is not in this kernel ({info['kernel']}: no rdma_rxe module, not built in)"
+    return Check("rdma.rxe", "skip", why, vm_fix, info)
+
+
+def _no_device(ctx: Context) -> Check:
+    name = "rdma.devices"
+    if ctx.needed("rdma"):
+        return Check(
+            name,
+            "fail",
+            f"no RDMA device ({ctx.ib_root} is empty or missing)",
+            "load the NIC's RDMA driver (e.g. mlx5_ib), or create a soft-RoCE device "
+            "(`rdma link add rxe0 type rxe netdev <interface>`; see the rdma.rxe row)",
+        )
+    return Check(name, "skip", f"no RDMA device ({ctx.ib_root} is empty or missing)")
+
+
+def check_devices(ctx: Context) -> Check:
+    if not ctx.devices:
+        c = _no_device(ctx)
+        if c.status == "skip":
+            c.detail += ": the ibverbs backend is unavailable; shm and tcp do not need RDMA"
+        return c
+    parts = []
+    for d in ctx.devices:
+        how = d.driver or ("rdma_rxe" if d.name.startswith("rxe") else "?")
+        on = f" on {d.parent}" if d.parent else ""
+        parts.append(f"{d.name} ({how}{on}, {len(d.ports)} port{'s' if len(d.ports) != 1 else ''})")
+    data = {"devices": [_device_data(d) for d in ctx.devices]}
+    uverbs = sorted(glob.glob("/dev/infiniband/uverbs*"))
+    data["uverbs"] = uverbs
+    if not uverbs:
+        return Check(
+            "rdma.devices",
+            "fail" if ctx.needed("rdma") else "warn",
+            f"{', '.join(parts)}, but no /dev/infiniband/uverbs* character device: verbs cannot open them",
+            "load ib_uverbs (`modprobe ib_uverbs`); in a container pass the devices "
+            "(docker: --device /dev/infiniband/uverbs0 --device /dev/infiniband/rdma_cm)",
+            data,
+        )
+    return Check("rdma.devices", "ok", ", ".join(parts), data=data)
+
+
+def _device_data(d) -> dict[str, object]:
+    return {
+        "name": d.name,
+        "driver": d.driver,
+        "parent": d.parent,
+        "node_type": d.node_type,
+        "ports": [
+            {
+                "port": p.num,
+                "state": p.state,
+                "phys_state": p.phys_state,
+                "link_layer": p.link_layer,
+                "lid": p.lid,
+                "netdev": p.netdev,
+                "netdev_mtu": p.netdev_mtu,
+                "active_mtu": p.active_mtu,
+                "mtu_source": p.mtu_source,
+                "gids": [{"index": g.index, "gid": g.text, "type": g.type, "ndev": g.ndev} for g in p.gids],
+            }
+            for p in d.ports
+        ],
+    }
+
+
+def check_ports(ctx: Context) -> Check:
+    if not ctx.devices:
+        return Check("rdma.ports", "skip", "no RDMA device (see rdma.devices)")
+    verbs = query_ports({d.name: [p.num for p in d.ports] for d in ctx.devices})
+    rows, active, small, data = [], 0, [], []
+    for d in ctx.devices:
+        for p in d.ports:
+            q = verbs.get((d.name, p.num))
+            if q and q.get("active_mtu"):
+                p.active_mtu, p.mtu_source = int(q["active_mtu"]), "ibv_query_port"
+            mtu = f"MTU {p.active_mtu}" if p.active_mtu else "MTU ?"
+            if p.mtu_source and p.mtu_source != "ibv_query_port":
+                mtu += f" ({p.mtu_source})"
+            elif p.netdev_mtu:
+                mtu += f" ({p.netdev} MTU {p.netdev_mtu})"
+            rows.append(f"{d.name}/{p.num} {p.state} {p.phys_state} {p.link_layer} {mtu}")
+            active += p.state == "ACTIVE"
+            if p.state == "ACTIVE" and p.active_mtu and p.active_mtu < 1024:
+                small.append(f"{d.name}/{p.num} ({p.netdev or '?'})")
+            data.append(
+                {
+                    "port": f"{d.name}/{p.num}",
+                    "state": p.state,
+                    "active_mtu": p.active_mtu,
+                    "mtu_source": p.mtu_source,
+                    "netdev_mtu": p.netdev_mtu,
+                }
+            )
+    detail = "; ".join(rows)
+    if not active:
+        netdevs = sorted({p.netdev for d in ctx.devices for p in d.ports if p.netdev})
+        return Check(
+            "rdma.ports",
+            "fail" if ctx.needed("rdma") else "warn",
+            f"no ACTIVE port: {detail}",
+            (
+                f"bring the interface up (`ip link set {netdevs[0]} up`)"
+                if netdevs
+                else "check the cable and the subnet manager (InfiniBand: a running opensm)"
+            ),
+            {"ports": data},
+        )
+    if small:
+        return Check(
+            "rdma.ports",
+            "warn",
+            f"{detail}; small MTU on {', '.join(small)}",
+            "raise the interface MTU (jumbo frames, e.g. `ip link set <if> mtu 9000` on every hop) "
+            "for a 4096-byte RoCE MTU",
+            {"ports": data},
+        )
+    return Check("rdma.ports", "ok", detail, data={"ports": data})
+
+
+def check_gids(ctx: Context) -> Check:
+    if not ctx.devices:
+        return Check("rdma.gids", "skip", "no RDMA device (see rdma.devices)")
+    rows, problems, fixes, data = [], [], [], []
+    forced = ctx.env.get("KVXFER_IB_GID", "")
+    for d in ctx.devices:
+        for p in d.ports:
+            if p.state != "ACTIVE":
+                continue
+            best = p.best_gid()
+            name = f"{d.name}/{p.num}"
+            data.append(
+                {
+                    "port": name,
+                    "best_gid_index": best.index if best else None,
+                    "best_gid": best.text if best else None,
+                    "ipv4_mapped_v2": [g.index for g in p.gids if g.roce_v2 and g.ipv4],
+                }
+            )
+            if not p.ethernet:
+                if p.lid == 0:
+                    problems.append(f"{name} has no LID")
+                    fixes.append("start a subnet manager (opensm) on the fabric")
+                rows.append(f"{name} InfiniBand LID {p.lid}, GID[0] {best.text if best else 'none'}")
+                continue
+            if best is None:
+                problems.append(f"{name} has no GID")
+                fixes.append(f"give {p.netdev or 'its interface'} an IPv4 address and bring it up")
+                continue
+            mapped = [g for g in p.gids if g.roce_v2 and g.ipv4]
+            if mapped:
+                rows.append(f"{name} GID[{best.index}] {best.text} {best.type} (kvxfer picks it)")
+            else:
+                problems.append(
+                    f"{name} has no IPv4-mapped RoCE v2 GID (kvxfer falls back to "
+                    f"GID[{best.index}] {best.text} {best.type or ''}, same L2 segment only)"
+                )
+                fixes.append(
+                    f"`ip addr add A.B.C.D/N dev {p.netdev or '<interface>'}`: the kernel then adds "
+                    "the ::ffff:A.B.C.D RoCE v2 GID"
+                )
+            if forced:
+                idx = int(forced) if forced.isdigit() else -1
+                if idx not in [g.index for g in p.gids]:
+                    problems.append(f"KVXFER_IB_GID={forced} is not a populated GID index of {name}")
+                    fixes.append("unset KVXFER_IB_GID (kvxfer picks the best GID) or name a listed index")
+    if not rows and not problems:
+        return Check(
+            "rdma.gids", "skip", "no ACTIVE port to read GIDs from (see rdma.ports)", data={"ports": data}
+        )
+    if problems:
+        status = "fail" if ctx.needed("rdma") and not rows else "warn"
+        return Check(
+            "rdma.gids", status, "; ".join(rows + problems), "; ".join(dict.fromkeys(fixes)), {"ports": data}
+        )
+    return Check("rdma.gids", "ok", "; ".join(rows), data={"ports": data})
+
+
+def check_ibverbs(ctx: Context) -> Check:
+    """The ibverbs backend as kvxfer sees it: its availability, then a real engine on the
+    device it picks, with a small registered region."""
+    info = ctx.backends.get("ibverbs")
+    if info is None or not info.available:
+        reason = info.reason if info is not None else "this build lists no ibverbs backend"
+        if ctx.needed("rdma"):
+            return Check(
+                "rdma.ibverbs",
+                "fail",
+                f"ibverbs backend unavailable: {reason}",
+                "see the rdma.* rows above for what is missing",
+                {"reason": reason},
+            )
+        status = "warn" if ctx.devices else "skip"
+        return Check(
+            "rdma.ibverbs", status, f"ibverbs backend unavailable: {reason}", data={"reason": reason}
+        )
+    import kvxfer
+
+    try:
+        with kvxfer.Engine("kvxfer-doctor", backends=["ibverbs"], connect_timeout=5.0) as eng:
+            described = eng.describe_backends()
+            buf = kvxfer.empty(1 << 20)
+            eng.register(buf)
+    except kvxfer.KvxferError as e:
+        return Check(
+            "rdma.ibverbs",
+            "fail" if ctx.needed("rdma") else "warn",
+            f"ibverbs is listed as available but an engine on it failed: {e}",
+            "see memlock and rdma.* above; the message names the failing verbs call",
+            {"error": str(e)},
+        )
+    return Check(
+        "rdma.ibverbs", "ok", f"engine started, 1 MiB registered: {described}", data={"describe": described}
+    )
