@@ -362,3 +362,63 @@ def test_bad_requests_are_refused_with_400():
         GatewayConfig(routes={"*": ["http://x"]}, policy="fifo")
     with pytest.raises(GatewayError, match="prefill URL"):
         GatewayConfig(routes={"*": []})
+
+
+def test_loadgen_closed_loop_measures_ttft_success_and_retries():
+    """Closed-loop users through the real openai client: counts, TTFT and the gateway's retry
+    counts reach the results; a tight SLO against a slow prefill fails with 'deadline'."""
+    from kvxfer.serve import loadgen
+    from kvxfer.serve.workload import Fixed, Scenario, Workload
+
+    async def body():
+        stubs = [StubPrefill(f"p{i}", slots=1, first_delay=0.05) for i in range(2)]
+        gw = await _setup(stubs)
+        wl = Workload([Scenario("s", 8, Fixed(8), Fixed(3))], seed=1)
+        try:
+            res = await loadgen.closed_loop(
+                gw.url, wl, users=4, ttft_slo_s=5.0, duration_s=30, max_requests=12
+            )
+            assert len(res) == 12
+            assert all(r.success and r.error is None and r.completion_tokens == 3 for r in res)
+            assert all(r.ttft_s >= 0.05 for r in res)
+            # 4 users on 2 one-slot prefills: some requests were rejected and retried
+            assert sum(r.retries for r in res) == sum(1 for s in stubs for e in s.log if e[3] == 429) > 0
+            by_id = {r.request_id: r.retries for r in gw.records}
+            assert sorted(by_id.values()) == sorted(r.retries for r in res)
+            st = loadgen.summarize(res, wall_s=1.0)
+            assert st["requests"] == 12 and st["success_rate"] == 1.0 and st["ttft_p99_s"] >= st["ttft_p50_s"]
+            for s in stubs:
+                s.first_delay = 0.5
+            res = await loadgen.closed_loop(
+                gw.url, wl, users=2, ttft_slo_s=0.2, duration_s=30, max_requests=2
+            )
+            assert [r.error for r in res] == ["deadline", "deadline"] and not any(r.success for r in res)
+            st = loadgen.summarize(res)
+            assert st["success_rate"] == 0.0 and st["errors"] == {"deadline": 2}
+        finally:
+            await gw.stop()
+            for s in stubs:
+                await s.stop()
+
+    run(body())
+
+
+def test_loadgen_open_loop_follows_arrival_times():
+    from kvxfer.serve import loadgen
+    from kvxfer.serve.workload import Fixed, Scenario, Workload
+
+    async def body():
+        stub = StubPrefill("p0", slots=8)
+        gw = await _setup([stub])
+        reqs = Workload([Scenario("s", 4, Fixed(4), Fixed(2))]).open_loop(20.0, 10)
+        try:
+            res = await loadgen.open_loop(gw.url, reqs, ttft_slo_s=5.0)
+            assert len(res) == 10 and all(r.success for r in res)
+            starts = sorted(r.start_s for r in res)
+            for got, want in zip(starts, sorted(r.arrival_s for r in reqs), strict=True):
+                assert want - 0.01 <= got <= want + 0.2
+        finally:
+            await gw.stop()
+            await stub.stop()
+
+    run(body())
