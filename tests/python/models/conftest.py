@@ -1,0 +1,47 @@
+"""Fixtures of the model-runtime tests: tiny seeded Llama models and the transformers reference."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the model runtime needs torch (pip install kvxfer[serve])")
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    # 2 shared cores: keep torch from oversubscribing them.
+    old = torch.get_num_threads()
+    torch.set_num_threads(min(old, 2))
+    yield
+    torch.set_num_threads(old)
+
+
+def hf_llama(cfg, state_dict, attn="sdpa"):
+    """transformers' LlamaForCausalLM with the same weights (the independent reference)."""
+    transformers = pytest.importorskip("transformers", reason="reference needs transformers")
+    hcfg = transformers.LlamaConfig(**cfg.to_hf_dict())
+    hcfg._attn_implementation = attn
+    model = transformers.LlamaForCausalLM(hcfg).eval()
+    res = model.load_state_dict(state_dict, strict=False)
+    # tied models have no lm_head.weight in the state dict; anything else must match exactly
+    assert not res.unexpected_keys, res.unexpected_keys
+    assert set(res.missing_keys) <= ({"lm_head.weight"} if cfg.tie_word_embeddings else set()), (
+        res.missing_keys
+    )
+    return model
+
+
+def hf_greedy(model, ids, n):
+    """n greedy tokens from transformers' generate (KV-cached, no early stop)."""
+    inp = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(
+            inp,
+            attention_mask=torch.ones_like(inp),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[0, len(ids) :].tolist()
