@@ -725,6 +725,97 @@ async def serve_forever(
         await gw.stop()
 
 
+class GatewayProcess:
+    """One gateway in a child process (``python -m kvxfer.serve.gateway``), e.g. a second gateway
+    with another policy over the same prefills. ``start()`` returns its URL once it listens."""
+
+    def __init__(
+        self,
+        prefill_urls: Sequence[str],
+        policy: str = "reject-retry",
+        ttft_slo_s: float = 5.0,
+        tokenizer: str = "bytes",
+        model: str = "kvxfer",
+    ) -> None:
+        if policy not in POLICIES:
+            raise GatewayError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
+        self.args = [
+            "--policy",
+            policy,
+            "--ttft-slo",
+            str(ttft_slo_s),
+            "--tokenizer",
+            tokenizer,
+            "--model",
+            model,
+        ]
+        for u in prefill_urls:
+            self.args += ["--prefill", u]
+        self.proc: Any = None
+        self.url: str | None = None
+        self._drain: Any = None
+
+    def start(self, timeout_s: float = 60.0) -> str:
+        import os
+        import selectors
+        import subprocess
+        import sys
+        import threading
+        from pathlib import Path
+
+        import kvxfer
+
+        env = dict(os.environ)
+        root = str(Path(kvxfer.__file__).resolve().parent.parent)  # import the same kvxfer as this process
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        cmd = [sys.executable, "-m", "kvxfer.serve.gateway", "--port", "0", *self.args]
+        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stderr, selectors.EVENT_READ)
+        deadline, seen = time.monotonic() + timeout_s, b""
+        try:
+            while self.url is None:
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    self.stop()
+                    raise GatewayError(
+                        f"gateway process did not start within {timeout_s} s: {seen[-2000:]!r}"
+                    )
+                if sel.select(min(left, 0.5)):
+                    line = self.proc.stderr.readline()
+                    seen += line
+                    if line.startswith(b"gateway listening on "):
+                        self.url = line.decode().split()[-1]
+        finally:
+            sel.close()
+        stderr = self.proc.stderr
+        self._drain = threading.Thread(target=lambda: [None for _ in stderr], daemon=True)  # keep it drained
+        self._drain.start()
+        return self.url
+
+    def stop(self) -> None:
+        import subprocess
+
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc is not None and self.proc.stderr is not None:
+            if self._drain is not None:
+                self._drain.join(5)
+            self.proc.stderr.close()
+
+    def __enter__(self) -> GatewayProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m kvxfer.serve.gateway --prefill URL [--prefill URL ...] [--route SCEN=URL,URL]``."""
     import argparse

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -27,6 +27,12 @@ import numpy as np
 import openai
 
 from kvxfer.serve.workload import Request, Workload
+
+Slo = float | Callable[[Request], float]  # one TTFT SLO, or one per request (e.g. by prompt length)
+
+
+def _slo(slo: Slo, req: Request) -> float:
+    return float(slo(req)) if callable(slo) else float(slo)
 
 
 @dataclass
@@ -43,6 +49,7 @@ class Result:
     error: str | None  # None, or the error code (gateway/worker code, or "client_timeout", ...)
     finish_reason: str | None
     success: bool
+    slo_s: float = 0.0
     text: str = ""
 
 
@@ -129,6 +136,7 @@ async def send(
         error,
         finish,
         ok,
+        ttft_slo_s,
         "".join(parts),
     )
 
@@ -138,7 +146,7 @@ async def closed_loop(
     workload: Workload,
     users: int,
     *,
-    ttft_slo_s: float,
+    ttft_slo_s: Slo,
     duration_s: float,
     max_requests: int | None = None,
     model: str = "kvxfer",
@@ -162,7 +170,7 @@ async def closed_loop(
                 return
             issued += 1
             results.append(
-                await send(client, req, ttft_slo_s=ttft_slo_s, t0=t0, user=u, model=model, api=api)
+                await send(client, req, ttft_slo_s=_slo(ttft_slo_s, req), t0=t0, user=u, model=model, api=api)
             )
             if think_time_s:
                 await asyncio.sleep(think_time_s)
@@ -178,7 +186,7 @@ async def open_loop(
     base_url: str,
     requests: Sequence[Request],
     *,
-    ttft_slo_s: float,
+    ttft_slo_s: Slo,
     duration_s: float | None = None,
     max_in_flight: int = 256,
     model: str = "kvxfer",
@@ -194,7 +202,9 @@ async def open_loop(
 
     async def one(req: Request) -> None:
         async with sem:
-            results.append(await send(client, req, ttft_slo_s=ttft_slo_s, t0=t0, model=model, api=api))
+            results.append(
+                await send(client, req, ttft_slo_s=_slo(ttft_slo_s, req), t0=t0, model=model, api=api)
+            )
 
     tasks = []
     try:

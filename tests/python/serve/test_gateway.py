@@ -422,3 +422,25 @@ def test_loadgen_open_loop_follows_arrival_times():
             await stub.stop()
 
     run(body())
+
+
+def test_gateway_process_serves_and_stops():
+    from kvxfer.serve.gateway import GatewayProcess
+
+    async def body():
+        stub = StubPrefill("p0", slots=1)
+        await stub.start()
+        gp = GatewayProcess([stub.url], policy="local-queue", ttft_slo_s=5)
+        try:
+            url = await asyncio.to_thread(gp.start, 30)
+            client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
+            r = await client.completions.create(model="kvxfer", prompt="abc", max_tokens=8)
+            await client.close()
+            assert r.choices[0].text == "cba"
+            assert [e[2] for e in stub.log] == ["local-queue"]
+        finally:
+            gp.stop()
+            await stub.stop()
+        assert gp.proc.poll() is not None
+
+    run(body())
