@@ -82,6 +82,10 @@ class KvRange:
     length: int  # bytes
     tokens: int  # prompt tokens whose KV the range holds
     mode: str = "block-free"  # "block-free" | "paged-coalesced" | "block-by-block"
+    # Added by the workers' author (backward compatible, defaults to empty): the prefill's paged
+    # block ids of the prompt, for the two paged modes; ``region`` is then the paged pool's region
+    # and offset/length describe nothing. Block-free ranges leave it empty.
+    blocks: list[int] = field(default_factory=list)
 
 
 @dataclass

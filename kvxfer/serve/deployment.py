@@ -1,0 +1,234 @@
+"""A local P/D-Serve deployment: real worker processes on this host.
+
+    with start_local(n_prefill=2, n_decode=1, backend="shm", model="tiny") as dep:
+        dep.gateway_url, dep.prefill_urls, dep.decode_urls
+        dep.kill("decode-0")        # SIGKILL one process (fault injection)
+
+Each worker is ``python -m kvxfer.serve.worker CONFIG`` in its own session (a terminal's
+Ctrl-C reaches only the parent, which stops the children in order). A worker whose parent
+dies sees end of file on its stdin and exits. Start-up: every worker reports ready with its
+URL and kvxfer descriptor; then every prefill and every decode exchange descriptors over
+``POST /v1/peer`` (both directions); each worker answers ``GET /v1/status``; then the gateway
+starts in front of the prefills (or of the aggregated workers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import WorkerConfig
+from .errors import ConfigError, WorkerStartError
+
+_PKG_PARENT = str(Path(__file__).resolve().parents[2])  # children import this same kvxfer
+
+
+@dataclass
+class WorkerProcess:
+    name: str
+    role: str
+    popen: subprocess.Popen
+    log: Path
+    url: str = ""
+    descriptor: str = ""
+    _ready: dict[str, Any] | None = None
+    _reader: threading.Thread | None = field(default=None, repr=False)
+
+    def start_reader(self) -> None:
+        def read() -> None:
+            assert self.popen.stdout is not None
+            line = self.popen.stdout.readline()
+            try:
+                self._ready = json.loads(line) if line else {"ready": False, "error": "exited before ready"}
+            except json.JSONDecodeError:
+                self._ready = {"ready": False, "error": f"bad ready line {line[:200]!r}"}
+            for _ in self.popen.stdout:  # drain
+                pass
+
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
+
+    def wait_ready(self, deadline: float) -> None:
+        while self._ready is None:
+            if time.monotonic() > deadline:
+                raise WorkerStartError(f"{self.name} not ready in time; log: {self.tail()}")
+            time.sleep(0.02)
+        if not self._ready.get("ready"):
+            raise WorkerStartError(
+                f"{self.name} failed to start: {self._ready.get('error')}; log: {self.tail()}"
+            )
+        self.url = self._ready["url"]
+        self.descriptor = self._ready.get("descriptor", "")
+
+    def tail(self, n: int = 2000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+
+def _post(url: str, body: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def _get(url: str, timeout: float = 10.0) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+class Deployment:
+    """Worker processes started by :func:`start_local`; a context manager that stops them."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: dict[str, WorkerProcess] = {}
+        self.gateway_url: str | None = None
+
+    def _urls(self, role: str) -> list[str]:
+        return [p.url for p in self.procs.values() if p.role == role]
+
+    @property
+    def prefill_urls(self) -> list[str]:
+        return self._urls("prefill")
+
+    @property
+    def decode_urls(self) -> list[str]:
+        return self._urls("decode")
+
+    @property
+    def aggregated_urls(self) -> list[str]:
+        return self._urls("aggregated")
+
+    def spawn(self, cfg: WorkerConfig) -> WorkerProcess:
+        log = self.log_dir / f"{cfg.name}.log"
+        env = dict(os.environ)
+        env["PYTHONPATH"] = _PKG_PARENT + os.pathsep + env.get("PYTHONPATH", "")
+        with open(log, "wb") as err:
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "kvxfer.serve.worker", cfg.to_json()],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=env,
+                text=True,
+                start_new_session=True,
+            )
+        wp = WorkerProcess(cfg.name, cfg.role, popen, log)
+        wp.start_reader()
+        self.procs[cfg.name] = wp
+        return wp
+
+    def status(self, name: str) -> dict[str, Any]:
+        return _get(self.procs[name].url + "/v1/status")
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Sends ``sig`` (default SIGKILL) to one worker and waits for it to end."""
+        p = self.procs[name]
+        if p.alive:
+            p.popen.send_signal(sig)
+        p.popen.wait(timeout=30)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """SIGTERM to every process (gateway first), then SIGKILL to any left at the deadline."""
+        order = sorted(self.procs.values(), key=lambda p: p.role != "gateway")
+        for p in order:
+            if p.alive:
+                p.popen.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for p in order:
+            try:
+                p.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait(timeout=10)
+            for f in (p.popen.stdin, p.popen.stdout):
+                if f is not None:
+                    try:
+                        f.close()
+                    except OSError:
+                        pass
+
+    def __enter__(self) -> Deployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_local(
+    n_prefill: int = 1,
+    n_decode: int = 1,
+    backend: str = "shm",
+    model: str = "tiny",
+    mode: str = "real",
+    policy: str = "reject-retry",
+    b_p: int = 4,
+    b_d: int = 8,
+    *,
+    n_aggregated: int = 0,
+    gateway: bool = True,
+    gateway_port: int = 0,
+    host: str = "127.0.0.1",
+    start_timeout: float = 180.0,
+    log_dir: str | os.PathLike | None = None,
+    **worker_options: Any,
+) -> Deployment:
+    """Starts ``n_prefill`` prefill + ``n_decode`` decode (+ ``n_aggregated`` aggregated)
+    worker processes and a gateway; returns once all of them answer. ``worker_options`` are
+    further :class:`WorkerConfig` fields (``transfer_mode``, ``max_prompt_tokens``, ``pending``,
+    ``ttft_slo_s``, ...). Raises :class:`WorkerStartError` (after stopping what started) when a
+    process fails or is not ready by ``start_timeout``."""
+    if n_prefill < 0 or n_decode < 0 or n_aggregated < 0 or (n_prefill + n_aggregated) == 0:
+        raise ConfigError("need at least one prefill or aggregated worker, and no negative counts")
+    if n_prefill and not n_decode:
+        raise ConfigError("prefill workers need at least one decode worker")
+    base = WorkerConfig(backend=backend, model=model, mode=mode, policy=policy, b_p=b_p, b_d=b_d, host=host,
+                        **worker_options)  # fmt: skip
+    dep = Deployment(Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="kvxfer-serve-")))
+    deadline = time.monotonic() + start_timeout
+    try:
+        for role, count in (("prefill", n_prefill), ("decode", n_decode), ("aggregated", n_aggregated)):
+            for i in range(count):
+                dep.spawn(base.replace(role=role, name=f"{role}-{i}", port=0))
+        for p in list(dep.procs.values()):
+            p.wait_ready(deadline)
+        prefills = [p for p in dep.procs.values() if p.role == "prefill"]
+        decodes = [p for p in dep.procs.values() if p.role == "decode"]
+        for pp in prefills:
+            for dp in decodes:
+                ans = _post(pp.url + "/v1/peer", {"v": 1, "descriptor": dp.descriptor, "role": "decode",
+                                                  "name": dp.name, "url": dp.url})  # fmt: skip
+                _post(dp.url + "/v1/peer", {"v": 1, "descriptor": ans["descriptor"], "role": "prefill",
+                                            "name": pp.name, "url": pp.url})  # fmt: skip
+        for p in dep.procs.values():
+            dep.status(p.name)
+        if gateway:
+            fronts = dep.prefill_urls + dep.aggregated_urls
+            gcfg = base.replace(role="gateway", name="gateway", port=gateway_port, prefill_urls=fronts)
+            g = dep.spawn(gcfg)
+            g.wait_ready(deadline)
+            dep.gateway_url = g.url
+            _get(g.url + "/health")
+    except BaseException:
+        dep.stop(timeout=5.0)
+        raise
+    return dep

@@ -1,0 +1,117 @@
+"""One worker process: ``python -m kvxfer.serve.worker '<WorkerConfig JSON>'``.
+
+Starts the role's aiohttp server, then prints ONE line on stdout, ``{"ready": true, "role":
+.., "name": .., "url": .., "descriptor": "<base64>"}`` (a gateway prints no descriptor), and
+serves until SIGTERM or SIGINT, or until its stdin reaches end of file (the parent that
+started it is gone: no orphans). A failure before ready prints ``{"ready": false, "error":
+..}`` and exits 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import threading
+
+from aiohttp import web
+
+from .config import WorkerConfig
+
+
+def build(cfg: WorkerConfig):
+    """The worker object (with ``.app``) of ``cfg.role``; gateway: ``(Gateway, None)``."""
+    from .runtime import make_compute
+
+    _, compute = make_compute(cfg)
+    if cfg.role == "prefill":
+        from .prefill import PrefillWorker
+
+        return PrefillWorker(cfg, compute)
+    if cfg.role == "decode":
+        from .decode import DecodeWorker
+
+        return DecodeWorker(cfg, compute)
+    from .aggregated import AggregatedWorker
+
+    return AggregatedWorker(cfg, compute)
+
+
+def _tokenizer_spec(cfg: WorkerConfig) -> str:
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    return "smollm2" if cfg.model == "smollm2" else "bytes:512"
+
+
+async def _serve(cfg: WorkerConfig, stop: asyncio.Event) -> None:
+    if cfg.role == "gateway":
+        from .gateway import Gateway, GatewayConfig, load_tokenizer
+
+        routes = cfg.routes or {"*": cfg.prefill_urls}
+        gw = Gateway(
+            GatewayConfig(routes=routes, policy=cfg.policy, ttft_slo_s=cfg.ttft_slo_s, model=cfg.model),
+            load_tokenizer(_tokenizer_spec(cfg)),
+        )
+        url = await gw.start(cfg.host, cfg.port)
+        print(json.dumps({"ready": True, "role": "gateway", "name": cfg.name, "url": url}), flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await gw.stop()
+        return
+    worker = build(cfg)
+    runner = web.AppRunner(worker.app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    url = f"http://{cfg.host}:{port}"
+    ready = {
+        "ready": True,
+        "role": cfg.role,
+        "name": cfg.name,
+        "url": url,
+        "descriptor": worker.descriptor_b64(),
+    }
+    print(json.dumps(ready), flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+
+
+def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    with contextlib.suppress(Exception):
+        while sys.stdin.buffer.read(4096):
+            pass
+    loop.call_soon_threadsafe(stop.set)
+
+
+async def _main(cfg: WorkerConfig, watch_stdin: bool) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if watch_stdin:
+        threading.Thread(target=_watch_stdin, args=(loop, stop), daemon=True).start()
+    await _serve(cfg, stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print(__doc__, file=sys.stderr)
+        return 2
+    try:
+        cfg = WorkerConfig.from_json(argv[0])
+        asyncio.run(_main(cfg, watch_stdin="--no-stdin-watch" not in argv))
+    except Exception as e:
+        print(json.dumps({"ready": False, "error": f"{type(e).__name__}: {e}"}), flush=True)
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
