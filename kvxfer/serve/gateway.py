@@ -363,32 +363,49 @@ class Gateway:
     async def _try(
         self, url: str, req: protocol.PrefillRequest, rec: RequestRecord
     ) -> aiohttp.ClientResponse:
+        """POST the request to one prefill. On success the stream counts in ``open_streams[url]``
+        (from the moment it was sent: a request queued in a local-queue prefill counts too)."""
         assert self._session is not None
         remaining = req.deadline - time.time()
         if remaining <= 0:
             raise _Terminal("deadline", "TTFT deadline passed before any prefill accepted", 504)
+        # A local-queue prefill answers only once a slot is free: wait for its headers no longer
+        # than the deadline (plus the idle allowance when the gateway does not enforce it).
+        wait = (
+            remaining
+            if self.config.enforce_first_token_deadline
+            else remaining + self.config.stream_idle_timeout_s
+        )
         headers = {"X-Kvxfer-Policy": self.config.policy}
         rec.attempts += 1
+        self.open_streams[url] += 1
+        ok = False
         try:
-            resp = await self._session.post(
-                url + "/v1/prefill",
-                json=req.to_json(),
-                headers=headers,
-                timeout=aiohttp.ClientTimeout(total=None, connect=remaining, sock_connect=remaining),
-            )
-        except (aiohttp.ClientConnectionError, OSError) as e:
-            self._down_until[url] = time.monotonic() + self.config.down_for_s
-            raise _Unavailable(str(e)) from e
-        if resp.status == 429:
-            resp.release()
-            raise _Rejected()
-        if resp.status != 200:
-            text = (await resp.text())[:300]
-            resp.release()
-            if resp.status == 400:
-                raise _Terminal("bad_request", f"prefill {url} refused the request: {text}", 400)
-            raise _Unavailable(f"prefill {url} answered {resp.status}: {text}")
-        return resp
+            try:
+                resp = await asyncio.wait_for(
+                    self._session.post(url + "/v1/prefill", json=req.to_json(), headers=headers), wait
+                )
+            except asyncio.TimeoutError as e:
+                raise _Terminal(
+                    "deadline", f"TTFT deadline passed while waiting for prefill {url}", 504
+                ) from e
+            except (aiohttp.ClientConnectionError, OSError) as e:
+                self._down_until[url] = time.monotonic() + self.config.down_for_s
+                raise _Unavailable(str(e)) from e
+            if resp.status == 429:
+                resp.release()
+                raise _Rejected()
+            if resp.status != 200:
+                text = (await resp.text())[:300]
+                resp.release()
+                if resp.status == 400:
+                    raise _Terminal("bad_request", f"prefill {url} refused the request: {text}", 400)
+                raise _Unavailable(f"prefill {url} answered {resp.status}: {text}")
+            ok = True
+            return resp
+        finally:
+            if not ok:
+                self.open_streams[url] -= 1
 
     async def _forward(self, req: protocol.PrefillRequest, rec: RequestRecord) -> aiohttp.ClientResponse:
         """Find a prefill that accepts, or raise :class:`_Terminal` at the deadline."""
@@ -531,8 +548,7 @@ class Gateway:
             upstream = await self._forward(preq, rec)
         except _Terminal as t:
             return await self._fail_early(request, rec, t, stream, fmt)
-        self.open_streams[rec.prefill] += 1  # type: ignore[index]
-        try:
+        try:  # _try counted the stream in open_streams[rec.prefill]
             if stream:
                 return await self._stream(request, upstream, rec, fmt, include_usage)
             return await self._collect(upstream, rec, fmt)

@@ -49,6 +49,9 @@ class StubPrefill:
     async def _prefill(self, request: web.Request) -> web.StreamResponse:
         req = protocol.PrefillRequest.from_json(await request.json())
         policy = request.headers.get("X-Kvxfer-Policy", "")
+        if policy == "local-queue":  # the baseline: wait in FIFO order for a slot, then answer
+            while self.busy >= self.slots:
+                await asyncio.sleep(0.005)
         if self.busy >= self.slots:
             self.log.append((time.time(), req.request_id, policy, 429))
             return web.json_response({"v": 1, "error": "busy"}, status=429)
@@ -294,6 +297,36 @@ def test_local_queue_policy_picks_fewest_streams_and_marks_requests():
             await gw.stop()
             await a.stop()
             await b.stop()
+
+    run(body())
+
+
+def test_local_queue_counts_queued_streams_and_ends_them_at_the_deadline():
+    async def body():
+        a = StubPrefill("a", slots=1, token_delay=0.5)
+        gw = await _setup([a], policy="local-queue")
+        client = _client(gw)
+        try:
+            long = asyncio.create_task(client.completions.create(model="kvxfer", prompt="abc", max_tokens=3))
+            await asyncio.sleep(0.2)
+            t0 = time.time()
+            queued = asyncio.create_task(
+                client.completions.create(
+                    model="kvxfer", prompt="x", max_tokens=1, extra_body={"ttft_slo_s": 0.4}
+                )
+            )
+            await asyncio.sleep(0.2)
+            assert gw.open_streams[a.url] == 2  # the queued request counts as an open stream
+            with pytest.raises(openai.APIStatusError) as info:
+                await queued
+            assert info.value.body["code"] == "deadline" and 0.4 <= time.time() - t0 < 1.2
+            assert gw.open_streams[a.url] == 1
+            assert (await long).choices[0].text == "cba"
+            assert gw.open_streams[a.url] == 0
+        finally:
+            await client.close()
+            await gw.stop()
+            await a.stop()
 
     run(body())
 
