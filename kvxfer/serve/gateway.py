@@ -26,10 +26,11 @@ by the gateway (the upstream stream is closed when it passes), so a client never
 Responses: ``stream=true`` gives server-sent events in OpenAI's chunk format, one chunk per
 token, ``data: [DONE]`` at the end; an error mid-stream is ``data: {"error": {...}}`` (the
 ``openai`` client raises ``APIError`` with that body). Every chunk carries an extra field
-``kvxfer`` with ``request_id``, ``retries`` and ``prefill``; the response headers carry
-``X-Kvxfer-Request-Id``, ``X-Kvxfer-Retries`` and ``X-Kvxfer-Prefill``. The scenario comes
-from the body field ``scenario`` or the header ``X-Scenario`` (default ``"default"``); the TTFT
-SLO from the body field ``ttft_slo_s`` or the header ``X-TTFT-SLO`` (default: the gateway's).
+``kvxfer`` with ``request_id``, ``retries`` and ``prefill`` (a token's chunk also its
+``token_id``); the response headers carry ``X-Kvxfer-Request-Id``, ``X-Kvxfer-Retries`` and
+``X-Kvxfer-Prefill``. The scenario comes from the body field ``scenario`` or the header
+``X-Scenario`` (default ``"default"``); the TTFT SLO from the body field ``ttft_slo_s`` or
+the header ``X-TTFT-SLO`` (default: the gateway's).
 
 ``GET /v1/kvxfer/requests`` returns the per-request records (:class:`RequestRecord`).
 """
@@ -591,7 +592,8 @@ class Gateway:
                     if rec.first_token is None:
                         rec.first_token = time.time()
                     rec.completion_tokens += 1
-                    await resp.write(_sse(fmt.chunk(detok.add(int(ev["token_id"])), None)))
+                    tid = int(ev["token_id"])
+                    await resp.write(_sse(fmt.chunk(detok.add(tid), None, tid)))
                 elif kind == "done":
                     rec.outcome = str(ev.get("finish_reason", "stop"))
                     rec.finish = time.time()
@@ -661,16 +663,19 @@ class _ChunkFormat:
             "kvxfer": self.meta(),
         }
 
-    def chunk(self, text: str, finish: str | None) -> dict[str, Any]:
+    def chunk(self, text: str, finish: str | None, token_id: int | None = None) -> dict[str, Any]:
+        base = self._base("chat.completion.chunk" if self.chat else "text_completion")
+        if token_id is not None:
+            base["kvxfer"]["token_id"] = token_id
         if self.chat:
             delta: dict[str, Any] = {"content": text} if text or finish is None else {}
             if not self._role_sent:
                 delta["role"] = "assistant"
                 self._role_sent = True
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {**self._base("chat.completion.chunk"), "choices": [choice]}
+            return {**base, "choices": [choice]}
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return {**self._base("text_completion"), "choices": [choice]}
+        return {**base, "choices": [choice]}
 
     def usage(self) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
