@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import re
 
 from .context import Context, human_bytes
 from .report import Check
@@ -75,11 +76,21 @@ def _kernel_version() -> tuple[int, int]:
 
 
 def _proc_driver() -> str | None:
+    """The kernel module's version line, e.g. 'NVRM version: NVIDIA UNIX Open Kernel Module
+    for x86_64  580.159.04  Release Build ...'."""
     try:
         with open("/proc/driver/nvidia/version", encoding="ascii", errors="replace") as f:
             return f.readline().strip()
     except OSError:
         return None
+
+
+def _module_version(line: str | None) -> str:
+    m = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d+(?:\.\d+)+)", line or "")
+    if not m:
+        return ""
+    kind = "open kernel module" if "Open Kernel Module" in (line or "") else "proprietary kernel module"
+    return f" (NVIDIA driver {m.group(1)}, {kind})"
 
 
 def check_driver(ctx: Context, probe: dict[str, object]) -> Check:
@@ -117,7 +128,8 @@ def check_driver(ctx: Context, probe: dict[str, object]) -> Check:
     return Check(
         "cuda.driver",
         "ok",
-        f"CUDA driver {probe['driver_version']}, {len(devs)} device(s): {names}",
+        f"CUDA driver API {probe['driver_version']}{_module_version(data['proc_driver'])}, "
+        f"{len(devs)} device(s): {names}",
         data=data,
     )
 
@@ -147,7 +159,8 @@ def check_gpu_registration(ctx: Context, probe: dict[str, object]) -> Check:
             "cuda.gpu_registration",
             "fail" if ctx.needed("rdma") else "skip",
             f"no RDMA NIC, so GPU memory cannot be registered with one ({facts})",
-            data=data,
+            "see rdma.devices: GPU memory registration needs an RDMA NIC first",
+            data,
         )
     if peermem or dmabuf:
         how = "dma-buf" if dmabuf else "nvidia-peermem"
