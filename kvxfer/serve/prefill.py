@@ -69,6 +69,7 @@ class PrefillWorker(WorkerBase):
         self.decodes: dict[str, dict[str, Any]] = {}  # kvxfer name -> {"url", "open", "down_until"}
         self.prefix = PrefixCache(cfg.prefix_min_tokens, enabled=cfg.prefix_cache)
         self.accepted = self.rejected = self.deadline_misses = 0
+        self.reject_s: deque[float] = deque(maxlen=10000)  # handler time of each 429 (s)
         self.session: aiohttp.ClientSession | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.app.router.add_post("/v1/prefill", self._prefill)
@@ -128,13 +129,16 @@ class PrefillWorker(WorkerBase):
 
     # -- the request ---------------------------------------------------------------------------
     async def _prefill(self, request: web.Request) -> web.StreamResponse:
+        t0 = time.perf_counter()
         arrived = time.time()
         policy = request.headers.get("X-Kvxfer-Policy", self.cfg.policy)
         if policy not in POLICIES:
             return json_error(400, "policy", f"unknown policy {policy!r}")
         if policy == "reject-retry" and not self.free:
             self.rejected += 1
-            return json_error(429, "busy")  # decided before the body is read
+            resp = json_error(429, "busy")  # decided before the body is read
+            self.reject_s.append(time.perf_counter() - t0)
+            return resp
         body = await read_message(request)
         try:
             req = protocol.PrefillRequest.from_json(body)
@@ -328,6 +332,7 @@ class PrefillWorker(WorkerBase):
             deadline_misses=self.deadline_misses,
             decodes=sorted(self.decodes),
             buffer_bytes=self.buf_bytes,
+            reject_decision_max_s=max(self.reject_s, default=None),
         )
         return st
 
