@@ -16,11 +16,16 @@ import sys
 
 import pytest
 
+import kvxfer
 from kvxfer.doctor import checks_net, sysfs
 from kvxfer.doctor.context import parse_size
 from kvxfer.errors import InvalidArgumentError
 
 DOCTOR = [sys.executable, "-m", "kvxfer.cli", "doctor"]
+# Children import the kvxfer this process imported (the installed one in CI, the source
+# tree with its built module here), never whatever the working directory holds.
+HOME = os.path.dirname(os.path.dirname(os.path.abspath(kvxfer.__file__)))
+CHILD_ENV = {"PYTHONPATH": HOME, "PYTHONSAFEPATH": "1"}
 NAMES = [
     "backends",
     "memlock",
@@ -40,7 +45,7 @@ NAMES = [
 
 
 def run(args=(), env=None, prefix=()):
-    full_env = dict(os.environ, **(env or {}))
+    full_env = dict(os.environ, **CHILD_ENV, **(env or {}))
     r = subprocess.run([*prefix, *DOCTOR, *args], capture_output=True, text=True, timeout=120, env=full_env)
     return r.returncode, r.stdout, r.stderr
 
@@ -201,7 +206,8 @@ def test_runs_without_torch_and_aiohttp():
         "assert 'torch' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
         "sys.exit(rc)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    env = dict(os.environ, **CHILD_ENV)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode in (0, 1), r.stderr
     assert json.loads(r.stdout)["checks"], r.stdout
 

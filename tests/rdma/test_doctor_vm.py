@@ -15,15 +15,20 @@ import sys
 import pytest
 import rdma_helpers as h
 
+import kvxfer
+
 pytestmark = pytest.mark.rdma
 h.require_rdma()
 
 DOCTOR = [sys.executable, "-m", "kvxfer.cli", "doctor"]
+# Children import the kvxfer this process imported, never the working directory's.
+HOME = os.path.dirname(os.path.dirname(os.path.abspath(kvxfer.__file__)))
 TIMEOUT = 300  # TCG: Python start-up alone takes seconds
 
 
 def run(args, prefix=()):
-    r = subprocess.run([*prefix, *DOCTOR, *args], capture_output=True, text=True, timeout=TIMEOUT)
+    env = dict(os.environ, PYTHONPATH=HOME, PYTHONSAFEPATH="1")
+    r = subprocess.run([*prefix, *DOCTOR, *args], capture_output=True, text=True, timeout=TIMEOUT, env=env)
     return r.returncode, r.stdout, r.stderr
 
 
