@@ -54,7 +54,10 @@ def _prefill_side(conn, backend: str, geom_t: tuple, max_tokens: int) -> None:
     paged = None
     conn.send(("ready", eng.descriptor(), rc.id))
     while True:
-        msg = conn.recv()
+        try:
+            msg = conn.recv()
+        except EOFError:  # the parent is gone
+            break
         if msg[0] == "peer":
             eng.add_peer(msg[1])
             conn.send(("ok",))
@@ -69,7 +72,10 @@ def _prefill_side(conn, backend: str, geom_t: tuple, max_tokens: int) -> None:
             break
     router.close()
     eng.close()
-    conn.send(("bye",))
+    try:
+        conn.send(("bye",))
+    except OSError:
+        pass
 
 
 def _check_block_free(pool4: np.ndarray, ids: np.ndarray, tokens: int, tb4: int) -> bool:
@@ -104,7 +110,7 @@ def run(args: argparse.Namespace, out) -> list[dict]:
     from kvxfer.serve.machine import machine
 
     geom = kt.KvGeometry(args.layers, args.kv_heads, args.head_dim, args.dtype_bytes)
-    max_tokens = max(args.tokens)
+    max_tokens = max(kt.padded_tokens(t, bt) for t in args.tokens for bt in args.block_tokens)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     geom_t = tuple(geom.__dict__.values())
@@ -206,6 +212,7 @@ def run(args: argparse.Namespace, out) -> list[dict]:
         parent.send(("stop",))
         parent.poll(30)
     finally:
+        parent.close()
         proc.join(timeout=30)
         if proc.is_alive():
             proc.kill()
