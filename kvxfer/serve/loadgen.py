@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import openai
 
-from kvxfer.serve.workload import Request, Workload
+from kvxfer.serve.workload import Replay, Request, Workload
 
 Slo = float | Callable[[Request], float]  # one TTFT SLO, or one per request (e.g. by prompt length)
 
@@ -143,7 +143,7 @@ async def send(
 
 async def closed_loop(
     base_url: str,
-    workload: Workload,
+    workload: Workload | Replay,
     users: int,
     *,
     ttft_slo_s: Slo,
@@ -229,6 +229,10 @@ def _pct(values: Iterable[float], q: float) -> float | None:
     return float(np.percentile(v, q)) if v else None
 
 
+def _has_tpot(r: Result) -> bool:
+    return r.error is None and r.ttft_s is not None and r.completion_tokens > 1
+
+
 def summarize(results: Sequence[Result], wall_s: float | None = None) -> dict[str, Any]:
     """success_rate, TTFT p50/p99 (over requests that got a first token), retries p50/p99,
     errors by code, and throughput when ``wall_s`` is given."""
@@ -242,6 +246,10 @@ def summarize(results: Sequence[Result], wall_s: float | None = None) -> dict[st
         "ttft_p99_s": _pct(ttfts, 99),
         "retries_p50": _pct(retries, 50),
         "retries_p99": _pct(retries, 99),
+        "e2e_p50_s": _pct((r.e2e_s for r in results if r.error is None), 50),
+        "tpot_p50_s": _pct(
+            ((r.e2e_s - r.ttft_s) / (r.completion_tokens - 1) for r in results if _has_tpot(r)), 50
+        ),
         "errors": dict(Counter(r.error for r in results if r.error)),
     }
     if wall_s:

@@ -246,6 +246,23 @@ class Workload:
         return reqs
 
 
+class Replay:
+    """Closed-loop users over a fixed request list (e.g. a trace): each user's next request is
+    the list's next one (shared cursor, wrapping around), so the content order is the list's."""
+
+    def __init__(self, requests: Sequence[Request]) -> None:
+        if not requests:
+            raise WorkloadError("Replay needs at least one request")
+        self.requests = list(requests)
+        self._next = 0
+
+    def user_stream(self, user: int) -> Iterator[Request]:
+        while True:
+            r = self.requests[self._next % len(self.requests)]
+            self._next += 1
+            yield r
+
+
 def poisson_arrivals(rate_rps: float, n: int, seed: int = 0) -> np.ndarray:
     """Arrival times (s from 0) of a Poisson process: exponential gaps of mean ``1/rate_rps``."""
     if rate_rps <= 0 or n < 0:

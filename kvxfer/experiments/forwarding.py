@@ -1,0 +1,296 @@
+"""``kvxfer experiment forwarding``: TTFT-SLO success rate as closed-loop users grow, gateway
+reject-retry (on-demand forwarding) vs the local-queue baseline [paper, P/D-Serve Fig. 14a].
+
+Setup (one run, one machine):
+
+* ONE local deployment (:func:`kvxfer.serve.deployment.start_local`): ``--prefills`` prefill
+  workers with ``--b-p`` slots each and ``--decodes`` decode workers, compute ``--mode``
+  (``profiled``: sleeps for the SmolLM2 profile's TTFT/TPOT and still moves real KV bytes;
+  ``real``: the model runs). Both policies use these SAME worker processes.
+* Two gateway processes in front of them: policy ``reject-retry`` and policy ``local-queue``
+  (push to the prefill with the fewest open streams; the prefill queues in FIFO order). The
+  policy travels per request (header ``X-Kvxfer-Policy``), so the workers are shared.
+* One scenario mixing long and short prompts, after the paper's example of one 8k prompt among
+  2k ones, scaled to the model (``--scale``; default 1/16: 512 and 128 tokens), one long per
+  three short; ``--output-tokens`` generated per request.
+* The TTFT SLO of a request is its prompt length's TTFT measured alone (calibrated at the start
+  of the run, median of 3) plus ``--slack`` times the long prompt's: the paper sets thresholds
+  per prompt length [paper 3.3] (the rule is ours [inferred]).
+* As in the paper: A = the most users (1, 2, ...) at which the local-queue baseline meets the SLO
+  for every request; then A, 2A .. 5A users for both policies (``load`` = users / A).
+
+JSON lines (one per policy and load)::
+
+  {"experiment":"forwarding","policy":"reject-retry"|"local-queue","load":x,"users":..,
+   "success_rate":..,"ttft_p50_s":..,"ttft_p99_s":..,"retries_p99":..,
+   "requests":..,"errors":{..},"A":..,"mode":..,"machine":..}
+
+then one ``"summary"`` line with the success-rate gap at each load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from typing import Any
+
+LOADS = (1, 2, 3, 4, 5)
+
+
+def log(msg: str) -> None:
+    print(f"[forwarding] {msg}", file=sys.stderr, flush=True)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="kvxfer experiment forwarding", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short runs (under a minute here)")
+    p.add_argument("--json", action="store_true", help="JSON lines on stdout (else a table)")
+    p.add_argument("--plot", metavar="FILE", help="write the success-rate curves to FILE (png/svg/pdf)")
+    p.add_argument("--mode", choices=("profiled", "real"), default="profiled")
+    p.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    p.add_argument("--profile", default="", help="profiled mode: profile JSON (default: the model's)")
+    p.add_argument("--prefills", type=int, default=2)
+    p.add_argument("--decodes", type=int, default=2)
+    p.add_argument("--b-p", type=int, default=1, help="prefill slots (the paper's example: 1)")
+    p.add_argument("--b-d", type=int, default=16, help="decode batch per decode worker")
+    p.add_argument("--scale", type=float, default=1 / 16, help="prompt lengths 8192/2048 times this")
+    p.add_argument("--output-tokens", type=int, default=24)
+    p.add_argument("--slack", type=float, default=0.5, help="SLO = alone TTFT + slack x long TTFT")
+    p.add_argument("--slo-floor", type=float, default=0.05, help="seconds added to every SLO (noise)")
+    p.add_argument("--duration", type=float, default=None, help="seconds per (policy, load) point")
+    p.add_argument("--max-a", type=int, default=6, help="largest user count tried for A")
+    p.add_argument("--a", type=int, default=0, help="use this A instead of searching for it")
+    p.add_argument("--loads", default=",".join(map(str, LOADS)))
+    p.add_argument("--backend", choices=("shm", "tcp"), default="shm")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def tokenizer_spec(model: str, mode: str) -> tuple[str, str, int]:
+    """(tokenizer spec for the gateways, workload token unit, vocab size).
+
+    Profiled workers need no weights: the gateways then use the byte tokenizer over the model's
+    vocabulary, which gives exact prompt lengths; real SmolLM2 needs its own tokenizer."""
+    if model == "tiny":
+        from kvxfer.serve.runtime import TINY_VOCAB
+
+        return f"bytes:{TINY_VOCAB}", "char", TINY_VOCAB
+    if mode == "profiled":
+        return "bytes:49152", "char", 49152
+    return "smollm2", "word", 49152
+
+
+async def _calibrate(url: str, workload: Any, lengths: list[int]) -> dict[int, float]:
+    """TTFT of each prompt length alone (one user, median of 3), through the gateway."""
+    import numpy as np
+
+    from kvxfer.serve import loadgen
+
+    scen = workload.scenarios[0]
+    client = loadgen._client(url, 300.0)
+    out: dict[int, float] = {}
+    try:
+        for n in lengths:
+            ts = []
+            for k in range(4):
+                rng = np.random.default_rng([7, n, k])
+                req = workload.make(scen.name, n - scen.setting_tokens, scen.output.n, rng, f"cal-{n}-{k}")
+                r = await loadgen.send(client, req, ttft_slo_s=300.0, t0=time.monotonic())
+                if r.error:
+                    raise RuntimeError(f"calibration request failed: {r.error}")
+                if k:  # the first one warms the scenario's prefix cache
+                    ts.append(r.ttft_s)
+            out[n] = statistics.median(ts)
+    finally:
+        await client.close()
+    return out
+
+
+async def _point(url: str, workload: Any, users: int, slo: Any, duration: float) -> tuple[dict, float]:
+    from kvxfer.serve import loadgen
+
+    t0 = time.monotonic()
+    res = await loadgen.closed_loop(url, workload, users, ttft_slo_s=slo, duration_s=duration)
+    wall = time.monotonic() - t0
+    return loadgen.summarize(res, wall_s=wall), wall
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from kvxfer.serve.deployment import start_local
+    from kvxfer.serve.gateway import GatewayProcess
+    from kvxfer.serve.machine import machine
+    from kvxfer.serve.workload import Workload, paper_mix
+
+    loads = [float(x) for x in args.loads.split(",") if x]
+    duration = args.duration or (4.0 if args.quick else 15.0)
+    tok, unit, _vocab = tokenizer_spec(args.model, args.mode)
+    scen = paper_mix(scale=args.scale, output_tokens=args.output_tokens)
+    long_n = scen.setting_tokens + max(scen.query.values)
+    short_n = scen.setting_tokens + min(scen.query.values)
+    workload = Workload([scen], seed=args.seed, unit=unit)
+    opts: dict[str, Any] = {
+        "max_prompt_tokens": long_n + 64,
+        "max_new_tokens": args.output_tokens + 8,
+        "pending": 4,
+        "ttft_slo_s": 300.0,
+    }
+    if args.profile:
+        opts["profile"] = args.profile
+    log(
+        f"starting {args.prefills} prefill (b_p={args.b_p}) + {args.decodes} decode, {args.model} {args.mode}"
+    )
+    t_start = time.monotonic()
+    rows: list[dict[str, Any]] = []
+    with start_local(
+        n_prefill=args.prefills,
+        n_decode=args.decodes,
+        backend=args.backend,
+        model=args.model,
+        mode=args.mode,
+        b_p=args.b_p,
+        b_d=args.b_d,
+        gateway=False,
+        seed=args.seed,
+        **opts,
+    ) as dep:
+        gws = {pol: GatewayProcess(dep.prefill_urls, policy=pol, ttft_slo_s=300.0, tokenizer=tok) for pol in
+               ("reject-retry", "local-queue")}  # fmt: skip
+        try:
+            for g in gws.values():
+                g.start()
+            alone = asyncio.run(_calibrate(gws["reject-retry"].url, workload, [long_n, short_n]))
+            t_long = alone[long_n]
+
+            def slo(req: Any) -> float:
+                n = long_n if req.prompt_tokens >= long_n else short_n
+                return slo_of(alone, n, args.slack, t_long, args.slo_floor)
+
+            log(
+                f"alone: long {long_n} tok {alone[long_n] * 1e3:.0f} ms, short {short_n} tok "
+                f"{alone[short_n] * 1e3:.0f} ms; SLO long {slo(_Len(long_n)):.3f} s, "
+                f"short {slo(_Len(short_n)):.3f} s"
+            )
+            a = args.a
+            if not a:
+                for users in range(1, args.max_a + 1):
+                    st, _ = asyncio.run(_point(gws["local-queue"].url, workload, users, slo, duration))
+                    log(f"A search: local-queue, {users} users: success {st['success_rate']:.3f} "
+                        f"({st['requests']} requests)")  # fmt: skip
+                    if st["success_rate"] != 1.0:
+                        break
+                    a = users
+                if not a:
+                    raise RuntimeError("local-queue misses the SLO even with one user: raise --slack")
+            log(f"A = {a} users")
+            slos = {str(n): slo_of(alone, n, args.slack, t_long, args.slo_floor) for n in (long_n, short_n)}
+            common = {
+                "A": a,
+                "mode": args.mode,
+                "model": args.model,
+                "machine": machine(),
+                "prefills": args.prefills,
+                "b_p": args.b_p,
+                "decodes": args.decodes,
+                "prompt_tokens": [long_n, short_n],
+                "slo_s": slos,
+                "duration_s": duration,
+            }
+            for load in loads:
+                users = max(1, round(load * a))
+                for pol in ("local-queue", "reject-retry"):
+                    st, wall = asyncio.run(_point(gws[pol].url, workload, users, slo, duration))
+                    row = {
+                        "experiment": "forwarding",
+                        "policy": pol,
+                        "load": load,
+                        "users": users,
+                        "success_rate": st["success_rate"],
+                        "ttft_p50_s": st["ttft_p50_s"],
+                        "ttft_p99_s": st["ttft_p99_s"],
+                        "retries_p99": st["retries_p99"],
+                        "requests": st["requests"],
+                        "errors": st["errors"],
+                        "throughput_rps": st.get("throughput_rps"),
+                        **common,
+                    }
+                    rows.append(row)
+                    log(f"{pol:>12} load {load:g} ({users} users): success {st['success_rate']:.3f}, "
+                        f"TTFT p50 {st['ttft_p50_s']:.3f} p99 {st['ttft_p99_s']:.3f} s, "
+                        f"retries p99 {st['retries_p99']}, {st['requests']} requests")  # fmt: skip
+        finally:
+            for g in gws.values():
+                g.stop()
+    log(f"done in {time.monotonic() - t_start:.0f} s")
+    return rows
+
+
+class _Len:
+    def __init__(self, n: int) -> None:
+        self.prompt_tokens = n
+
+
+def slo_of(alone: dict[int, float], n: int, slack: float, t_long: float, floor: float) -> float:
+    """A prompt length's TTFT alone + ``slack`` x the long prompt's + ``floor`` (noise allowance)."""
+    return alone[n] + slack * t_long + floor
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    by = {(r["policy"], r["load"]): r["success_rate"] for r in rows}
+    loads = sorted({r["load"] for r in rows})
+    gap = {
+        str(x): by[("reject-retry", x)] - by[("local-queue", x)] for x in loads if ("local-queue", x) in by
+    }
+    return {
+        "experiment": "forwarding",
+        "summary": True,
+        "success_gap": gap,
+        "A": rows[0]["A"] if rows else None,
+    }
+
+
+def plot(rows: list[dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for pol, style in (("reject-retry", "o-"), ("local-queue", "s--")):
+        pts = sorted((r["load"], r["success_rate"]) for r in rows if r["policy"] == pol)
+        ax.plot([x for x, _ in pts], [y * 100 for _, y in pts], style, label=pol)
+    ax.set_xlabel("closed-loop users / A")
+    ax.set_ylabel("TTFT-SLO success (%)")
+    r0 = rows[0]
+    ax.set_title(f"forwarding ({r0['mode']}, {r0['model']}, A={r0['A']} users)", fontsize=9)
+    ax.set_ylim(0, 105)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(list(sys.argv[1:] if argv is None else argv))
+    rows = run(args)
+    if args.json:
+        for r in rows:
+            print(json.dumps(r))
+        print(json.dumps(summary(rows)))
+    else:
+        head = ("policy", "load", "users", "success", "ttft p50", "ttft p99", "retries p99")
+        print("{:>13} {:>5} {:>5} {:>8} {:>9} {:>9} {:>11}".format(*head))
+        for r in rows:
+            print(f"{r['policy']:>13} {r['load']:>5g} {r['users']:>5} {r['success_rate'] * 100:>7.1f}% "
+                  f"{r['ttft_p50_s']:>9.3f} {r['ttft_p99_s']:>9.3f} {r['retries_p99']!s:>11}")  # fmt: skip
+    if args.plot and rows:
+        plot(rows, args.plot)
+        log(f"plot written to {args.plot}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
