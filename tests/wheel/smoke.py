@@ -14,6 +14,7 @@ Usage: python smoke.py            (the initiator; starts the target itself)
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -109,7 +110,17 @@ def check_backends() -> None:
     assert info["loopback"].available and info["shm"].available, info
     if not info["ibverbs"].available:
         assert info["ibverbs"].reason, "an unavailable backend must say why"
+    # libibverbs is not in the wheel: the module dlopens the host's. Where the host has it,
+    # the backend must have loaded it (any reason but "cannot be loaded").
+    try:
+        ctypes.CDLL("libibverbs.so.1")
+        host_has_verbs = True
+    except OSError:
+        host_has_verbs = False
+    if host_has_verbs:
+        assert "cannot be loaded" not in info["ibverbs"].reason, info["ibverbs"].reason
     say("backends: " + ", ".join(f"{n}={'yes' if b.available else 'no'}" for n, b in info.items()))
+    say(f"ibverbs: {info['ibverbs'].reason or 'available'} (host libibverbs.so.1: {host_has_verbs})")
 
 
 def check_loopback() -> None:
