@@ -1,0 +1,64 @@
+"""The baselines' transfer modes and profiled compute through real worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import aiohttp
+import pytest
+from conftest import run
+
+from kvxfer.serve import client
+from kvxfer.serve.deployment import start_local
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"transfer_mode": "paged-coalesced"},
+        {"transfer_mode": "block-by-block"},
+        {"transfer_mode": "block-free", "per_layer": True},
+    ],
+    ids=["paged-coalesced", "block-by-block", "block-free-per-layer"],
+)
+def test_transfer_modes_give_aggregated_tokens(options, tiny_model):
+    rng = random.Random(11)
+    prompts = [[rng.randrange(512) for _ in range(n)] for n in (5, 16, 17, 100, 250)]
+    with start_local(1, 1, backend="shm", model="tiny", gateway=False, b_p=8, b_d=8, **options) as dep:
+        before = dep.status("decode-0")["kvxfer"]["transfers_done"]
+
+        async def go():
+            async with aiohttp.ClientSession() as s:
+                return await asyncio.gather(*(client.prefill(s, dep.prefill_urls[0], p, 6) for p in prompts))
+
+        results = run(go())
+        transfers = dep.status("decode-0")["kvxfer"]["transfers_done"] - before
+    for ids, r in zip(prompts, results, strict=True):
+        assert r.error is None, r.error
+        assert r.tokens == tiny_model.generate(ids, 6)
+    blocks = sum(-(-len(p) // 16) for p in prompts)
+    want = {"paged-coalesced": len(prompts), "block-by-block": blocks}.get(options["transfer_mode"])
+    if options.get("per_layer"):
+        want = len(prompts) * tiny_model.config.num_layers
+    assert transfers == want
+
+
+def test_profiled_mode_moves_real_kv_bytes_and_follows_its_profile():
+    with start_local(1, 1, backend="shm", model="tiny", mode="profiled", gateway=False, b_p=4, b_d=4) as dep:
+
+        async def go():
+            async with aiohttp.ClientSession() as s:
+                return await asyncio.gather(
+                    *(client.prefill(s, dep.prefill_urls[0], list(range(1, n)), 8) for n in (20, 200, 400))
+                )
+
+        results = run(go())
+        pst, dst = dep.status("prefill-0"), dep.status("decode-0")
+    assert pst["mode"] == dst["mode"] == "profiled" and pst["machine"]
+    for r in results:
+        assert r.error is None, r.error  # the decode checked the KV value the prefill wrote
+        assert len(r.tokens) == 8 and r.done["timings"]["transfer_s"] > 0
+    assert dst["transfer_failures"] == 0 and dst["kvxfer"]["bytes_done"] > 0
