@@ -96,12 +96,13 @@ class Pacer:
         self.handoff += int(extra)
 
     def fix_handoff(self, index: int) -> None:
-        """The device absorbed ``index`` cloud tokens and produces token ``index`` itself.
-        Buffered cloud tokens at or past it are dropped; earlier ones must all arrive."""
+        """The device absorbed ``index`` cloud tokens and produces token ``index`` itself
+        (0: no cloud token at all, the device answers alone). Buffered cloud tokens at or past
+        it are dropped; earlier ones must all arrive."""
         if self.handoff_fixed:
             raise BadSettingsError("the handoff is already fixed")
-        if index < 1:
-            raise BadSettingsError(f"handoff index must be >= 1, got {index}")
+        if index < 0 or index < len(self.shown):
+            raise BadSettingsError(f"handoff index {index} before what is already shown ({len(self.shown)})")
         self.handoff = int(index)
         self.handoff_fixed = True
         for i in sorted(k for k in self._buf if k >= index):

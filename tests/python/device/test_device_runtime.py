@@ -1,0 +1,135 @@
+"""Device runtime (its own process) + cloud helper + emulated link, on the tiny model.
+
+Real processes and sockets; tokens are checked token for token against the model's own greedy
+generation (the cloud-only answer)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the device runtime needs torch (pip install kvxfer[serve])")
+
+from kvxfer.device.cloud import CloudHelper  # noqa: E402
+from kvxfer.device.device import DeviceProcess, Job  # noqa: E402
+from kvxfer.device.errors import BadSettingsError, VersionMismatchError  # noqa: E402
+from kvxfer.device.link import Cut, LinkProxy, LinkSpec  # noqa: E402
+from kvxfer.device.lm import tiny_lm  # noqa: E402
+from kvxfer.device.profiles import DeviceProfile  # noqa: E402
+
+pytestmark = pytest.mark.multiprocess
+
+FAST = DeviceProfile("test-fast", 4000.0, 4000.0, 10.0)  # a quick device so the tests stay short
+THETA = 0.05
+G = 48
+
+
+@pytest.fixture(scope="module")
+def lm():
+    torch.set_num_threads(1)
+    return tiny_lm(0)
+
+
+@pytest.fixture(scope="module")
+def cloud():
+    with CloudHelper(tiny_lm(0)) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def device():
+    with DeviceProcess("tiny:0", FAST) as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def prompt(lm):
+    rng = random.Random(7)
+    return [rng.randrange(lm.model.config.vocab_size) for _ in range(800)]
+
+
+@pytest.fixture(scope="module")
+def reference(lm, prompt):
+    return lm.greedy(prompt, G)
+
+
+def job(method, prompt, port, **kw):
+    kw.setdefault("n", 10)
+    return Job(
+        f"{method}-{random.random()}",
+        method,
+        prompt,
+        G,
+        system_len=100,
+        query_len=30,
+        theta=THETA,
+        cloud=f"127.0.0.1:{port}",
+        **kw,
+    )
+
+
+def test_rho1_shows_the_cloud_only_answer_token_for_token(device, cloud, prompt, reference):
+    r = device.run(job("pd-device", prompt, cloud.port))
+    h = r["handoff"]
+    assert r["tokens"] == reference  # nothing lost, repeated or reordered at the handoff
+    assert 1 <= h < G and r["sources"] == "c" * h + "d" * (G - h)
+    assert r["tpot_max_s"] <= THETA + 0.01  # 10 ms of slack for the loaded 2-core host
+    # the cloud tokens were absorbed in batches, not one decode step each
+    batches = [b for _, kind, b in r["log"] if kind == "absorb"]
+    assert sum(batches) == h and max(batches) > 1
+    acc = cloud.accounts[r["request_id"]]
+    # the cloud stopped at its quota or when told the device caught up (tokens in flight aside)
+    assert h <= acc.tokens == r["cloud_tokens"] <= 10 and acc.reason in ("caught_up", "quota")
+
+
+def test_rho_below_1_is_cloud_tokens_then_the_devices_continuation(device, cloud, lm, prompt, reference):
+    r = device.run(job("pd-device", prompt, cloud.port, rho=0.5, n=8))
+    h = r["handoff"]
+    assert r["used_refined"] and r["device_prompt_tokens"] == 400
+    kept = r["refined"]
+    assert kept[:100] == list(range(100)) and kept[-30:] == list(range(770, 800))  # system + query kept
+    assert r["tokens"][:h] == reference[:h]  # cloud tokens 1..h: the full prompt's answer
+    refined = [prompt[i] for i in kept]
+    cont = lm.greedy(refined + reference[:h], G - h)
+    assert r["tokens"][h:] == cont  # then the device's continuation from token h+1
+
+
+def test_baselines_give_the_same_tokens(device, cloud, prompt, reference):
+    for method in ("device-only", "cloud-only", "naive-hybrid"):
+        r = device.run(job(method, prompt, cloud.port))
+        assert r["tokens"] == reference, method
+
+
+def test_link_drop_mid_stream_device_completes_and_reports_the_gap(device, cloud, prompt, reference):
+    # the downlink breaks after the hello and about three tokens (~40 bytes each)
+    with LinkProxy(cloud.port, down=LinkSpec(delay=0.005), cut=Cut(after_down_bytes=230)) as link:
+        r = device.run(job("pd-device", prompt, link.port, n=20))
+        assert len(link.stats.cuts) == 1
+    assert r["stream_end"] == "link_down" and r["link_down_s"] is not None
+    assert 1 <= r["cloud_received"] < 20
+    assert r["tokens"] == reference  # the answer completes from the device, token for token
+    assert r["link_gap_s"] is not None and r["link_gap_s"] > 0
+
+
+def test_slow_device_lets_the_cloud_finish(cloud, prompt, reference):
+    slow = DeviceProfile("test-slow-decode", 4000.0, 4000.0, 60.0)  # decode step > theta
+    with DeviceProcess("tiny:0", slow) as d:
+        r = d.run(job("pd-device", prompt, cloud.port))
+    assert r["fallback"] == "cloud_finish"
+    assert r["tokens"] == reference and r["sources"] == "c" * G
+
+
+def test_version_mismatch_is_refused(cloud, prompt):
+    refused = cloud.refused
+    with DeviceProcess("tiny:1", FAST) as other:
+        with pytest.raises(VersionMismatchError, match="model_version"):
+            other.run(job("pd-device", prompt, cloud.port))
+    assert cloud.refused == refused + 1
+
+
+def test_bad_job_is_a_typed_error(device, cloud, prompt):
+    with pytest.raises(BadSettingsError):
+        device.run(job("warp-drive", prompt, cloud.port))
+    with pytest.raises(BadSettingsError):
+        device.run(job("pd-device", prompt, cloud.port, rho=0.0))
