@@ -20,8 +20,8 @@ import socket
 import sys
 
 from ..errors import KvxferError
-from . import checks_cuda, checks_net, checks_rdma, checks_shm, sysfs
-from .context import DEFAULT_POOL_BYTES, NEEDS, Context, human_bytes, parse_size, resolve_need
+from . import checks_config, checks_cuda, checks_net, checks_rdma, checks_shm, sysfs
+from .context import DEFAULT_POOL_BYTES, NEEDS, Context, human_bytes, overlay_names, parse_size, resolve_need
 from .report import Check, exit_code, to_json, to_table
 
 __all__ = ["Check", "main", "run_checks"]
@@ -68,10 +68,12 @@ def run_checks(
         net_root,
         sysfs.read_devices(ib_root, net_root),
         backends,
+        overlay=overlay_names(),
     )
     cuda = checks_cuda.probe_cuda()
     steps = [
         ("backends", lambda: check_backends(ctx)),
+        ("config.env", lambda: checks_config.check_env(ctx)),
         ("memlock", lambda: checks_rdma.check_memlock(ctx)),
         ("rdma.devices", lambda: checks_rdma.check_devices(ctx)),
         ("rdma.ports", lambda: checks_rdma.check_ports(ctx)),

@@ -1,5 +1,6 @@
-"""Where kvxfer listens: the tcp backend's bind address (Engine(device=...), else
-$KVXFER_TCP_BIND, else 0.0.0.0 on an ephemeral port; native tcp_backend.cc), the IPv4
+"""Where kvxfer listens: the tcp backend's bind address (TcpConfig.listen, whose overlay
+variable is KVXFER_TCP_LISTEN (KVXFER_TCP_BIND before 0.2), else 0.0.0.0 on an ephemeral
+port; native tcp_backend.cc), the IPv4
 addresses its descriptor publishes, the shm backend's abstract socket, and ibverbs (no
 socket: a UD queue pair on the chosen GID)."""
 
@@ -58,7 +59,7 @@ def ipv4_addresses() -> list[tuple[str, str]]:
 
 
 def parse_bind(spec: str) -> tuple[str, int] | None:
-    """The tcp backend's KVXFER_TCP_BIND grammar: HOST:PORT, :PORT, HOST: or HOST, HOST an
+    """The tcp backend's listen-address grammar: HOST:PORT, :PORT, HOST: or HOST, HOST an
     IPv4 literal, localhost, * or empty. None when malformed (the engine refuses it)."""
     host, _, port = spec.rpartition(":") if ":" in spec else (spec, "", "")
     if host in ("", "*", "0.0.0.0"):
@@ -85,11 +86,12 @@ def _ephemeral_range() -> str:
 
 
 def check_listen(ctx: Context) -> Check:
-    env = ctx.env.get("KVXFER_TCP_BIND", "")
+    var, env = ctx.env_value("backend.tcp.listen")
     need = ctx.needed("tcp") or bool(env)
     bad = "fail" if need else "warn"
     addrs = ipv4_addresses()
-    data: dict[str, object] = {"tcp_bind_env": env or None, "published": [a for _, a in addrs]}
+    data: dict[str, object] = {"listen_variable": var, "listen_env": env or None}
+    data["published"] = [a for _, a in addrs]
     shm = "shm: abstract unix socket @kvxfer-shm-<instance id> (no port)"
     ib = "ibverbs: no socket (a UD queue pair on the chosen GID)"
     if env:
@@ -98,7 +100,7 @@ def check_listen(ctx: Context) -> Check:
             return Check(
                 "net.listen",
                 "fail",
-                f"KVXFER_TCP_BIND={env!r} is malformed: an engine with tcp refuses to start",
+                f"{var}={env!r} is malformed: an engine with tcp refuses to start",
                 "set it to HOST:PORT, :PORT or HOST with an IPv4 HOST (e.g. 0.0.0.0:5600), or unset it",
                 data,
             )
@@ -114,13 +116,13 @@ def check_listen(ctx: Context) -> Check:
     except kvxfer.KvxferError as e:
         text = str(e)
         if "in use" in text.lower():
-            fix = f"port {port} is taken: stop the other listener or pick another (KVXFER_TCP_BIND=:PORT)"
+            fix = f"port {port} is taken: stop the other listener or pick another ({var}=:PORT)"
         elif "assign" in text.lower():
             fix = f"{host} is not an address of this host: use one of {', '.join(a for _, a in addrs)}"
         elif "permission" in text.lower():
             fix = "ports below 1024 need CAP_NET_BIND_SERVICE: pick a port >= 1024"
         else:
-            fix = "see the message; KVXFER_TCP_BIND picks the address"
+            fix = f"see the message; {var} picks the address"
         data["error"] = text
         return Check(
             "net.listen",
@@ -143,9 +145,9 @@ def check_listen(ctx: Context) -> Check:
             "net.listen",
             "warn" if not need else "fail",
             detail + "; only loopback: engines on other hosts cannot reach this one over tcp",
-            "bring up a non-loopback interface, or bind to its address with KVXFER_TCP_BIND",
+            f"bring up a non-loopback interface, or bind to its address with {var}",
             data,
         )
     if not port:
-        detail += "; a firewall must admit that range, or pin a port with KVXFER_TCP_BIND=:PORT"
+        detail += f"; a firewall must admit that range, or pin a port with {var}=:PORT"
     return Check("net.listen", "ok", detail, data=data)

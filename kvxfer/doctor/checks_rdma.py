@@ -28,12 +28,12 @@ def _effective_caps() -> int:
     return 0
 
 
-def ibverbs_pinned_overhead(env: dict[str, str]) -> int:
+def ibverbs_pinned_overhead(ctx: Context) -> int:
     """Bytes one ibverbs backend registers for itself (native ibverbs_backend.cc): the
-    shared receive buffers and notify slots (64 KiB + 8 each, 64-byte aligned) and the
-    connection manager's UD buffers (96 x (40 + 1024))."""
+    shared receive buffers (recv_buffers, default 64) and 8 notify slots (64 KiB + 8 each,
+    64-byte aligned) and the connection manager's UD buffers (96 x (40 + 1024))."""
     try:
-        recv = min(4096, max(4, int(env.get("KVXFER_IB_RECV_BUFFERS", "64"), 0)))
+        recv = min(4096, max(4, int(ctx.env_value("backend.ibverbs.recv_buffers")[1] or "64", 0)))
     except ValueError:
         recv = 64
     slot = (8 + 64 * 1024 + 63) & ~63
@@ -45,7 +45,7 @@ def check_memlock(ctx: Context) -> Check:
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     inf = resource.RLIM_INFINITY
     cap = bool(_effective_caps() & (1 << CAP_IPC_LOCK))
-    required = ctx.pool_bytes + ibverbs_pinned_overhead(ctx.env)
+    required = ctx.pool_bytes + ibverbs_pinned_overhead(ctx)
     data = {
         "soft_bytes": None if soft == inf else soft,
         "hard_bytes": None if hard == inf else hard,
@@ -186,13 +186,35 @@ def check_devices(ctx: Context) -> Check:
     data = {"devices": [_device_data(d) for d in ctx.devices]}
     uverbs = sorted(glob.glob("/dev/infiniband/uverbs*"))
     data["uverbs"] = uverbs
+    bad = "fail" if ctx.needed("rdma") else "warn"
     if not uverbs:
         return Check(
             "rdma.devices",
-            "fail" if ctx.needed("rdma") else "warn",
+            bad,
             f"{', '.join(parts)}, but no /dev/infiniband/uverbs* character device: verbs cannot open them",
             "load ib_uverbs (`modprobe ib_uverbs`); in a container pass the devices "
             "(docker: --device /dev/infiniband/uverbs0 --device /dev/infiniband/rdma_cm)",
+            data,
+        )
+    denied = [u for u in uverbs if not os.access(u, os.R_OK | os.W_OK)]
+    if denied:
+        return Check(
+            "rdma.devices",
+            bad,
+            f"{', '.join(parts)}, but this user cannot open {', '.join(denied)} for reading and writing",
+            "give the user access (rdma-core's udev rules make uverbs mode 0666; or add the user to the "
+            "group owning the device)",
+            data,
+        )
+    device_var, selector = ctx.env_value("backend.ibverbs.device")
+    wanted = selector.split(":", 1)[0]
+    if wanted and wanted not in [d.name for d in ctx.devices]:
+        return Check(
+            "rdma.devices",
+            bad,
+            f"{', '.join(parts)}; but {device_var}={selector!r} names no device here",
+            f"unset {device_var} (kvxfer then picks the first ACTIVE port) or set it to one of "
+            f"{', '.join(d.name for d in ctx.devices)}",
             data,
         )
     return Check("rdma.devices", "ok", ", ".join(parts), data=data)
@@ -280,7 +302,7 @@ def check_gids(ctx: Context) -> Check:
     if not ctx.devices:
         return Check("rdma.gids", "skip", "no RDMA device (see rdma.devices)")
     rows, problems, fixes, data = [], [], [], []
-    forced = ctx.env.get("KVXFER_IB_GID", "")
+    gid_var, forced = ctx.env_value("backend.ibverbs.gid_index")
     for d in ctx.devices:
         for p in d.ports:
             if p.state != "ACTIVE":
@@ -320,8 +342,8 @@ def check_gids(ctx: Context) -> Check:
             if forced:
                 idx = int(forced) if forced.isdigit() else -1
                 if idx not in [g.index for g in p.gids]:
-                    problems.append(f"KVXFER_IB_GID={forced} is not a populated GID index of {name}")
-                    fixes.append("unset KVXFER_IB_GID (kvxfer picks the best GID) or name a listed index")
+                    problems.append(f"{gid_var}={forced} is not a populated GID index of {name}")
+                    fixes.append(f"unset {gid_var} (kvxfer picks the best GID) or name a listed index")
     if not rows and not problems:
         return Check(
             "rdma.gids", "skip", "no ACTIVE port to read GIDs from (see rdma.ports)", data={"ports": data}

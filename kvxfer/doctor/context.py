@@ -44,6 +44,36 @@ def human_bytes(n: float | None) -> str:
     return f"{n} TiB"
 
 
+# Variable names of kvxfer 0.1, before the configuration overlay (config field -> name).
+LEGACY_ENV = {
+    "backend.tcp.listen": "KVXFER_TCP_BIND",
+    "backend.ibverbs.device": "KVXFER_IB_DEVICE",
+    "backend.ibverbs.gid_index": "KVXFER_IB_GID",
+    "backend.ibverbs.port_num": "KVXFER_IB_PORT_NUM",
+    "backend.ibverbs.qps_per_peer": "KVXFER_IB_QPS",
+    "backend.ibverbs.sq_depth": "KVXFER_IB_SQ_DEPTH",
+    "backend.ibverbs.recv_buffers": "KVXFER_IB_RECV_BUFFERS",
+    "backend.ibverbs.max_wr_bytes": "KVXFER_IB_MAX_WR_BYTES",
+    "backend.ibverbs.ack_timeout": "KVXFER_IB_ACK_TIMEOUT",
+    "backend.ibverbs.retry_cnt": "KVXFER_IB_RETRY_CNT",
+    "backend.ibverbs.rnr_retry": "KVXFER_IB_RNR_RETRY",
+    "backend.ibverbs.traffic_class": "KVXFER_IB_TC",
+    "backend.ibverbs.service_level": "KVXFER_IB_SL",
+    "backend.ibverbs.spin_us": "KVXFER_IB_SPIN_US",
+}
+
+
+def overlay_names() -> dict[str, str] | None:
+    """{config field: environment variable} as this kvxfer build reads them, or None for a
+    build without the configuration overlay (it reads the LEGACY_ENV names)."""
+    import kvxfer
+
+    listing = getattr(kvxfer, "environment_variables", None)
+    if listing is None:
+        return None
+    return {field_: name for name, field_ in listing()}
+
+
 @dataclass
 class Context:
     need: set[str]
@@ -53,9 +83,21 @@ class Context:
     devices: list[sysfs.Device] = field(default_factory=list)
     backends: dict[str, Any] = field(default_factory=dict)  # name -> kvxfer.BackendInfo
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    overlay: dict[str, str] | None = None  # overlay_names(), None = legacy names
 
     def needed(self, what: str) -> bool:
         return what in self.need
+
+    def env_name(self, config_field: str) -> str:
+        """The environment variable that sets ``config_field`` in this build."""
+        if self.overlay is not None and config_field in self.overlay:
+            return self.overlay[config_field]
+        return LEGACY_ENV.get(config_field, "")
+
+    def env_value(self, config_field: str) -> tuple[str, str]:
+        """(variable name, its value or "")."""
+        name = self.env_name(config_field)
+        return name, self.env.get(name, "") if name else ""
 
 
 def resolve_need(asked: list[str] | None, backends: dict[str, Any]) -> set[str]:

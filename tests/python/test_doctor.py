@@ -18,7 +18,7 @@ import pytest
 
 import kvxfer
 from kvxfer.doctor import checks_net, sysfs
-from kvxfer.doctor.context import parse_size
+from kvxfer.doctor.context import LEGACY_ENV, overlay_names, parse_size
 from kvxfer.errors import InvalidArgumentError
 
 DOCTOR = [sys.executable, "-m", "kvxfer.cli", "doctor"]
@@ -28,6 +28,7 @@ HOME = os.path.dirname(os.path.dirname(os.path.abspath(kvxfer.__file__)))
 CHILD_ENV = {"PYTHONPATH": HOME, "PYTHONSAFEPATH": "1"}
 NAMES = [
     "backends",
+    "config.env",
     "memlock",
     "rdma.devices",
     "rdma.ports",
@@ -42,6 +43,12 @@ NAMES = [
     "shm.dev_shm",
     "net.listen",
 ]
+
+
+def env_name(config_field: str) -> str:
+    """The variable this build reads for a configuration field (pre-0.2 builds: the old name)."""
+    overlay = overlay_names()
+    return overlay[config_field] if overlay else LEGACY_ENV[config_field]
 
 
 def run(args=(), env=None, prefix=()):
@@ -181,13 +188,31 @@ def test_busy_tcp_port_and_malformed_bind():
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
-        rc, _, checks = run_json(env={"KVXFER_TCP_BIND": f"127.0.0.1:{port}"})
+        rc, _, checks = run_json(env={env_name("backend.tcp.listen"): f"127.0.0.1:{port}"})
     c = checks["net.listen"]
     assert rc == 1 and c["status"] == "fail", c
     assert str(port) in c["fix"] and "taken" in c["fix"], c
-    rc, _, checks = run_json(env={"KVXFER_TCP_BIND": "bad:x"})
+    rc, _, checks = run_json(env={env_name("backend.tcp.listen"): "bad:x"})
     assert rc == 1 and checks["net.listen"]["status"] == "fail"
     assert "malformed" in checks["net.listen"]["detail"]
+
+
+def test_configuration_variables():
+    if overlay_names() is None:
+        pytest.skip("this kvxfer build has no configuration overlay (kvxfer < 0.2)")
+    # A pre-0.2 name is ignored by kvxfer: a warning that names the new one, exit 0.
+    rc, doc, checks = run_json(env={"KVXFER_IB_GID": "1"})
+    c = checks["config.env"]
+    assert c["status"] == "warn" and "KVXFER_IB_GID" in c["detail"], c
+    assert env_name("backend.ibverbs.gid_index") in c["fix"], c
+    assert rc == doc["exit_code"] == (1 if doc["summary"]["fail"] else 0)
+    # An invalid value makes every engine creation fail: the doctor fails and says which.
+    var = env_name("backend.ibverbs.gid_index")
+    rc, _, checks = run_json(env={var: "not-a-number"})
+    c = checks["config.env"]
+    assert rc == 1 and c["status"] == "fail" and var in c["detail"] and c["fix"], c
+    rc, _, checks = run_json(env={var: "1"})
+    assert checks["config.env"]["status"] == "ok" and var in checks["config.env"]["detail"]
 
 
 def test_bad_arguments_exit_2():

@@ -2,7 +2,9 @@
 VM, tests/rdma/run_in_vm.sh). The real command, as a user runs it: it must find rxe0, its
 ACTIVE port with the 4096-byte RoCE MTU, the IPv4-mapped RoCE v2 GID, start an ibverbs
 engine on the GID it predicts from sysfs, and exit 0; with CAP_IPC_LOCK dropped and a 1 MiB
-memlock limit it must exit 1 naming memlock, with the fix."""
+memlock limit it must exit 1 naming memlock, with the fix; with dummy0's IPv4 address removed
+it warns and predicts the GID the engine falls back to; with dummy0 down and a wrong
+KVXFER_IB_DEVICE it fails with both fixes. Each fault is undone, and the undo checked."""
 
 from __future__ import annotations
 
@@ -11,11 +13,13 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import rdma_helpers as h
 
 import kvxfer
+from kvxfer.doctor.context import LEGACY_ENV, overlay_names
 
 pytestmark = pytest.mark.rdma
 h.require_rdma()
@@ -26,8 +30,8 @@ HOME = os.path.dirname(os.path.dirname(os.path.abspath(kvxfer.__file__)))
 TIMEOUT = 300  # TCG: Python start-up alone takes seconds
 
 
-def run(args, prefix=()):
-    env = dict(os.environ, PYTHONPATH=HOME, PYTHONSAFEPATH="1")
+def run(args, prefix=(), env=None):
+    env = dict(os.environ, PYTHONPATH=HOME, PYTHONSAFEPATH="1", **(env or {}))
     r = subprocess.run([*prefix, *DOCTOR, *args], capture_output=True, text=True, timeout=TIMEOUT, env=env)
     return r.returncode, r.stdout, r.stderr
 
@@ -117,3 +121,90 @@ def test_low_memlock_without_cap_ipc_lock_fails_with_fix():
     assert "memlock" in m["fix"].lower()
     # The real engine on rxe0 cannot register its own buffers under 1 MiB either.
     assert checks["rdma.ibverbs"]["status"] == "fail", checks["rdma.ibverbs"]
+
+
+# ---- real faults on the VM's rxe0, each undone (and the undo checked) before the next test ----
+
+PORT = "/sys/class/infiniband/rxe0/ports/1"
+ADDRESS = "198.18.0.1/24"  # what tools/softroce/softroce-vm gives dummy0
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _mapped_gid_index() -> int | None:
+    for name in sorted(os.listdir(f"{PORT}/gids"), key=int):
+        if _read(f"{PORT}/gids/{name}") == "0000:0000:0000:0000:0000:ffff:c612:0001":
+            return int(name)
+    return None
+
+
+def _wait(pred, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=60)
+
+
+def _restored() -> None:
+    """rxe0 as the VM made it: dummy0 up with its address, port ACTIVE, GID 1 = ::ffff:198.18.0.1."""
+    _ip("link", "set", "dev", "dummy0", "up")
+    if _mapped_gid_index() is None:
+        r = subprocess.run(["ip", "addr", "add", ADDRESS, "dev", "dummy0"], capture_output=True, timeout=60)
+        assert r.returncode == 0 or b"exists" in r.stderr, r.stderr
+    _wait(
+        lambda: _read(f"{PORT}/state").endswith("ACTIVE") and _mapped_gid_index() == 1,
+        "rxe0 port 1 ACTIVE with GID 1 = ::ffff:198.18.0.1 again",
+    )
+
+
+@pytest.fixture
+def fault():
+    if shutil.which("ip") is None:
+        pytest.skip("needs iproute2's ip to change dummy0")
+    assert _mapped_gid_index() == 1, "rxe0 is not in the state the VM set up"
+    yield
+    _restored()
+
+
+def test_missing_ipv4_gid_warns_and_prediction_matches_fallback(fault):
+    _ip("addr", "del", ADDRESS, "dev", "dummy0")
+    _wait(lambda: _mapped_gid_index() is None, "the IPv4-mapped GID to leave rxe0's table")
+    rc, out, err = run(["--json"])
+    doc, checks = checks_of(out)
+    g = checks["rdma.gids"]
+    assert g["status"] == "warn", g
+    assert "ip addr add" in g["fix"] and "dummy0" in g["fix"], g
+    port = {p["port"]: p for p in g["data"]["ports"]}["rxe0/1"]
+    assert port["ipv4_mapped_v2"] == [] and port["best_gid"].startswith("fe80:"), port
+    # The engine falls back to the same GID the doctor predicts; a warning alone exits 0.
+    e = checks["rdma.ibverbs"]
+    assert e["status"] == "ok", e
+    assert f"GID[{port['best_gid_index']}] {port['best_gid']}" in e["data"]["describe"], e
+    assert rc == 0 == doc["exit_code"], out + err
+
+
+def test_link_down_and_wrong_device_fail_when_rdma_is_needed(fault):
+    _ip("link", "set", "dev", "dummy0", "down")
+    _wait(lambda: not _read(f"{PORT}/state").endswith("ACTIVE"), "rxe0 port 1 to leave ACTIVE")
+    overlay = overlay_names()
+    var = overlay["backend.ibverbs.device"] if overlay else LEGACY_ENV["backend.ibverbs.device"]
+    rc, out, err = run(["--json", "--need", "rdma"], env={var: "mlx5_9"})
+    doc, checks = checks_of(out)
+    assert rc == 1 == doc["exit_code"], out + err
+    d = checks["rdma.devices"]
+    assert d["status"] == "fail" and "mlx5_9" in d["detail"] and "rxe0" in d["fix"], d
+    p = checks["rdma.ports"]
+    assert p["status"] == "fail" and "no ACTIVE port" in p["detail"], p
+    assert "ip link set dummy0 up" in p["fix"], p
+    assert checks["rdma.ibverbs"]["status"] == "fail" and checks["rdma.ibverbs"]["fix"]
