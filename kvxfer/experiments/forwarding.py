@@ -98,7 +98,7 @@ async def _calibrate(url: str, workload: Any, lengths: list[int]) -> dict[int, f
             ts = []
             for k in range(4):
                 rng = np.random.default_rng([7, n, k])
-                req = workload.make(scen.name, n - scen.setting_tokens, scen.output.n, rng, f"cal-{n}-{k}")
+                req = workload.make(scen.name, n - scen.setting_tokens, 1, rng, f"cal-{n}-{k}")  # TTFT only
                 r = await loadgen.send(client, req, ttft_slo_s=300.0, t0=time.monotonic())
                 if r.error:
                     raise RuntimeError(f"calibration request failed: {r.error}")
