@@ -42,10 +42,10 @@ def _prefill_side(conn, backend: str, geom_t: tuple, max_tokens: int) -> None:
     """Child process: serves its memory; answers block-by-block confirmations."""
     import kvxfer
     from kvxfer.serve import kv_transfer as kt
+    from kvxfer.serve.kv_transfer import make_engine
 
     geom = kt.KvGeometry(*geom_t)
-    kw = {"device": "127.0.0.1:0"} if backend == "tcp" else {}
-    eng = kvxfer.Engine("xfer-prefill", backends=[backend], timeout=120.0, **kw)
+    eng = make_engine("xfer-prefill", backend, timeout=120.0)
     router = kt.NotificationRouter(eng)
     kt.answer_block_acks(router, eng)
     contig = kvxfer.empty(geom.contiguous_bytes(max_tokens))
@@ -107,6 +107,7 @@ def _check_paged(pool4: np.ndarray, ids: np.ndarray, rids: np.ndarray, n_remote:
 def run(args: argparse.Namespace, out) -> list[dict]:
     import kvxfer
     from kvxfer.serve import kv_transfer as kt
+    from kvxfer.serve.kv_transfer import make_engine
     from kvxfer.serve.machine import machine
 
     geom = kt.KvGeometry(args.layers, args.kv_heads, args.head_dim, args.dtype_bytes)
@@ -121,8 +122,7 @@ def run(args: argparse.Namespace, out) -> list[dict]:
         if not parent.poll(120):
             raise RuntimeError("prefill side did not start within 120 s")
         _, blob, contig_region = parent.recv()
-        kw = {"device": "127.0.0.1:0"} if args.backend == "tcp" else {}
-        eng = kvxfer.Engine("xfer-decode", backends=[args.backend], timeout=120.0, **kw)
+        eng = make_engine("xfer-decode", args.backend, timeout=120.0)
         router = kt.NotificationRouter(eng)
         peer = eng.add_peer(blob)
         parent.send(("peer", eng.descriptor()))

@@ -83,6 +83,22 @@ class KvGeometry:
         )
 
 
+def make_engine(name: str, backend: str, timeout: float = 60.0) -> kvxfer.Engine:
+    """An engine with one backend; tcp listens on 127.0.0.1, an ephemeral port.
+
+    Works with the engine of core v1 (``device="HOST:PORT"``) and of core v2
+    (``EngineConfig.backend.tcp.listen``)."""
+    try:
+        from kvxfer.config import EngineConfig  # core v2
+    except ImportError:
+        kw = {"device": "127.0.0.1:0"} if backend == "tcp" else {}
+        return kvxfer.Engine(name, backends=[backend], timeout=timeout, **kw)
+    cfg = EngineConfig()
+    if backend == "tcp":
+        cfg.backend.tcp.listen = "127.0.0.1:0"
+    return kvxfer.Engine(name, backends=[backend], config=cfg, timeout=timeout)
+
+
 def padded_tokens(tokens: int, block_tokens: int) -> int:
     """Tokens rounded up to whole blocks: the plane length of a block-free buffer."""
     return -(-tokens // block_tokens) * block_tokens
@@ -118,12 +134,20 @@ class NotificationRouter:
         with self._lock:
             self._waiters.pop(payload, None)
 
+    def _next(self) -> list:
+        """Waits up to 0.2 s; core v1 answers a bool (then take), core v2 the notification."""
+        try:
+            got = self._engine.wait_notification(timeout=0.2)
+        except TimeoutError:  # core v2: nothing arrived
+            return []
+        if isinstance(got, bool):
+            return self._engine.notifications() if got else []
+        return [got, *self._engine.notifications()]
+
     def _run(self) -> None:
         while not self._closed.is_set():
             try:
-                if not self._engine.wait_notification(0.2):
-                    continue
-                notes = self._engine.notifications()
+                notes = self._next()
             except kvxfer.KvxferError:
                 if self._closed.is_set():
                     return

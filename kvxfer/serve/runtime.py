@@ -48,11 +48,6 @@ def shared_tensor(nbytes: int) -> torch.Tensor:
     return torch.from_numpy(kvxfer.empty(max(1, nbytes)))
 
 
-def make_engine(name: str, backend: str, timeout: float = 60.0) -> kvxfer.Engine:
-    kw = {"device": "127.0.0.1:0"} if backend == "tcp" else {}
-    return kvxfer.Engine(name, backends=[backend], timeout=timeout, **kw)
-
-
 def fill_value(request_id: str) -> float:
     """The value a profiled prefill writes into every KV element of ``request_id``."""
     return float(zlib.crc32(request_id.encode()) % 65521 + 1)

@@ -21,9 +21,8 @@ import kvxfer
 
 from . import protocol
 from .config import WorkerConfig
-from .kv_transfer import NotificationRouter
+from .kv_transfer import NotificationRouter, make_engine
 from .machine import machine
-from .runtime import make_engine
 
 
 def json_error(status: int, code: str, message: str = "") -> web.Response:
