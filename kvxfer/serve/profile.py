@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -94,6 +95,7 @@ def measure(
     from .machine import machine
     from .runtime import load_model
 
+    load_before = os.getloadavg()[0]
     _, model = load_model(model_name)
     cfg = model.config
     vocab = cfg.vocab_size
@@ -137,6 +139,7 @@ def measure(
             "torch_threads": torch.get_num_threads(),
             "decode_context": context,
             "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
             "command": "python -m kvxfer.serve.profile " + " ".join(sys.argv[1:]),
         },
     )

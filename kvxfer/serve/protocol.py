@@ -23,6 +23,20 @@ Both
 Gateway
   ``POST /v1/completions``, ``POST /v1/chat/completions`` (OpenAI-compatible, ``stream``),
   ``GET /v1/models``, ``GET /health``.
+
+Additions by the workers (H2), all backward compatible within v1 (note for the gateway, H3):
+  * ``KvRange.blocks`` (default empty): the prefill's paged block ids, used only by the two
+    paged baseline modes; block-free ranges leave it empty.
+  * ``POST /v1/peer`` may carry ``"role"``, ``"name"`` and ``"url"`` of the sender (a prefill
+    learns its decodes' URLs so); the answer also names the worker (``"name"``).
+  * A prefill honours the request header ``X-Kvxfer-Policy`` (``reject-retry`` or
+    ``local-queue``), else its own default policy.
+  * ``DoneEvent.timings`` holds the stages' times: ``prefill_wait_s``, ``prefill_s``,
+    ``prefix_len`` (tokens reused), ``decode_pick_s``, ``pending_s``, ``transfer_s``,
+    ``decode_s``, ``decode_tokens`` and ``decode`` (the decode worker's name, a string).
+  * ErrorEvent codes also include ``"canceled"`` (the caller went away).
+  * ``GET /v1/status`` adds role-specific fields (prefix hit rate, rejections, the reject
+    decision time, pool blocks, mode, machine, kvxfer stats) to :func:`worker_status`.
 """
 
 from __future__ import annotations
