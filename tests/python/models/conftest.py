@@ -7,11 +7,12 @@ import pytest
 torch = pytest.importorskip("torch", reason="the model runtime needs torch (pip install kvxfer[serve])")
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    # 2 shared cores: keep torch from oversubscribing them.
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    # 2 cores shared by several processes: one torch thread (two threads spin against each other).
+    # Session scope, so module-scoped model fixtures run under it too.
     old = torch.get_num_threads()
-    torch.set_num_threads(min(old, 2))
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
 

@@ -1,0 +1,143 @@
+"""Measures the runtime's compute speed: prefill time per prompt length, decode time per step per
+batch size. These figures are the source of the ``profiled`` compute mode (a worker sleeps
+for what the real model would take on the named machine).
+
+    python -m kvxfer.models.bench [--model smollm2|tiny] [--device cpu] [--threads N]
+                                  [--prompt-lens 64,256,1024] [--batches 1,8] [--context 256]
+                                  [--repeats 3]
+
+Prints one JSON object per line (``"kind": "prefill"`` / ``"decode"`` / ``"machine"``), each
+figure the median of ``--repeats`` timed runs after one warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from .model import Model
+from .pool import PagedKVPool, Sequence
+
+
+def machine(device: str) -> dict:
+    """What the figures were measured on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {
+        "kind": "machine",
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": device,
+        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _median_time(fn, repeats: int, device: str) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def prefill_seconds(model: Model, n_tokens: int, repeats: int = 3) -> float:
+    """Median wall time of one prefill of ``n_tokens`` tokens (first token included)."""
+    ids = [(7 * i + 3) % model.config.vocab_size for i in range(n_tokens)]
+    return _median_time(lambda: model.prefill(ids), repeats, str(model.device))
+
+
+def decode_seconds(model: Model, batch: int, context: int, repeats: int = 3, block_tokens: int = 16) -> float:
+    """Median wall time of one ``decode_step`` of ``batch`` sequences holding ``context`` tokens each."""
+    per_seq = -(-(context + repeats + 2) // block_tokens)
+    pool = PagedKVPool(model.config, per_seq * batch, block_tokens, device=model.device, dtype=model.dtype)
+    seqs = []
+    for b in range(batch):
+        seq = Sequence(f"b{b}", pool.allocate(context), context, b % model.config.vocab_size)
+        # finite, non-trivial K/V: the timing does not depend on the values
+        idx = torch.as_tensor(seq.block_table, device=pool.device)
+        pool.tensor[:, :, idx] = torch.randn_like(pool.tensor[:, :, idx]) * 0.1
+        seqs.append(seq)
+    return _median_time(lambda: model.decode_step(pool, seqs), repeats, str(model.device))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kvxfer.models.bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--prompt-lens", default="64,256,1024")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument(
+        "--context", type=int, default=256, help="tokens already in the pool per decoded sequence"
+    )
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    if args.model == "smollm2":
+        from .smollm2 import load_smollm2
+
+        _, model = load_smollm2(device=args.device, dtype=dtype)
+    else:
+        from .config import tiny_config
+
+        model = Model(tiny_config(seed=0), device=args.device, dtype=dtype)
+    name = model.config.name
+    print(json.dumps(machine(args.device)), flush=True)
+    for n in [int(x) for x in args.prompt_lens.split(",") if x]:
+        s = prefill_seconds(model, n, args.repeats)
+        row = {
+            "kind": "prefill",
+            "model": name,
+            "tokens": n,
+            "seconds": round(s, 5),
+            "tokens_per_s": round(n / s, 1),
+        }
+        print(json.dumps(row), flush=True)
+    for b in [int(x) for x in args.batches.split(",") if x]:
+        s = decode_seconds(model, b, args.context, args.repeats)
+        row = {
+            "kind": "decode",
+            "model": name,
+            "batch": b,
+            "context": args.context,
+            "ms_per_step": round(s * 1e3, 2),
+            "tokens_per_s": round(b / s, 1),
+        }
+        print(json.dumps(row), flush=True)
+    print(json.dumps({"kind": "machine_after", "loadavg_1m": os.getloadavg()[0]}), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
