@@ -302,6 +302,7 @@ def check_gids(ctx: Context) -> Check:
     if not ctx.devices:
         return Check("rdma.gids", "skip", "no RDMA device (see rdma.devices)")
     rows, problems, fixes, data = [], [], [], []
+    usable, forced_bad = 0, False  # ports kvxfer can use; a configured GID index that is absent
     gid_var, forced = ctx.env_value("backend.ibverbs.gid_index")
     for d in ctx.devices:
         for p in d.ports:
@@ -321,12 +322,15 @@ def check_gids(ctx: Context) -> Check:
                 if p.lid == 0:
                     problems.append(f"{name} has no LID")
                     fixes.append("start a subnet manager (opensm) on the fabric")
+                else:
+                    usable += best is not None
                 rows.append(f"{name} InfiniBand LID {p.lid}, GID[0] {best.text if best else 'none'}")
                 continue
             if best is None:
                 problems.append(f"{name} has no GID")
                 fixes.append(f"give {p.netdev or 'its interface'} an IPv4 address and bring it up")
                 continue
+            usable += 1
             mapped = [g for g in p.gids if g.roce_v2 and g.ipv4]
             if mapped:
                 rows.append(f"{name} GID[{best.index}] {best.text} {best.type} (kvxfer picks it)")
@@ -342,6 +346,7 @@ def check_gids(ctx: Context) -> Check:
             if forced:
                 idx = int(forced) if forced.isdigit() else -1
                 if idx not in [g.index for g in p.gids]:
+                    forced_bad = True
                     problems.append(f"{gid_var}={forced} is not a populated GID index of {name}")
                     fixes.append(f"unset {gid_var} (kvxfer picks the best GID) or name a listed index")
     if not rows and not problems:
@@ -349,7 +354,9 @@ def check_gids(ctx: Context) -> Check:
             "rdma.gids", "skip", "no ACTIVE port to read GIDs from (see rdma.ports)", data={"ports": data}
         )
     if problems:
-        status = "fail" if ctx.needed("rdma") and not rows else "warn"
+        # Fatal only when no port has a GID kvxfer can use, or the configured index is absent;
+        # a link-local fallback works within one L2 segment, so it only warns.
+        status = "fail" if ctx.needed("rdma") and (usable == 0 or forced_bad) else "warn"
         return Check(
             "rdma.gids", status, "; ".join(rows + problems), "; ".join(dict.fromkeys(fixes)), {"ports": data}
         )
