@@ -56,6 +56,8 @@ from kvxfer.device.profiles import DeviceProfile, profile
 from kvxfer.device.sim import CLOUD_ONLY, DEVICE_ONLY, METHODS, NAIVE, PD, percentile
 from kvxfer.device.timing import refined_len
 
+DISPLAY_MARGIN = 0.005  # s
+
 
 @dataclass
 class Job:
@@ -132,8 +134,10 @@ class _Session:
         self.absorbed = 0
         self.more_requests = 0
         pace = job.method == PD
+        # the pacer aims a little under theta: the display thread wakes late by a few ms on a
+        # loaded host [inferred]
         self.pacer = Pacer(
-            theta=job.theta,
+            theta=job.theta - min(DISPLAY_MARGIN, 0.1 * job.theta),
             delta_min=job.delta_min if pace else 0.0,
             handoff=max(1, job.n if job.method != CLOUD_ONLY else job.max_tokens),
         )

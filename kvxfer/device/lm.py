@@ -44,7 +44,7 @@ class LM:
             cfg = self.model.config
             h = hashlib.sha256(json.dumps(cfg.to_hf_dict(), sort_keys=True, default=str).encode())
             for t in (self.model.embed, self.model.lm_head):
-                h.update(t[: min(64, t.shape[0])].contiguous().float().numpy().tobytes())
+                h.update(t[: min(64, t.shape[0])].detach().float().cpu().contiguous().numpy().tobytes())
             if self.tokenizer is not None:
                 vocab = sorted(self.tokenizer.get_vocab().items())
                 tok = hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
@@ -88,7 +88,13 @@ class LM:
         if st.seq is None:
             n = len(st.ids)
             cfg = self.model.config
-            st.pool = PagedKVPool(cfg, num_blocks=-(-(n + max_new + 1) // BLOCK), block_tokens=BLOCK)
+            st.pool = PagedKVPool(
+                cfg,
+                num_blocks=-(-(n + max_new + 1) // BLOCK),
+                block_tokens=BLOCK,
+                device=self.model.device,
+                dtype=self.model.dtype,
+            )
             st.seq = Sequence("device", st.pool.allocate(n), n, st.next_token)
             st.pool.scatter_from_contiguous(st.kv, st.seq.block_table, n)
         st.ids.append(st.next_token)
@@ -100,10 +106,10 @@ class LM:
         return self.model.generate(ids, max_tokens)
 
 
-def tiny_lm(seed: int = 0, max_positions: int = 16384, **overrides) -> LM:
+def tiny_lm(seed: int = 0, max_positions: int = 16384, device: str = "cpu", **overrides) -> LM:
     """A seeded random tiny model (tests, timing runs): same seed, same model on both sides."""
     cfg = tiny_config(seed=seed, max_position_embeddings=max_positions, **overrides)
-    return LM(Model(cfg))
+    return LM(Model(cfg, device=device))
 
 
 def smollm2_lm() -> LM:
@@ -114,11 +120,11 @@ def smollm2_lm() -> LM:
     return LM(model, tokenizer=tok)
 
 
-def load_lm(name: str) -> LM:
+def load_lm(name: str, device: str = "cpu") -> LM:
     """``tiny[:SEED]`` or ``smollm2``."""
     if name.startswith("tiny"):
         seed = int(name.split(":", 1)[1]) if ":" in name else 0
-        return tiny_lm(seed)
+        return tiny_lm(seed, device=device)
     if name == "smollm2":
         return smollm2_lm()
     raise BadSettingsError(f"unknown model {name!r}; use tiny[:SEED] or smollm2")
