@@ -19,7 +19,9 @@ with the header ``X-Kvxfer-Policy: local-queue`` (the prefill side of that polic
 worker's). Both policies use the same code path; only the ranking and the header differ.
 
 Choices the paper leaves open [inferred]: ties in the ranking rotate round-robin; a round in
-which every candidate rejected is followed by a pause of ``retry_interval_s``; a prefill that
+which every candidate rejected is followed by a pause that starts at ``retry_interval_s`` and
+doubles each round up to ``retry_max_interval_s`` (with jitter), so many waiting requests do not
+flood the prefills with attempts that cannot succeed; a prefill that
 refuses the connection is skipped for ``down_for_s``; the first-token deadline is also enforced
 by the gateway (the upstream stream is closed when it passes), so a client never waits past it.
 
@@ -42,6 +44,7 @@ import codecs
 import contextlib
 import itertools
 import json
+import random
 import time
 import uuid
 from collections import deque
@@ -223,6 +226,7 @@ class GatewayConfig:
     default_max_tokens: int = 64
     batch_forwarding: bool = True
     retry_interval_s: float = 0.002
+    retry_max_interval_s: float = 0.01
     down_for_s: float = 1.0
     stream_idle_timeout_s: float = 60.0  # longest gap allowed between two tokens once accepted
     enforce_first_token_deadline: bool = True
@@ -260,6 +264,43 @@ class RequestRecord:
     @property
     def ttft_s(self) -> float | None:
         return None if self.first_token is None else self.first_token - self.arrival
+
+
+class _FifoGate:
+    """One holder at a time, the others in arrival order; ``enter`` gives up after ``timeout``."""
+
+    def __init__(self) -> None:
+        self.held = False
+        self.waiters: deque[asyncio.Future] = deque()
+
+    async def enter(self, timeout: float) -> bool:
+        if not self.held and not self.waiters:
+            self.held = True
+            return True
+        if timeout <= 0:
+            return False
+        fut = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout)
+            return True
+        except BaseException as e:
+            if fut.done():  # handed to us as we gave up: pass it on
+                self.leave()
+            else:
+                fut.cancel()
+                self.waiters.remove(fut)
+            if isinstance(e, asyncio.TimeoutError):
+                return False
+            raise
+
+    def leave(self) -> None:
+        while self.waiters:
+            fut = self.waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)  # stays held: handed over
+                return
+        self.held = False
 
 
 class _Rejected(Exception):
@@ -302,6 +343,8 @@ class Gateway:
         self._sticky: dict[str, str] = {}  # scenario -> the prefill that accepted last (batch forwarding)
         self._down_until: dict[str, float] = {}
         self._rr = itertools.count()
+        self._jitter = random.Random(0)
+        self._gates: dict[str, _FifoGate] = {}
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self.url: str | None = None
@@ -409,7 +452,26 @@ class Gateway:
                 self.open_streams[url] -= 1
 
     async def _forward(self, req: protocol.PrefillRequest, rec: RequestRecord) -> aiohttp.ClientResponse:
-        """Find a prefill that accepts, or raise :class:`_Terminal` at the deadline."""
+        """Find a prefill that accepts, or raise :class:`_Terminal` at the deadline.
+
+        Reject-retry: the requests of one scenario take turns in arrival order (a FIFO gate), so
+        one request at a time probes the prefills and the others wait at the gateway [paper:
+        requests sit at the gateway]; without the gate, every waiting request would poll every
+        prefill [inferred]. Local-queue needs no gate: the prefill queues the request."""
+        if self.config.policy != "reject-retry":
+            return await self._forward_loop(req, rec)
+        gate = self._gates.setdefault(rec.scenario, _FifoGate())
+        if not await gate.enter(req.deadline - time.time()):
+            raise _Terminal(
+                "deadline", "TTFT deadline passed while waiting at the gateway for a prefill", 504
+            )
+        try:
+            return await self._forward_loop(req, rec)
+        finally:
+            gate.leave()
+
+    async def _forward_loop(self, req: protocol.PrefillRequest, rec: RequestRecord) -> aiohttp.ClientResponse:
+        rounds = 0
         while True:
             tried = False
             for url in self.candidates(rec.scenario):
@@ -436,7 +498,9 @@ class Gateway:
                 raise _Terminal(
                     "deadline", f"TTFT deadline passed at the gateway: {why} ({rec.attempts} attempts)", 504
                 )
-            await asyncio.sleep(min(self.config.retry_interval_s, remaining))
+            rounds += 1
+            pause = min(self.config.retry_max_interval_s, self.config.retry_interval_s * 2 ** (rounds - 1))
+            await asyncio.sleep(min(pause * (0.5 + 0.5 * self._jitter.random()), remaining))
 
     async def _events(self, resp: aiohttp.ClientResponse, rec: RequestRecord):
         """Yield NDJSON events of an accepted stream, enforcing the first-token deadline."""

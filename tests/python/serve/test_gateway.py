@@ -331,6 +331,46 @@ def test_local_queue_counts_queued_streams_and_ends_them_at_the_deadline():
     run(body())
 
 
+def test_waiting_requests_take_turns_in_arrival_order_and_one_probes_at_a_time():
+    async def body():
+        a = StubPrefill("a", slots=1, token_delay=0.1)
+        gw = await _setup([a])
+        client = _client(gw)
+        try:
+            tasks = []
+            for i in range(4):  # each holds the one slot ~0.2 s; they queue at the gateway
+                p = f"r{i}"
+                tasks.append(
+                    asyncio.create_task(client.completions.create(model="k", prompt=p, max_tokens=3))
+                )
+                await asyncio.sleep(0.02)
+            out = [r.choices[0].text for r in await asyncio.gather(*tasks)]
+            assert out == ["0r", "1r", "2r", "3r"]
+            accepted = [rid for (_, rid, _, st) in a.log if st == 200]
+            arrival = [r.request_id for r in gw.records]
+            assert accepted == arrival  # FIFO at the gateway
+            # ten requests waiting together for 0.5 s: one probes at a time, not ten
+            a.token_delay = 1.0
+            hold = asyncio.create_task(client.completions.create(model="k", prompt="ab", max_tokens=2))
+            await asyncio.sleep(0.1)
+            before = len(a.log)
+            waiting = [
+                client.completions.create(model="k", prompt="x", max_tokens=1, extra_body={"ttft_slo_s": 0.5})
+                for _ in range(10)
+            ]
+            res = await asyncio.gather(*waiting, return_exceptions=True)
+            assert all(isinstance(r, openai.APIStatusError) and r.body["code"] == "deadline" for r in res)
+            probes = len(a.log) - before
+            assert 5 <= probes <= 150, probes  # ~one poller with backoff; ten pollers would be ~10x
+            await hold
+        finally:
+            await client.close()
+            await gw.stop()
+            await a.stop()
+
+    run(body())
+
+
 def test_two_gateways_share_prefills_without_coordination():
     """Two gateways, two one-slot prefills, eight concurrent requests: every one is served,
     no prefill ever runs two at once, and the gateways learn of full prefills only by 429."""
