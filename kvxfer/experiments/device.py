@@ -59,7 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ttft-slo", type=float, default=1.0)
     ap.add_argument("--cloud-device", default="cpu", help="torch device of the cloud's model")
     ap.add_argument("--regret-rows", type=int, default=None)
+    ap.add_argument("--save", default=None, help="write rows and the timelines as JSON (for --replot)")
+    ap.add_argument("--replot", default=None, help="plot a file written by --save instead of running")
     a = ap.parse_args(argv)
+    if a.replot:
+        saved = json.loads(Path(a.replot).read_text())
+        _plot(
+            saved["rows"], {int(k): v for k, v in saved["timelines"].items()}, a.plot or "device.png", THETA
+        )
+        if not a.json:
+            _table(saved["rows"])
+        return 0
 
     import torch
 
@@ -305,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if not a.json:
         _table(rows)
+    if a.save:
+        keep = ("shown_s", "arrived_s", "sources", "handoff", "tokens")
+        tl = {L: {k: v[k] for k in keep} for L, v in timelines.items()}
+        Path(a.save).write_text(json.dumps({"rows": rows, "timelines": tl}))
     if a.plot:
         _plot(rows, timelines, a.plot, THETA)
         _log(f"plot written to {a.plot}")
