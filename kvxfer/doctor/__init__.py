@@ -20,7 +20,16 @@ import socket
 import sys
 
 from ..errors import KvxferError
-from . import checks_config, checks_cuda, checks_net, checks_rdma, checks_shm, sysfs
+from . import (
+    checks_config,
+    checks_cuda,
+    checks_memlock,
+    checks_net,
+    checks_rdma,
+    checks_rxe,
+    checks_shm,
+    sysfs,
+)
 from .context import DEFAULT_POOL_BYTES, NEEDS, Context, human_bytes, overlay_names, parse_size, resolve_need
 from .report import Check, exit_code, to_json, to_table
 
@@ -74,12 +83,12 @@ def run_checks(
     steps = [
         ("backends", lambda: check_backends(ctx)),
         ("config.env", lambda: checks_config.check_env(ctx)),
-        ("memlock", lambda: checks_rdma.check_memlock(ctx)),
+        ("memlock", lambda: checks_memlock.check_memlock(ctx)),
         ("rdma.devices", lambda: checks_rdma.check_devices(ctx)),
         ("rdma.ports", lambda: checks_rdma.check_ports(ctx)),
         ("rdma.gids", lambda: checks_rdma.check_gids(ctx)),
         ("rdma.ibverbs", lambda: checks_rdma.check_ibverbs(ctx)),
-        ("rdma.rxe", lambda: checks_rdma.check_rxe(ctx)),
+        ("rdma.rxe", lambda: checks_rxe.check_rxe(ctx)),
         ("cuda.driver", lambda: checks_cuda.check_driver(ctx, cuda)),
         ("cuda.gpu_registration", lambda: checks_cuda.check_gpu_registration(ctx, cuda)),
         ("shm.cross_process", lambda: checks_shm.check_cross_process(ctx)),
