@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from kvxfer.device.errors import BadSettingsError
 from kvxfer.device.lm import LM, KvState, smollm2_lm
 from kvxfer.device.refiner import cloud_prefill, refine
 
@@ -136,10 +137,14 @@ def measure(lm: LM, prompts: list[dict], rhos=RHOS, max_tokens: int = 8, random_
     }
 
 
-def load_curve(path: Path | str = CURVE):
-    """``quality(rho)``: the measured agreement, linear between measured rhos."""
+def load_curve(path: Path | str = CURVE, metric: str = "accuracy"):
+    """``quality(rho)`` from the measured curve: ``metric`` is "accuracy" (share of answers naming
+    the right city) or "agreement" (share identical to the full prompt's answer), linear
+    between measured rhos."""
     data = json.loads(Path(path).read_text())
-    pts = sorted((r["rho"], r["agreement"]) for r in data["curve"] if r["kind"] == "mass")
+    if metric not in ("accuracy", "agreement"):
+        raise BadSettingsError(f"quality metric must be accuracy or agreement, got {metric!r}")
+    pts = sorted((r["rho"], r[metric]) for r in data["curve"] if r["kind"] == "mass")
 
     def quality(rho: float) -> float:
         if rho >= pts[-1][0]:

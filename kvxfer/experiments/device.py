@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ttft-slo", type=float, default=1.0)
     ap.add_argument("--cloud-device", default="cpu", help="torch device of the cloud's model")
     ap.add_argument("--regret-rows", type=int, default=None)
+    ap.add_argument("--quality-metric", default="accuracy", choices=("accuracy", "agreement"))
+    ap.add_argument("--q-min", type=float, default=0.9)
     ap.add_argument("--save", default=None, help="write rows and the timelines as JSON (for --replot)")
     ap.add_argument("--replot", default=None, help="plot a file written by --save instead of running")
     a = ap.parse_args(argv)
@@ -93,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     repeats = a.repeats or (1 if a.quick else 3)
     regret_rows = a.regret_rows if a.regret_rows is not None else (150 if a.quick else 2000)
     prof = load_profiles()[a.profile]
-    quality_curve = load_curve() if CURVE.exists() else (lambda rho: 1.0 if rho >= 1 else 0.0)
-    policy = Policy(ttft_slo=a.ttft_slo, theta=THETA)
+    quality_curve = load_curve(metric=a.quality_metric) if CURVE.exists() else (lambda rho: float(rho >= 1))
+    agreement_curve = load_curve(metric="agreement") if CURVE.exists() else (lambda rho: float(rho >= 1))
+    policy = Policy(ttft_slo=a.ttft_slo, theta=THETA, q_min=a.q_min)
     machine = (
         f"{platform.node()} {platform.machine()} cpus={os.cpu_count()} python {platform.python_version()}"
     )
@@ -222,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                         n=st.n,
                         rho=st.rho,
                         quality_curve=quality_curve(st.rho),
+                        agreement_curve=agreement_curve(st.rho),
                         handoff=rs[0]["handoff"],
                         more_requests=rs[0]["more_requests"],
                     )
@@ -285,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         from kvxfer.device import regret, trace
 
         t0 = time.time()
-        res = regret.run(trace.load("conv", regret_rows), quality_curve, Policy(theta=THETA))
+        res = regret.run(trace.load("conv", regret_rows), quality_curve, Policy(theta=THETA, q_min=a.q_min))
         emit(
             {
                 "experiment": "device",
