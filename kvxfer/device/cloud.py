@@ -14,8 +14,8 @@ steps) is accounted in :attr:`CloudHelper.accounts` and sent in the ``done`` mes
 
 Backend [inferred]: the model runs in this helper, as on a P/D-Serve prefill worker that keeps the
 request for its first n tokens; the refiner needs the prefill's attention mass, which the
-P/D-Serve gateway does not return. The cloud-only baseline can also be run on the P/D-Serve
-gateway (:func:`gateway_stream`).
+P/D-Serve gateway does not return. With ``gateway=URL`` the tokens come from a P/D-Serve
+deployment instead (rho = 1 only).
 """
 
 from __future__ import annotations
@@ -59,8 +59,14 @@ class Account:
 
 
 class CloudHelper:
-    def __init__(self, lm: LM, host: str = "127.0.0.1", port: int = 0) -> None:
+    """``gateway``: the URL of a P/D-Serve gateway. Without it the helper runs the model itself;
+    with it every token comes from P/D-Serve (``lm`` then only names the model for the identity
+    check, and refinement is not available: the gateway does not return the prefill's attention
+    mass, so rho < 1 is served as rho = 1 and the first token carries no refined prompt)."""
+
+    def __init__(self, lm: LM, host: str = "127.0.0.1", port: int = 0, gateway: str | None = None) -> None:
         self.lm = lm
+        self.gateway = gateway.rstrip("/") if gateway else None
         self.host, self.port = host, port
         self.identity = lm.identity()
         self.accounts: dict[str, Account] = {}
@@ -178,6 +184,14 @@ class CloudHelper:
                 changed.set()
 
         ctl_task = asyncio.create_task(control())
+        if self.gateway:
+            try:
+                await self._serve_gateway(writer, acc, ids, g, stops, ctl, changed)
+            finally:
+                ctl_task.cancel()
+                with contextlib.suppress(BaseException):
+                    await ctl_task
+            return
         try:
             cp, acc.prefill_s = await self._compute(cloud_prefill, self.lm, ids, rho < 1, max(32, q_len))
             first = {"type": "token", "index": 0, "token_id": cp.first_token}
@@ -232,33 +246,85 @@ class CloudHelper:
             with contextlib.suppress(BaseException):
                 await ctl_task
 
+    async def _serve_gateway(self, writer, acc: Account, ids, g, stops, ctl, changed) -> None:
+        """Tokens from the P/D-Serve gateway: one streaming completion with max_tokens = quota;
+        ``more``/``finish`` past it start a continuation (prompt + tokens so far); ``caught_up``
+        or a hang-up closes the stream, which stops the deployment's decode. Busy time is the
+        wall time of each gateway stream (an upper bound: it includes queueing and transfer)."""
+        import aiohttp
 
-async def gateway_stream(gateway_url: str, prompt_ids: list[int], max_tokens: int, model: str = "default"):
-    """Cloud-only on P/D-Serve: yields ``(arrival_time, token_index)`` from the gateway's
-    OpenAI-compatible streaming completion of ``prompt_ids``."""
-    import aiohttp
-
-    body = {"model": model, "prompt": prompt_ids, "max_tokens": max_tokens, "stream": True, "temperature": 0}
-    async with aiohttp.ClientSession() as s, s.post(f"{gateway_url}/v1/completions", json=body) as r:
-        r.raise_for_status()
-        i = 0
-        async for raw in r.content:
-            line = raw.decode().strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            yield time.monotonic(), i, json.loads(line[5:])
-            i += 1
+        out: list[int] = []
+        reason = "quota"
+        async with aiohttp.ClientSession() as http:
+            while True:
+                want = min(ctl["quota"], g) - len(out)
+                if want <= 0 or ctl["stop"]:
+                    if ctl["stop"]:
+                        reason = ctl["stop"]
+                        break
+                    changed.clear()
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(changed.wait(), LINGER)
+                    if min(ctl["quota"], g) - len(out) <= 0 and not ctl["stop"]:
+                        reason = "length" if len(out) >= g else "quota"
+                        break
+                    continue
+                body = {"model": "tiny", "prompt": ids + out, "max_tokens": want, "stream": True}
+                t0 = time.perf_counter()
+                ended = False
+                async with http.post(f"{self.gateway}/v1/completions", json=body) as r:
+                    if r.status != 200:
+                        raise BadSettingsError(f"P/D-Serve gateway answered {r.status}: {await r.text()}")
+                    async for raw in r.content:
+                        line = raw.decode().strip()
+                        if not line.startswith("data:") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[5:])
+                        if "error" in chunk:
+                            raise BadSettingsError(f"P/D-Serve stream error: {chunk['error']}")
+                        tid = chunk.get("kvxfer", {}).get("token_id")
+                        if tid is None:
+                            continue
+                        msg = {"type": "token", "index": len(out), "token_id": int(tid)}
+                        out.append(int(tid))
+                        writer.write(wire.encode(msg))
+                        await writer.drain()
+                        if tid in stops:
+                            ended, reason = True, "stop"
+                            break
+                        if ctl["stop"]:
+                            break  # leaving the block closes the stream: the deployment stops decoding
+                if not acc.prefill_s:
+                    acc.prefill_s = time.perf_counter() - t0  # the first stream: prefill and its tokens
+                else:
+                    acc.decode_s += time.perf_counter() - t0
+                if ended:
+                    break
+        acc.tokens, acc.reason = len(out), reason
+        writer.write(
+            wire.encode(
+                {
+                    "type": "done",
+                    "reason": reason,
+                    "cloud_busy_s": acc.busy_s,
+                    "cloud_tokens": len(out),
+                    "cloud_prefill_s": acc.prefill_s,
+                }
+            )
+        )
+        await writer.drain()
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kvxfer.device.cloud", description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="tiny:0")
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--gateway", default=None, help="URL of a P/D-Serve gateway to take the tokens from")
     a = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
-    helper = CloudHelper(load_lm(a.model), port=a.port)
+    helper = CloudHelper(load_lm(a.model), port=a.port, gateway=a.gateway)
     port = helper.start()
     print(json.dumps({"port": port, **helper.identity}), flush=True)
     try:

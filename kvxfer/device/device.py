@@ -213,6 +213,8 @@ class _Session:
                         self.cloud_tokens.append(int(m["token_id"]))
                         if "refined" in m:
                             self.refined = [int(i) for i in m["refined"]]
+                        elif m["index"] == 0:
+                            self.applied = True  # no refinement from this cloud: keep the raw prompt
                         self.pacer.cloud_token(m["index"], int(m["token_id"]), t)
                         extra = self._replan()
                         if extra:

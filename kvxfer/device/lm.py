@@ -120,8 +120,19 @@ def smollm2_lm() -> LM:
     return LM(model, tokenizer=tok)
 
 
+def serve_tiny_lm(seed: int = 0, device: str = "cpu") -> LM:
+    """The tiny model a P/D-Serve deployment runs for ``model="tiny"`` (mirrors
+    ``kvxfer.serve.runtime.tiny_model_config``: vocabulary 512 for its byte tokenizer, 4096
+    positions), so a device can share a session with the P/D-Serve gateway."""
+    cfg = tiny_config(seed=seed, vocab_size=512, max_position_embeddings=4096)
+    return LM(Model(cfg, device=device), tokenizer_id="bytes:512")
+
+
 def load_lm(name: str, device: str = "cpu") -> LM:
-    """``tiny[:SEED]`` or ``smollm2``."""
+    """``tiny[:SEED]``, ``serve-tiny[:SEED]`` or ``smollm2``."""
+    if name.startswith("serve-tiny"):
+        seed = int(name.split(":", 1)[1]) if ":" in name else 0
+        return serve_tiny_lm(seed, device=device)
     if name.startswith("tiny"):
         seed = int(name.split(":", 1)[1]) if ":" in name else 0
         return tiny_lm(seed, device=device)
