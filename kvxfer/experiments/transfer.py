@@ -119,8 +119,12 @@ def run(args: argparse.Namespace, out) -> list[dict]:
     proc.start()
     results: list[dict] = []
     try:
-        if not parent.poll(120):
-            raise RuntimeError("prefill side did not start within 120 s")
+        deadline = time.monotonic() + 120
+        while not parent.poll(0.2):
+            if not proc.is_alive():
+                raise RuntimeError(f"prefill side exited with code {proc.exitcode} before it was ready")
+            if time.monotonic() > deadline:
+                raise RuntimeError("prefill side did not start within 120 s")
         _, blob, contig_region = parent.recv()
         eng = make_engine("xfer-decode", args.backend, timeout=120.0)
         router = kt.NotificationRouter(eng)
