@@ -56,26 +56,34 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median_time(fn, repeats: int, device: str) -> float:
+def _median_time(fn, repeats: int, device: str) -> tuple[float, float]:
+    """(median wall seconds, median CPU seconds of this process) over ``repeats`` runs after a warm-up.
+
+    The CPU figure is what the run costs when the cores are not shared; on a loaded machine
+    the wall figure also counts the time other processes held the cores.
+    """
     fn()  # warm-up
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    return statistics.median(wall), statistics.median(cpu)
 
 
-def prefill_seconds(model: Model, n_tokens: int, repeats: int = 3) -> float:
-    """Median wall time of one prefill of ``n_tokens`` tokens (first token included)."""
+def prefill_seconds(model: Model, n_tokens: int, repeats: int = 3) -> tuple[float, float]:
+    """(wall, CPU) median seconds of one prefill of ``n_tokens`` tokens (first token included)."""
     ids = [(7 * i + 3) % model.config.vocab_size for i in range(n_tokens)]
     return _median_time(lambda: model.prefill(ids), repeats, str(model.device))
 
 
-def decode_seconds(model: Model, batch: int, context: int, repeats: int = 3, block_tokens: int = 16) -> float:
-    """Median wall time of one ``decode_step`` of ``batch`` sequences holding ``context`` tokens each."""
+def decode_seconds(
+    model: Model, batch: int, context: int, repeats: int = 3, block_tokens: int = 16
+) -> tuple[float, float]:
+    """(wall, CPU) median seconds of one ``decode_step``: ``batch`` sequences of ``context`` tokens."""
     per_seq = -(-(context + repeats + 2) // block_tokens)
     pool = PagedKVPool(model.config, per_seq * batch, block_tokens, device=model.device, dtype=model.dtype)
     seqs = []
@@ -90,7 +98,12 @@ def decode_seconds(model: Model, batch: int, context: int, repeats: int = 3, blo
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kvxfer.models.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    ap.add_argument(
+        "--model",
+        choices=["smollm2", "smollm2-shape", "tiny"],
+        default="smollm2",
+        help="smollm2-shape: SmolLM2's shape with random weights (no weight files needed)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -108,24 +121,29 @@ def main(argv: list[str] | None = None) -> int:
         from .smollm2 import load_smollm2
 
         _, model = load_smollm2(device=args.device, dtype=dtype)
+    elif args.model == "smollm2-shape":
+        from .smollm2 import smollm2_config
+
+        model = Model(smollm2_config(), device=args.device, dtype=dtype)
     else:
         from .config import tiny_config
 
         model = Model(tiny_config(seed=0), device=args.device, dtype=dtype)
-    name = model.config.name
+    name = model.config.name + (" (random weights)" if args.model == "smollm2-shape" else "")
     print(json.dumps(machine(args.device)), flush=True)
     for n in [int(x) for x in args.prompt_lens.split(",") if x]:
-        s = prefill_seconds(model, n, args.repeats)
+        s, cpu = prefill_seconds(model, n, args.repeats)
         row = {
             "kind": "prefill",
             "model": name,
             "tokens": n,
             "seconds": round(s, 5),
             "tokens_per_s": round(n / s, 1),
+            "cpu_seconds": round(cpu, 5),
         }
         print(json.dumps(row), flush=True)
     for b in [int(x) for x in args.batches.split(",") if x]:
-        s = decode_seconds(model, b, args.context, args.repeats)
+        s, cpu = decode_seconds(model, b, args.context, args.repeats)
         row = {
             "kind": "decode",
             "model": name,
@@ -133,9 +151,10 @@ def main(argv: list[str] | None = None) -> int:
             "context": args.context,
             "ms_per_step": round(s * 1e3, 2),
             "tokens_per_s": round(b / s, 1),
+            "cpu_ms_per_step": round(cpu * 1e3, 2),
         }
         print(json.dumps(row), flush=True)
-    print(json.dumps({"kind": "machine_after", "loadavg_1m": os.getloadavg()[0]}), file=sys.stderr)
+    print(json.dumps({"kind": "machine_after", "loadavg_1m": os.getloadavg()[0]}), flush=True)
     return 0
 
 

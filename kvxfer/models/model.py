@@ -9,6 +9,7 @@ state-dict names, so one state dict loads into this model and into ``LlamaForCau
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 from collections.abc import Sequence as SequenceT
@@ -277,7 +278,6 @@ class Model:
                     f"got {list(prefix_kv.shape)}"
                 )
 
-        n = n_tok - p
         x = self.embed[torch.as_tensor(ids[p:], device=self.device)]
         cos, sin = self._rope(torch.arange(p, n_tok, device=self.device))
         # causal: query i (position p + i) sees keys 0 .. p + i
@@ -286,6 +286,22 @@ class Model:
             <= torch.arange(p, n_tok, device=self.device)[:, None]
         )
         mass = torch.zeros(n_tok, dtype=torch.float32, device=self.device) if return_attention_mass else None
+        with _attention_backends(self.device):
+            x = self._prefill_layers(x, cos, sin, kv, prefix_kv, p, n_tok, causal, mass)
+        if t_pad > n_tok:
+            kv[:, :, n_tok:].zero_()
+        first = int(self._logits(x[-1:]).argmax(-1).item())
+        return PrefillResult(
+            first_token=first,
+            kv=kv,
+            num_tokens=n_tok,
+            prefix_len=p,
+            attention_mass=None if mass is None else mass.cpu(),
+        )
+
+    def _prefill_layers(self, x, cos, sin, kv, prefix_kv, p, n_tok, causal, mass):
+        c = self.config
+        n = n_tok - p
         first_mass_layer = c.num_layers - self.attention_mass_layers
         for li, lay in enumerate(self.layers):
             q, k, v = self._qkv(lay, x, cos, sin)
@@ -304,20 +320,14 @@ class Model:
                 probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
                 mass += probs.sum(dim=(0, 1))
                 att = probs.to(self.dtype) @ vh
-            else:
-                att = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal, scale=self._scale)
+            else:  # 4-D [1, H, T, D]: the fused CUDA kernels take only that
+                mask = None if p == 0 else causal  # a plain causal square: torch's flash kernel
+                att = F.scaled_dot_product_attention(
+                    qh[None], kh[None], vh[None], attn_mask=mask, is_causal=p == 0, scale=self._scale
+                )[0]
             x = x + att.transpose(0, 1).reshape(n, -1) @ lay.wo.T
             x = x + self._mlp(lay, x)
-        if t_pad > n_tok:
-            kv[:, :, n_tok:].zero_()
-        first = int(self._logits(x[-1:]).argmax(-1).item())
-        return PrefillResult(
-            first_token=first,
-            kv=kv,
-            num_tokens=n_tok,
-            prefix_len=p,
-            attention_mass=None if mass is None else mass.cpu(),
-        )
+        return x
 
     def _kv_view(self, kv_out, shape: tuple[int, ...]) -> torch.Tensor:
         if kv_out is None:
@@ -398,9 +408,13 @@ class Model:
             flat[li, 1].index_copy_(0, write, v.to(pool.dtype))
             keys = flat[li, 0].index_select(0, slots).view(bsz, span, c.num_kv_heads, c.head_dim)
             vals = flat[li, 1].index_select(0, slots).view(bsz, span, c.num_kv_heads, c.head_dim)
-            kh = keys.to(self.dtype).transpose(1, 2).repeat_interleave(self._group, dim=1)  # [B, Hq, span, D]
-            vh = vals.to(self.dtype).transpose(1, 2).repeat_interleave(self._group, dim=1)
-            att = F.scaled_dot_product_attention(q[:, :, None, :], kh, vh, attn_mask=mask, scale=self._scale)
+            # One query per sequence: plain matmuls, query heads grouped under their KV head
+            # (no K/V repeat). SDPA is avoided here: on CUDA its cuDNN path rebuilds a graph for
+            # every new span, i.e. every step.
+            qg = q.view(bsz, c.num_kv_heads, self._group, c.head_dim)
+            scores = (qg @ keys.to(self.dtype).permute(0, 2, 3, 1)).float() * self._scale  # [B, Hkv, G, span]
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(self.dtype)
+            att = probs @ vals.to(self.dtype).transpose(1, 2)  # [B, Hkv, G, D]
             x = x + att.reshape(bsz, -1) @ lay.wo.T
             x = x + self._mlp(lay, x)
         nxt = self._logits(x).argmax(-1).tolist()
@@ -465,6 +479,15 @@ class Model:
             if t in stops:
                 break
         return out
+
+
+def _attention_backends(device: torch.device):
+    """SDPA without cuDNN on CUDA: its graph is built per shape (tens of ms), and prompts vary."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 def _round_up(n: int, m: int) -> int:

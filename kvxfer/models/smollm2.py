@@ -39,7 +39,7 @@ from .model import Model
 
 NAME = "SmolLM2-135M-Instruct"
 CACHE_SUBDIR = "smollm2-135m"
-FORMAT_VERSION = 1  # bump when the cached files change meaning
+FORMAT_VERSION = 2  # bump when the cached files change meaning
 _FILES = ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "kvxfer.json")
 
 
@@ -49,6 +49,27 @@ def cache_root() -> Path:
 
 def default_cache_dir() -> Path:
     return cache_root() / CACHE_SUBDIR
+
+
+def smollm2_config() -> ModelConfig:
+    """SmolLM2-135M's shape without its weights (e.g. ``Model(smollm2_config())`` for timing on a
+    machine that lacks the weights: compute time does not depend on the values)."""
+    return ModelConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        name=NAME,
+    )
 
 
 def find_gguf() -> Path:
@@ -83,6 +104,11 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _f32(v) -> float:
+    # GGUF stores these as float32: 1e-5 reads back as 9.99999974e-06; keep the intended decimal
+    return float(str(np.float32(v)))
+
+
 def _hf_config(reader) -> dict:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
@@ -108,8 +134,8 @@ def _hf_config(reader) -> dict:
         "num_key_value_heads": int(_field(reader, "llama.attention.head_count_kv") or heads),
         "head_dim": int(_field(reader, "llama.rope.dimension_count") or hidden // heads),
         "max_position_embeddings": int(req("context_length")),
-        "rope_theta": float(_field(reader, "llama.rope.freq_base") or 10000.0),
-        "rms_norm_eps": float(req("attention.layer_norm_rms_epsilon")),
+        "rope_theta": _f32(_field(reader, "llama.rope.freq_base") or 10000.0),
+        "rms_norm_eps": _f32(req("attention.layer_norm_rms_epsilon")),
         "tie_word_embeddings": "output.weight" not in names,
         "hidden_act": "silu",
         "attention_bias": False,

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 torch = pytest.importorskip("torch", reason="the model runtime needs torch (pip install kvxfer[serve])")
+
+# Device of the tiny-model tests: cpu here; KVXFER_TEST_DEVICE=cuda runs them on a GPU.
+DEVICE = os.environ.get("KVXFER_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -24,6 +29,7 @@ def hf_llama(cfg, state_dict, attn="sdpa"):
     hcfg._attn_implementation = attn
     model = transformers.LlamaForCausalLM(hcfg).eval()
     res = model.load_state_dict(state_dict, strict=False)
+    model.to(DEVICE)
     # tied models have no lm_head.weight in the state dict; anything else must match exactly
     assert not res.unexpected_keys, res.unexpected_keys
     assert set(res.missing_keys) <= ({"lm_head.weight"} if cfg.tie_word_embeddings else set()), (
@@ -34,7 +40,7 @@ def hf_llama(cfg, state_dict, attn="sdpa"):
 
 def hf_greedy(model, ids, n):
     """n greedy tokens from transformers' generate (KV-cached, no early stop)."""
-    inp = torch.tensor([ids])
+    inp = torch.tensor([ids], device=model.device)
     with torch.no_grad():
         out = model.generate(
             inp,

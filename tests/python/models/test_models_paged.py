@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import DEVICE
 
 from kvxfer.models import Model, PagedKVPool, Sequence, tiny_config
 
 
 @pytest.fixture(scope="module")
 def model():
-    return Model(tiny_config(seed=7, num_layers=2))
+    return Model(tiny_config(seed=7, num_layers=2), device=DEVICE)
 
 
 def _prompt(model, n, seed):
@@ -21,7 +22,7 @@ def _prompt(model, n, seed):
 
 def test_continuous_batching_equals_single_sequence_generate(model):
     bt = 4
-    pool = PagedKVPool(model.config, num_blocks=64, block_tokens=bt)
+    pool = PagedKVPool(model.config, num_blocks=64, block_tokens=bt, device=DEVICE)
     # fragment the free list so block tables are not runs of consecutive ids
     held = pool.allocate(40 * bt)  # 40 blocks
     pool.free(held[::2])
@@ -105,12 +106,12 @@ def test_prefill_buffer_padding_and_kv_out(model):
     buf = torch.full((need + 100,), 0xAB, dtype=torch.uint8)
     res2 = model.prefill(ids, kv_out=buf, pad_to=8)
     assert res2.kv.data_ptr() == buf.data_ptr()
-    assert torch.equal(res2.kv, res.kv)
+    assert torch.equal(res2.kv, res.kv.cpu())  # kv_out may live on another device
     assert bytes(buf[need:].numpy()) == b"\xab" * 100
     # a numpy buffer (e.g. kvxfer.empty) works the same
     arr = np.zeros(need, np.uint8)
     res3 = model.prefill(ids, kv_out=arr, pad_to=8)
-    assert torch.equal(torch.from_numpy(arr).view(torch.float32).view(res.kv.shape), res.kv)
+    assert torch.equal(torch.from_numpy(arr).view(torch.float32).view(res.kv.shape), res.kv.cpu())
     assert res3.first_token == res.first_token
 
 
@@ -127,7 +128,7 @@ def test_prefix_reuse_equals_full_prefill(model, prefix_len):
     torch.testing.assert_close(res.kv, full.kv, rtol=1e-5, atol=1e-6)
     # and decoding from the reused KV continues token for token like the full prompt
     want = model.generate(ids, 10)
-    pool = PagedKVPool(model.config, num_blocks=16, block_tokens=4)
+    pool = PagedKVPool(model.config, num_blocks=16, block_tokens=4, device=DEVICE)
     seq = Sequence("p", pool.allocate(21), 21, res.first_token)
     pool.scatter_from_contiguous(res.kv, seq.block_table)
     got = [res.first_token] + [model.decode_step(pool, [seq])[0] for _ in range(9)]
@@ -137,7 +138,7 @@ def test_prefix_reuse_equals_full_prefill(model, prefix_len):
 def test_scatter_gather_roundtrip_partial_block(model):
     ids = _prompt(model, 10, seed=5)
     res = model.prefill(ids)
-    pool = PagedKVPool(model.config, num_blocks=8, block_tokens=4)
+    pool = PagedKVPool(model.config, num_blocks=8, block_tokens=4, device=DEVICE)
     pool.tensor.fill_(7.0)
     blocks = [5, 0, 6]
     pool.scatter_from_contiguous(res.kv, blocks)
@@ -154,3 +155,28 @@ def test_generate_stop_tokens(model):
     first = full.index(stop)
     assert model.generate(ids, 12, stop_token_ids=[stop]) == full[: first + 1]
     assert model.generate(ids, 0) == []
+
+
+def test_bfloat16_kv_and_batched_decode():
+    """Half-size KV (what a GPU deployment runs): buffer and pool in bf16, batched == alone."""
+    m32 = Model(tiny_config(seed=8), device=DEVICE)
+    m16 = Model(tiny_config(seed=8), device=DEVICE, dtype=torch.bfloat16)
+    assert m16.kv_bytes_per_token * 2 == m32.kv_bytes_per_token
+    ids = _prompt(m16, 9, seed=1)
+    r16, r32 = m16.prefill(ids, pad_to=4), m32.prefill(ids, pad_to=4)
+    assert r16.kv.dtype == torch.bfloat16 and r16.kv.shape == r32.kv.shape
+    torch.testing.assert_close(r16.kv.float(), r32.kv, rtol=0.05, atol=0.05)
+    pool = PagedKVPool(m16.config, num_blocks=16, block_tokens=4, device=DEVICE, dtype=torch.bfloat16)
+    assert pool.block_bytes == 4 * m16.config.num_kv_heads * m16.config.head_dim * 2
+    prompts = [ids, _prompt(m16, 3, seed=2)]
+    want = [m16.generate(p, 6, block_tokens=4) for p in prompts]
+    seqs, outs = [], []
+    for i, p in enumerate(prompts):
+        r = m16.prefill(p, pad_to=4)
+        seqs.append(Sequence(str(i), pool.allocate(len(p)), len(p), r.first_token))
+        pool.scatter_from_contiguous(r.kv, seqs[-1].block_table)
+        outs.append([r.first_token])
+    for _ in range(5):
+        for o, t in zip(outs, m16.decode_step(pool, seqs), strict=True):
+            o.append(t)
+    assert outs == want

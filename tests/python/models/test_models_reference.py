@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hf_greedy, hf_llama
+from conftest import DEVICE, hf_greedy, hf_llama
 
 from kvxfer.models import Model, random_state_dict, tiny_config
 
@@ -21,7 +21,7 @@ CONFIGS = [
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.name + ("-tied" if c.tie_word_embeddings else ""))
 def test_greedy_tokens_match_transformers(cfg):
     sd = random_state_dict(cfg, cfg.seed)
-    ours = Model(cfg, state_dict=sd)
+    ours = Model(cfg, state_dict=sd, device=DEVICE)
     ref = hf_llama(cfg, sd)
     g = torch.Generator().manual_seed(cfg.seed + 100)
     for n in (1, 7, 33):
@@ -33,7 +33,7 @@ def test_greedy_tokens_match_transformers(cfg):
         res = ours.prefill(ids)
         assert res.first_token == want[0]
         with torch.no_grad():
-            cache = ref(torch.tensor([ids]), use_cache=True).past_key_values
+            cache = ref(torch.tensor([ids], device=DEVICE), use_cache=True).past_key_values
         for layer in range(cfg.num_layers):
             k_ref, v_ref = _layer_kv(cache, layer)
             torch.testing.assert_close(res.kv[layer, 0], k_ref[0].transpose(0, 1), rtol=1e-4, atol=1e-5)
@@ -49,15 +49,17 @@ def _layer_kv(cache, layer):
 def test_attention_mass_matches_transformers_eager_attentions():
     cfg = tiny_config(seed=4, num_layers=3)
     sd = random_state_dict(cfg, cfg.seed)
-    ours = Model(cfg, state_dict=sd)
+    ours = Model(cfg, state_dict=sd, device=DEVICE)
     ref = hf_llama(cfg, sd, attn="eager")
     ids = torch.randint(0, cfg.vocab_size, (19,), generator=torch.Generator().manual_seed(5)).tolist()
     res = ours.prefill(ids, return_attention_mass=True)
     with torch.no_grad():
-        atts = ref(torch.tensor([ids]), output_attentions=True).attentions  # per layer [1, Hq, T, T]
+        atts = ref(
+            torch.tensor([ids], device=DEVICE), output_attentions=True
+        ).attentions  # per layer [1, Hq, T, T]
     want = sum(a[0].sum(dim=(0, 1)) for a in atts[-ours.attention_mass_layers :])
     assert res.attention_mass.shape == (19,)
-    torch.testing.assert_close(res.attention_mass, want.float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(res.attention_mass, want.float().cpu(), rtol=1e-4, atol=1e-4)
     # every query's weights sum to one: total = layers x heads x queries
     assert res.attention_mass.sum().item() == pytest.approx(
         ours.attention_mass_layers * cfg.num_heads * 19, rel=1e-5

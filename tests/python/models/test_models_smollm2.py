@@ -10,7 +10,7 @@ import torch
 from conftest import hf_greedy
 
 from kvxfer.models import PagedKVPool, Sequence, load_smollm2
-from kvxfer.models.smollm2 import chat_ids, convert, default_cache_dir
+from kvxfer.models.smollm2 import chat_ids, convert, default_cache_dir, smollm2_config
 
 PROMPTS = [
     "What is the capital of France?",
@@ -43,6 +43,7 @@ def test_config_matches_smollm2(smollm2):
     assert c.rope_theta == 100000.0 and c.rms_norm_eps == pytest.approx(1e-5)
     assert c.tie_word_embeddings and model.lm_head is model.embed
     assert model.kv_bytes_per_token == 2 * 30 * 3 * 64 * 4
+    assert c.replace(seed=0) == smollm2_config()  # the weight-free shape used for timing elsewhere
 
 
 def test_answers_capital_of_france(smollm2):
