@@ -62,3 +62,29 @@ def test_profiled_mode_moves_real_kv_bytes_and_follows_its_profile():
         assert r.error is None, r.error  # the decode checked the KV value the prefill wrote
         assert len(r.tokens) == 8 and r.done["timings"]["transfer_s"] > 0
     assert dst["transfer_failures"] == 0 and dst["kvxfer"]["bytes_done"] > 0
+
+
+def test_aggregated_worker_serves_the_same_endpoint_and_rejects_when_full(tiny_model):
+    """Baseline (a): one process does prefill and decode behind /v1/prefill."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(512) for _ in range(n)] for n in (7, 90)]
+    with start_local(0, 0, n_aggregated=1, model="tiny", gateway=False, b_d=2, max_new_tokens=600) as dep:
+        url = dep.aggregated_urls[0]
+
+        async def go():
+            async with aiohttp.ClientSession() as s:
+                jobs = [asyncio.create_task(client.prefill(s, url, p, 400)) for p in prompts]
+                for _ in range(3000):  # both slots taken
+                    if dep.status("aggregated-0")["busy"] == 2:
+                        break
+                    await asyncio.sleep(0.01)
+                refused = await client.prefill(s, url, [1, 2, 3], 4)
+                return refused, await asyncio.gather(*jobs)
+
+        refused, results = run(go(), timeout=240)
+        st = dep.status("aggregated-0")
+    assert refused.status == 429
+    for ids, r in zip(prompts, results, strict=True):
+        assert r.error is None, r.error
+        assert r.tokens == tiny_model.generate(ids, 400)
+    assert st["role"] == "aggregated" and st["busy"] == 0 and st["rejected"] >= 1
