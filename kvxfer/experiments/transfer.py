@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import statistics
 import sys
 import time
@@ -193,6 +194,7 @@ def run(args: argparse.Namespace, out) -> list[dict]:
                         "backend": args.backend,
                         "verified": True,
                         "machine": machine(),
+                        "load_average_1min": round(os.getloadavg()[0], 2),  # others' jobs on this host
                     }
                     row_by_mode[mode] = row
                     results.append(row)
