@@ -138,13 +138,19 @@ def measure(lm: LM, prompts: list[dict], rhos=RHOS, max_tokens: int = 8, random_
 
 
 def load_curve(path: Path | str = CURVE, metric: str = "accuracy"):
-    """``quality(rho)`` from the measured curve: ``metric`` is "accuracy" (share of answers naming
-    the right city) or "agreement" (share identical to the full prompt's answer), linear
-    between measured rhos."""
+    """``quality(rho)`` from the measured curve, linear between measured rhos. ``metric``:
+    "accuracy" = the share of answers naming the right city relative to the full prompt's share
+    (capped at 1: a refined prompt may answer better than the full one); "agreement" = the share
+    of answers identical to the full prompt's answer, token for token."""
     data = json.loads(Path(path).read_text())
     if metric not in ("accuracy", "agreement"):
         raise BadSettingsError(f"quality metric must be accuracy or agreement, got {metric!r}")
-    pts = sorted((r["rho"], r[metric]) for r in data["curve"] if r["kind"] == "mass")
+    rows = [r for r in data["curve"] if r["kind"] == "mass"]
+    if metric == "accuracy":
+        full = max(1e-9, next(r["accuracy"] for r in rows if r["rho"] >= 1.0))
+        pts = sorted((r["rho"], min(1.0, r["accuracy"] / full)) for r in rows)
+    else:
+        pts = sorted((r["rho"], r["agreement"]) for r in rows)
 
     def quality(rho: float) -> float:
         if rho >= pts[-1][0]:

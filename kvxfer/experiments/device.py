@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cloud-device", default="cpu", help="torch device of the cloud's model")
     ap.add_argument("--regret-rows", type=int, default=None)
     ap.add_argument("--quality-metric", default="accuracy", choices=("accuracy", "agreement"))
-    ap.add_argument("--q-min", type=float, default=0.9)
+    ap.add_argument("--q-min", type=float, default=0.95)
     ap.add_argument("--save", default=None, help="write rows and the timelines as JSON (for --replot)")
     ap.add_argument("--replot", default=None, help="plot a file written by --save instead of running")
     a = ap.parse_args(argv)
