@@ -39,6 +39,19 @@ import time
 from typing import Any
 
 LOADS = (1, 2, 3, 4, 5)
+# Defaults. Full: SmolLM2's profile, 6 one-slot prefills, 512/128-token prompts, 16 tokens out.
+# Quick (under a minute): the tiny model's profile (milliseconds), 4 prefills, 2048/512-token
+# prompts and long answers, so that decoding still dominates a user's cycle; loads 1 and 4.
+FULL = {"model": "smollm2", "prefills": 6, "scale": 1 / 16, "output_tokens": 16, "duration": 60.0,
+        "loads": "1,2,3,4,5"}  # fmt: skip
+QUICK = {
+    "model": "tiny",
+    "prefills": 4,
+    "scale": 1 / 4,
+    "output_tokens": 192,
+    "duration": 5.0,
+    "loads": "1,4",
+}
 
 
 def log(msg: str) -> None:
@@ -51,23 +64,28 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="JSON lines on stdout (else a table)")
     p.add_argument("--plot", metavar="FILE", help="write the success-rate curves to FILE (png/svg/pdf)")
     p.add_argument("--mode", choices=("profiled", "real"), default="profiled")
-    p.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    p.add_argument("--model", choices=("smollm2", "tiny"), help="default: smollm2 (--quick: tiny)")
     p.add_argument("--profile", default="", help="profiled mode: profile JSON (default: the model's)")
-    p.add_argument("--prefills", type=int, default=2)
+    p.add_argument("--prefills", type=int, help="prefill workers (default 6; --quick 4)")
     p.add_argument("--decodes", type=int, default=2)
     p.add_argument("--b-p", type=int, default=1, help="prefill slots (the paper's example: 1)")
     p.add_argument("--b-d", type=int, default=16, help="decode batch per decode worker")
-    p.add_argument("--scale", type=float, default=1 / 16, help="prompt lengths 8192/2048 times this")
-    p.add_argument("--output-tokens", type=int, default=24)
+    p.add_argument("--scale", type=float, help="prompt lengths 8192/2048 times this (1/16; --quick 1/4)")
+    p.add_argument("--output-tokens", type=int, help="tokens per answer (16; --quick 192)")
     p.add_argument("--slack", type=float, default=0.5, help="SLO = alone TTFT + slack x long TTFT")
     p.add_argument("--slo-floor", type=float, default=0.05, help="seconds added to every SLO (noise)")
-    p.add_argument("--duration", type=float, default=None, help="seconds per (policy, load) point")
-    p.add_argument("--max-a", type=int, default=6, help="largest user count tried for A")
+    p.add_argument("--duration", type=float, help="seconds per (policy, load) point (60; --quick 5)")
+    p.add_argument("--max-a", type=int, default=64, help="largest user count tried for A")
     p.add_argument("--a", type=int, default=0, help="use this A instead of searching for it")
-    p.add_argument("--loads", default=",".join(map(str, LOADS)))
+    p.add_argument("--loads", help="loads to run (1,2,3,4,5; --quick 1,4)")
     p.add_argument("--backend", choices=("shm", "tcp"), default="shm")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    for k, v in preset.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
 
 
 def tokenizer_spec(model: str, mode: str) -> tuple[str, str, int]:
@@ -84,39 +102,46 @@ def tokenizer_spec(model: str, mode: str) -> tuple[str, str, int]:
     return "smollm2", "word", 49152
 
 
-async def _calibrate(url: str, workload: Any, lengths: list[int]) -> dict[int, float]:
-    """TTFT of each prompt length alone (one user, median of 3), through the gateway."""
+async def _calibrate(url: str, workload: Any, lengths: list[int], output_tokens: int) -> tuple[dict, float]:
+    """TTFT of each prompt length alone (one user, median of 3 after a warm-up), through the
+    gateway; and the decode time of one answer alone (the first request, full length)."""
     import numpy as np
 
     from kvxfer.serve import loadgen
 
     scen = workload.scenarios[0]
-    client = loadgen._client(url, 300.0)
+    client = loadgen._client(url, 600.0)
     out: dict[int, float] = {}
+    decode_s = 0.0
     try:
         for n in lengths:
             ts = []
             for k in range(4):
                 rng = np.random.default_rng([7, n, k])
-                req = workload.make(scen.name, n - scen.setting_tokens, 1, rng, f"cal-{n}-{k}")  # TTFT only
-                r = await loadgen.send(client, req, ttft_slo_s=300.0, t0=time.monotonic())
+                want = output_tokens if (k == 0 and n == lengths[-1]) else 1  # else TTFT only
+                req = workload.make(scen.name, n - scen.setting_tokens, want, rng, f"cal-{n}-{k}")
+                r = await loadgen.send(client, req, ttft_slo_s=600.0, t0=time.monotonic())
                 if r.error:
                     raise RuntimeError(f"calibration request failed: {r.error}")
                 if k:  # the first one warms the scenario's prefix cache
                     ts.append(r.ttft_s)
+                elif want > 1:
+                    decode_s = r.e2e_s - r.ttft_s
             out[n] = statistics.median(ts)
     finally:
         await client.close()
-    return out
+    return out, decode_s
 
 
-async def _point(url: str, workload: Any, users: int, slo: Any, duration: float) -> tuple[dict, float]:
+async def _point(url: str, workload: Any, users: int, slo: Any, ramp: float, duration: float) -> dict:
+    """``users`` closed-loop users: started evenly over ``ramp`` s, measured for ``duration`` s
+    after it (requests started during the ramp are left out)."""
     from kvxfer.serve import loadgen
 
-    t0 = time.monotonic()
-    res = await loadgen.closed_loop(url, workload, users, ttft_slo_s=slo, duration_s=duration)
-    wall = time.monotonic() - t0
-    return loadgen.summarize(res, wall_s=wall), wall
+    res = await loadgen.closed_loop(
+        url, workload, users, ttft_slo_s=slo, duration_s=ramp + duration, ramp_s=ramp
+    )
+    return loadgen.summarize([r for r in res if r.start_s >= ramp], wall_s=duration)
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -126,7 +151,6 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from kvxfer.serve.workload import Workload, paper_mix
 
     loads = [float(x) for x in args.loads.split(",") if x]
-    duration = args.duration or (4.0 if args.quick else 15.0)
     tok, unit, _vocab = tokenizer_spec(args.model, args.mode)
     scen = paper_mix(scale=args.scale, output_tokens=args.output_tokens)
     long_n = scen.setting_tokens + max(scen.query.values)
@@ -162,8 +186,13 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         try:
             for g in gws.values():
                 g.start()
-            alone = asyncio.run(_calibrate(gws["reject-retry"].url, workload, [long_n, short_n]))
+            alone, decode_s = asyncio.run(
+                _calibrate(gws["reject-retry"].url, workload, [long_n, short_n], args.output_tokens)
+            )
             t_long = alone[long_n]
+            # one user's cycle alone: the mix's mean TTFT + an answer's decode; users ramp up over it
+            ramp = 0.25 * alone[long_n] + 0.75 * alone[short_n] + decode_s
+            duration = max(args.duration, 2 * ramp)
 
             def slo(req: Any) -> float:
                 n = long_n if req.prompt_tokens >= long_n else short_n
@@ -174,17 +203,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 f"{alone[short_n] * 1e3:.0f} ms; SLO long {slo(_Len(long_n)):.3f} s, "
                 f"short {slo(_Len(short_n)):.3f} s"
             )
-            a = args.a
-            if not a:
-                for users in range(1, args.max_a + 1):
-                    st, _ = asyncio.run(_point(gws["local-queue"].url, workload, users, slo, duration))
-                    log(f"A search: local-queue, {users} users: success {st['success_rate']:.3f} "
-                        f"({st['requests']} requests)")  # fmt: skip
-                    if st["success_rate"] != 1.0:
-                        break
-                    a = users
-                if not a:
-                    raise RuntimeError("local-queue misses the SLO even with one user: raise --slack")
+            log(
+                f"one user's cycle alone {ramp:.2f} s: users ramp up over it, then {duration:.0f} s "
+                "measured per point"
+            )
+            a = args.a or find_a(gws["local-queue"].url, workload, slo, ramp, duration, args)
             log(f"A = {a} users")
             slos = {str(n): slo_of(alone, n, args.slack, t_long, args.slo_floor) for n in (long_n, short_n)}
             common = {
@@ -198,11 +221,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "prompt_tokens": [long_n, short_n],
                 "slo_s": slos,
                 "duration_s": duration,
+                "ramp_s": ramp,
             }
             for load in loads:
                 users = max(1, round(load * a))
                 for pol in ("local-queue", "reject-retry"):
-                    st, wall = asyncio.run(_point(gws[pol].url, workload, users, slo, duration))
+                    st = asyncio.run(_point(gws[pol].url, workload, users, slo, ramp, duration))
                     row = {
                         "experiment": "forwarding",
                         "policy": pol,
@@ -226,6 +250,33 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 g.stop()
     log(f"done in {time.monotonic() - t_start:.0f} s")
     return rows
+
+
+def find_a(url: str, workload: Any, slo: Any, ramp: float, duration: float, args: argparse.Namespace) -> int:
+    """The most closed-loop users at which local-queue meets every request's SLO.
+
+    The search starts at prefills x b_p users: up to that many, ranking by fewest open streams
+    always finds a prefill with a free slot (at most users - 1 streams are open elsewhere), so
+    nothing queues; it goes up from there while every request succeeds (down if one fails)."""
+
+    def ok(users: int) -> bool:
+        st = asyncio.run(_point(url, workload, users, slo, ramp, duration))
+        log(
+            f"A search: local-queue, {users} users: success {st['success_rate']:.3f} "
+            f"({st['requests']} requests)"
+        )
+        return st["success_rate"] == 1.0
+
+    users = min(args.prefills * args.b_p, args.max_a)
+    if ok(users):
+        while users < args.max_a and ok(users + 1):
+            users += 1
+        return users
+    while users > 1:
+        users -= 1
+        if ok(users):
+            return users
+    raise RuntimeError("local-queue misses the SLO even with one user: raise --slack or --slo-floor")
 
 
 class _Len:

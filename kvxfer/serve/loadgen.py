@@ -153,8 +153,14 @@ async def closed_loop(
     api: str = "completions",
     request_timeout_s: float = 120.0,
     think_time_s: float = 0.0,
+    ramp_s: float = 0.0,
 ) -> list[Result]:
-    """``users`` closed-loop users for ``duration_s`` seconds (or ``max_requests`` in total)."""
+    """``users`` closed-loop users for ``duration_s`` seconds (or ``max_requests`` in total).
+
+    ``ramp_s`` staggers the users' first requests evenly over that many seconds (user ``u``
+    starts at ``u * ramp_s / users``): all of them at once is a burst that no steady state
+    has, and which can tip a loaded system into timeouts it then never leaves. Results keep
+    their ``start_s``; leave out those before the ramp's end to measure the steady state."""
     if users < 1 or duration_s <= 0:
         raise ValueError(f"users must be >= 1 and duration_s > 0, got {users}, {duration_s}")
     client = _client(base_url, request_timeout_s)
@@ -165,6 +171,8 @@ async def closed_loop(
 
     async def user(u: int) -> None:
         nonlocal issued
+        if ramp_s > 0:
+            await asyncio.sleep(u * ramp_s / users)
         for req in workload.user_stream(u):
             if time.monotonic() >= stop_at or (max_requests is not None and issued >= max_requests):
                 return
