@@ -7,12 +7,15 @@ for what the real model would take on the named machine).
                                   [--repeats 3]
 
 Prints one JSON object per line (``"kind": "prefill"`` / ``"decode"`` / ``"machine"``), each
-figure the median of ``--repeats`` timed runs after one warm-up.
+figure the median of ``--repeats`` timed runs after one warm-up. The baseline, timed in the
+same run unless ``--no-baseline``: transformers' ``LlamaForCausalLM`` (KV-cached) with the
+same shape, weights, device and dtype; ``speedup_vs_transformers`` = its time / ours.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -96,6 +99,55 @@ def decode_seconds(
     return _median_time(lambda: model.decode_step(pool, seqs), repeats, str(model.device))
 
 
+def transformers_reference(model: Model, kind: str):
+    """The baseline: transformers' LlamaForCausalLM with the same shape (and, for SmolLM2, the same
+    weights), on the same device and dtype, timed the same way."""
+    import transformers
+
+    if kind == "smollm2":
+        from .smollm2 import default_cache_dir
+
+        hf = transformers.LlamaForCausalLM.from_pretrained(str(default_cache_dir()), dtype=model.dtype)
+    else:
+        with torch.device(model.device):
+            hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**model.config.to_hf_dict()))
+    return hf.to(device=model.device, dtype=model.dtype).eval()
+
+
+def _hf_forward(hf, ids, cache=None):
+    params = inspect.signature(hf.forward).parameters
+    kw = {"use_cache": True}
+    if cache is not None:  # transformers >= 5.2x renamed past_key_values to cache
+        kw["cache" if "cache" in params else "past_key_values"] = cache
+    if "logits_to_keep" in params:  # only the last position's logits, as our prefill does
+        kw["logits_to_keep"] = 1
+    return hf(ids, **kw)
+
+
+def _hf_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def transformers_prefill_seconds(hf, n_tokens: int, repeats: int = 3) -> tuple[float, float]:
+    dev = hf.device
+    ids = torch.tensor([[(7 * i + 3) % hf.config.vocab_size for i in range(n_tokens)]], device=dev)
+    with torch.no_grad():
+        return _median_time(lambda: _hf_forward(hf, ids), repeats, str(dev))
+
+
+def transformers_decode_seconds(hf, batch: int, context: int, repeats: int = 3) -> tuple[float, float]:
+    """One cached decoding step of ``batch`` sequences of ``context`` tokens (the cache grows by one
+    token per timed step: negligible next to ``context``)."""
+    dev = hf.device
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, hf.config.vocab_size, (batch, context), generator=g).to(dev)
+    with torch.no_grad():
+        cache = _hf_cache(_hf_forward(hf, ids))
+        tok = ids[:, -1:]
+        return _median_time(lambda: _hf_forward(hf, tok, cache), repeats, str(dev))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kvxfer.models.bench", description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -113,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         "--context", type=int, default=256, help="tokens already in the pool per decoded sequence"
     )
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--no-baseline", action="store_true", help="skip transformers' LlamaForCausalLM, timed alongside"
+    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -131,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         model = Model(tiny_config(seed=0), device=args.device, dtype=dtype)
     name = model.config.name + (" (random weights)" if args.model == "smollm2-shape" else "")
     print(json.dumps(machine(args.device)), flush=True)
+    hf = None if args.no_baseline else transformers_reference(model, args.model)
     for n in [int(x) for x in args.prompt_lens.split(",") if x]:
         s, cpu = prefill_seconds(model, n, args.repeats)
         row = {
@@ -141,6 +197,13 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_per_s": round(n / s, 1),
             "cpu_seconds": round(cpu, 5),
         }
+        if hf is not None:
+            hs, hcpu = transformers_prefill_seconds(hf, n, args.repeats)
+            row.update(
+                transformers_seconds=round(hs, 5),
+                transformers_cpu_seconds=round(hcpu, 5),
+                speedup_vs_transformers=round(hs / s, 2),
+            )
         print(json.dumps(row), flush=True)
     for b in [int(x) for x in args.batches.split(",") if x]:
         s, cpu = decode_seconds(model, b, args.context, args.repeats)
@@ -153,6 +216,13 @@ def main(argv: list[str] | None = None) -> int:
             "tokens_per_s": round(b / s, 1),
             "cpu_ms_per_step": round(cpu * 1e3, 2),
         }
+        if hf is not None:
+            hs, hcpu = transformers_decode_seconds(hf, b, args.context, args.repeats)
+            row.update(
+                transformers_ms_per_step=round(hs * 1e3, 2),
+                transformers_cpu_ms_per_step=round(hcpu * 1e3, 2),
+                speedup_vs_transformers=round(hs / s, 2),
+            )
         print(json.dumps(row), flush=True)
     print(json.dumps({"kind": "machine_after", "loadavg_1m": os.getloadavg()[0]}), flush=True)
     return 0

@@ -10,8 +10,10 @@ so piece ``(layer, kv, block)`` of ``block_tokens * H_kv * D * esize`` bytes sit
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .config import ModelConfig
@@ -49,7 +51,11 @@ class PagedKVPool:
         block_tokens: int,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        buffer: torch.Tensor | np.ndarray | None = None,
     ) -> None:
+        """``buffer``: optional memory for the pool, e.g. ``kvxfer.empty(PagedKVPool.nbytes_for(...))``
+        (which a same-host peer can map); contiguous, at least :meth:`nbytes_for` bytes, on
+        ``device``. It is zeroed. Without it the pool allocates its own tensor."""
         if num_blocks <= 0 or block_tokens <= 0:
             raise InvalidArgumentError(
                 f"num_blocks and block_tokens must be positive, got {num_blocks}, {block_tokens}"
@@ -60,12 +66,28 @@ class PagedKVPool:
         self.device = torch.device(device)
         self.dtype = dtype
         shape = (cfg.num_layers, 2, self.num_blocks, self.block_tokens, cfg.num_kv_heads, cfg.head_dim)
-        self.tensor = torch.zeros(shape, device=self.device, dtype=dtype)
+        if buffer is None:
+            self.tensor = torch.zeros(shape, device=self.device, dtype=dtype)
+        else:
+            self.tensor = _view(buffer, shape, dtype, self.device)
+            self.tensor.zero_()
         # LIFO free list, lowest ids handed out first on a fresh pool.
         self._free: list[int] = list(range(self.num_blocks - 1, -1, -1))
         self._used = bytearray(self.num_blocks)
 
     # -- sizes ---------------------------------------------------------------------------------
+    @staticmethod
+    def nbytes_for(
+        cfg: ModelConfig, num_blocks: int, block_tokens: int, dtype: torch.dtype = torch.float32
+    ) -> int:
+        """Bytes of a pool of this shape (what ``buffer`` must hold)."""
+        esize = torch.empty((), dtype=dtype).element_size()
+        return cfg.num_layers * 2 * num_blocks * block_tokens * cfg.num_kv_heads * cfg.head_dim * esize
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.numel() * self.tensor.element_size()
+
     @property
     def block_bytes(self) -> int:
         c = self.config
@@ -184,3 +206,20 @@ class PagedKVPool:
             c.num_layers, 2, nb * self.block_tokens, c.num_kv_heads, c.head_dim
         )
         return g[:, :, :num_tokens].clone()
+
+
+def _view(buffer, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if isinstance(buffer, np.ndarray):
+        buffer = torch.from_numpy(buffer)
+    if not isinstance(buffer, torch.Tensor):
+        raise InvalidArgumentError(f"buffer must be a tensor or numpy array, got {type(buffer).__name__}")
+    if not buffer.is_contiguous():
+        raise InvalidArgumentError("buffer must be contiguous")
+    same_index = device.index is None or buffer.device.index == device.index
+    if buffer.device.type != device.type or not same_index:
+        raise InvalidArgumentError(f"buffer on {buffer.device}, pool on {device}")
+    need = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    have = buffer.numel() * buffer.element_size()
+    if have < need:
+        raise InvalidArgumentError(f"buffer holds {have} bytes, the pool needs {need}")
+    return buffer.reshape(-1).view(torch.uint8)[:need].view(dtype).view(shape)

@@ -108,3 +108,16 @@ def test_bad_weights_and_config():
         Model(cfg).decode_step(
             PagedKVPool(tiny_config(seed=0, num_layers=3), 4, 4), [Sequence("s", [0], 0, 1)]
         )
+
+
+def test_pool_buffer_errors():
+    cfg = tiny_config(seed=0)
+    need = PagedKVPool.nbytes_for(cfg, 4, 4)
+    with pytest.raises(InvalidArgumentError, match="needs"):
+        PagedKVPool(cfg, 4, 4, buffer=torch.zeros(need - 1, dtype=torch.uint8))
+    with pytest.raises(InvalidArgumentError, match="contiguous"):
+        PagedKVPool(cfg, 4, 4, buffer=torch.zeros(2, need, dtype=torch.uint8)[:, ::2])
+    with pytest.raises(InvalidArgumentError, match="tensor or numpy"):
+        PagedKVPool(cfg, 4, 4, buffer=bytearray(need))
+    pool = PagedKVPool(cfg, 4, 4, buffer=torch.full((need,), 0xFF, dtype=torch.uint8))
+    assert pool.nbytes == need and torch.count_nonzero(pool.tensor) == 0  # zeroed

@@ -29,14 +29,21 @@ def engines():
     dec.close()
 
 
-def _setup(model, engines, n_tok):
+def _setup(model, engines, n_tok, shareable=False):
     pre, dec = engines
     # sender: one buffer reserved in advance, bigger than this prompt needs
-    buf = torch.zeros(model.kv_buffer_bytes(64, pad_to=BT), dtype=torch.uint8)
+    nbytes = model.kv_buffer_bytes(64, pad_to=BT)
+    buf = kvxfer.empty(nbytes) if shareable else torch.zeros(nbytes, dtype=torch.uint8)
     src_region = pre.register(buf)
-    pool = PagedKVPool(model.config, num_blocks=32, block_tokens=BT)
+    if shareable:  # pool memory a same-host peer can map (what the shm backend prefers)
+        mem = kvxfer.empty(PagedKVPool.nbytes_for(model.config, 32, BT))
+        pool = PagedKVPool(model.config, num_blocks=32, block_tokens=BT, buffer=mem)
+        assert pool.tensor.data_ptr() == mem.ctypes.data
+        dst_region = dec.register(mem, pool.layout())
+    else:
+        pool = PagedKVPool(model.config, num_blocks=32, block_tokens=BT)
+        dst_region = dec.register(pool.tensor, pool.layout())
     pool.tensor.normal_()  # garbage where no block is written: it must stay untouched
-    dst_region = dec.register(pool.tensor, pool.layout())
     peer = pre.add_peer(dec.descriptor())
     ids = torch.randint(
         0, model.config.vocab_size, (n_tok,), generator=torch.Generator().manual_seed(n_tok)
@@ -50,9 +57,10 @@ def _setup(model, engines, n_tok):
     return pre, dec, buf, src_region, pool, dst_region, peer, ids, res, blocks
 
 
-@pytest.mark.parametrize("n_tok", [1, 4, 13, 37])
-def test_one_extent_scattered_into_pool_blocks(model, engines, n_tok):
-    pre, dec, buf, src_region, pool, dst_region, peer, ids, res, blocks = _setup(model, engines, n_tok)
+@pytest.mark.parametrize("n_tok,shareable", [(1, False), (4, False), (13, True), (37, False)])
+def test_one_extent_scattered_into_pool_blocks(model, engines, n_tok, shareable):
+    setup = _setup(model, engines, n_tok, shareable)
+    pre, dec, _, src_region, pool, dst_region, peer, ids, res, blocks = setup
     expect = pool.tensor.clone()
     ref = PagedKVPool(model.config, num_blocks=pool.num_blocks, block_tokens=BT)
     ref.tensor.copy_(expect)

@@ -33,7 +33,9 @@ def test_greedy_tokens_match_transformers(cfg):
         res = ours.prefill(ids)
         assert res.first_token == want[0]
         with torch.no_grad():
-            cache = ref(torch.tensor([ids], device=DEVICE), use_cache=True).past_key_values
+            out = ref(torch.tensor([ids], device=DEVICE), use_cache=True)
+        cache = getattr(out, "cache", None)  # renamed from past_key_values in transformers 5.2x
+        cache = out.past_key_values if cache is None else cache
         for layer in range(cfg.num_layers):
             k_ref, v_ref = _layer_kv(cache, layer)
             torch.testing.assert_close(res.kv[layer, 0], k_ref[0].transpose(0, 1), rtol=1e-4, atol=1e-5)
