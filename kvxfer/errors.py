@@ -11,9 +11,12 @@ import builtins
 
 
 class KvxferError(Exception):
-    """Base class of every kvxfer error. ``code`` is the native status code name."""
+    """Base class of every kvxfer error. ``code`` is the native status code name;
+    ``retryable`` says whether the same request may succeed later (a timeout, a peer that
+    was unreachable) rather than being wrong in itself."""
 
     code = "INTERNAL"
+    retryable = False
 
     def __init__(self, message: str, code: str | None = None) -> None:
         super().__init__(message)
@@ -59,6 +62,7 @@ class PeerUnreachableError(KvxferError, ConnectionError):
     """The peer is gone: its process exited, or its connection was lost."""
 
     code = "PEER_UNREACHABLE"
+    retryable = True
 
 
 class RemoteError(KvxferError):
@@ -71,6 +75,14 @@ class TimeoutError(KvxferError, builtins.TimeoutError):  # noqa: A001 - delibera
     """A deadline passed."""
 
     code = "TIMEOUT"
+    retryable = True
+
+
+class WaitTimeoutError(TimeoutError):
+    """A wait gave up at its own timeout; the thing waited for has not failed (a transfer
+    may still end DONE)."""
+
+    code = "WAIT_TIMEOUT"
 
 
 class CanceledError(KvxferError):
@@ -102,6 +114,7 @@ _BY_CODE: dict[str, type[KvxferError]] = {
         PeerUnreachableError,
         RemoteError,
         TimeoutError,
+        WaitTimeoutError,
         CanceledError,
         BadDescriptorError,
         InternalError,
@@ -125,6 +138,7 @@ __all__ = [
     "PeerUnreachableError",
     "RemoteError",
     "TimeoutError",
+    "WaitTimeoutError",
     "CanceledError",
     "BadDescriptorError",
     "InternalError",

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import baselines, machine, proto, verify
+from .engine_config import engine_config
 from .workloads import Case, Geometry, Selection
 
 
@@ -105,8 +106,8 @@ class Bench:
         self.engine = kvxfer.Engine(
             f"kvxfer-bench-{os.getpid()}",
             backends=[o.backend],
+            config=engine_config(o.backend, o.device),
             threads=o.threads,
-            device=o.device,
             timeout=o.timeout,
         )
         if o.memory == "auto":

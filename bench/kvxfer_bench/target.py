@@ -41,6 +41,8 @@ class TargetSession:
     def cmd_setup(self, req: dict, blobs: list[bytes]) -> tuple[dict, list[bytes]]:
         import kvxfer
 
+        from .engine_config import engine_config
+
         if req.get("protocol") != proto.PROTOCOL:
             raise proto.ProtocolError(
                 f"protocol {req.get('protocol')} requested, this target speaks {proto.PROTOCOL}"
@@ -54,8 +56,8 @@ class TargetSession:
         self.engine = kvxfer.Engine(
             req.get("name") or f"kvxfer-bench-target-{os.getpid()}",
             backends=[backend],
+            config=engine_config(backend, self.device_override or req.get("device", "")),
             threads=int(req.get("threads", 0)),
-            device=self.device_override or req.get("device", ""),
             timeout=float(req.get("timeout", 60.0)),
         )
         if blobs:
@@ -157,15 +159,13 @@ class TargetSession:
 
     def _wait_notification(self, tag: bytes, timeout: float) -> float:
         t0 = time.monotonic()
-        deadline = t0 + timeout
-        while True:
-            for n in self.engine.notifications():
-                if n.payload == tag:
-                    return time.monotonic() - t0
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"notification {tag!r} did not arrive within {timeout} s")
-            self.engine.wait_notification(min(left, 1.0))
+        from kvxfer.errors import WaitTimeoutError
+
+        try:
+            self.engine.wait_notification(tag, timeout)
+        except WaitTimeoutError:
+            raise TimeoutError(f"notification {tag!r} did not arrive within {timeout} s") from None
+        return time.monotonic() - t0
 
     def serve(self) -> int:
         """Answers requests until ``bye`` or the connection ends. Returns an exit code."""

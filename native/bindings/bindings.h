@@ -5,6 +5,10 @@
 
 #include <pybind11/pybind11.h>
 
+#include <chrono>
+#include <memory>
+#include <optional>
+
 #include "kvxfer/status.h"
 
 namespace kvxfer::py_bindings {
@@ -30,7 +34,16 @@ T unwrap(Result<T> r) {
 // Builds the kvxfer.errors exception instance for a status (GIL held).
 py::object makeError(const Status& status);
 
+// Seconds (None = 0 = "use the default") to milliseconds; rejects negative, NaN and
+// infinite values with kInvalidArgument, saturates huge ones.
+std::chrono::milliseconds toMillis(std::optional<double> seconds, const char* what = "timeout");
+// Keeps a Python object alive from C++ (a registered buffer); drops it with the GIL held.
+std::shared_ptr<void> holdPyObject(py::object obj);
+
 void registerErrors(py::module_& m);
+void registerConfig(py::module_& m);
 void registerEngine(py::module_& m);
+void registerTransfer(py::module_& m);
+void registerDescriptor(py::module_& m);
 
 }  // namespace kvxfer::py_bindings

@@ -649,27 +649,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_bind_address_from_device_and_environment(monkeypatch):
-    monkeypatch.delenv("KVXFER_TCP_BIND", raising=False)
-    c = kvxfer.Engine("c", backends=["tcp"], device="rxe0")  # another backend's device: ignored
+def test_listen_address_from_config_and_environment(monkeypatch):
+    monkeypatch.delenv("KVXFER_TCP_LISTEN", raising=False)
+    c = kvxfer.Engine("c", backends=["tcp"])  # nothing configured: every interface
     assert "listening on 0.0.0.0:" in c.describe_backends() and tcp_endpoint(c)[0] > 0
     c.close()
     port = free_port()
-    b = kvxfer.Engine("b", backends=["tcp"], device=f"127.0.0.1:{port}")
+    cfg = kvxfer.EngineConfig()
+    cfg.backend.tcp.listen = f"127.0.0.1:{port}"
+    b = kvxfer.Engine("b", backends=["tcp"], config=cfg)
     assert tcp_endpoint(b) == (port, ["127.0.0.1"])
     assert f"listening on 127.0.0.1:{port}" in b.describe_backends()
     env_port = free_port()
-    monkeypatch.setenv("KVXFER_TCP_BIND", f":{env_port}")
-    a = kvxfer.Engine("a", backends=["tcp"])  # no device: the environment decides
+    monkeypatch.setenv("KVXFER_TCP_LISTEN", f":{env_port}")
+    a = kvxfer.Engine("a", backends=["tcp"])  # the environment overlay decides
     assert tcp_endpoint(a)[0] == env_port and f"0.0.0.0:{env_port}" in a.describe_backends()
-    monkeypatch.setenv("KVXFER_TCP_BIND", "127.0.0.1:0")
-    d = kvxfer.Engine("d", backends=["tcp"], device=":0")  # the device wins over the environment
-    assert "listening on 0.0.0.0:" in d.describe_backends()
+    monkeypatch.setenv("KVXFER_TCP_LISTEN", "127.0.0.1:0")
+    cfg_any = kvxfer.EngineConfig()
+    cfg_any.backend.tcp.listen = ":0"
+    d = kvxfer.Engine("d", backends=["tcp"], config=cfg_any)  # the environment wins over the config
+    assert "listening on 127.0.0.1:" in d.describe_backends()
     d.close()
-    monkeypatch.setenv("KVXFER_TCP_BIND", "not-an-address:12")
-    with pytest.raises(errors.InvalidArgumentError, match="KVXFER_TCP_BIND"):
-        kvxfer.Engine("e", backends=["tcp"])
-    monkeypatch.delenv("KVXFER_TCP_BIND")
+    for bad in ("not-an-address:12", "127.0.0.1:99999"):
+        monkeypatch.setenv("KVXFER_TCP_LISTEN", bad)
+        with pytest.raises(errors.InvalidArgumentError, match="tcp listen address"):
+            kvxfer.Engine("e", backends=["tcp"])
+    monkeypatch.delenv("KVXFER_TCP_LISTEN")
     try:
         src = np.arange(4096, dtype=np.uint8) * 7
         dst = np.zeros(4096, np.uint8)

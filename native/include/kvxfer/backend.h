@@ -1,20 +1,38 @@
 // The backend SPI: what a transport implements. Backends include this header, status.h,
-// plan.h, descriptor.h and native/src/util only; coalescing, validation, planning,
-// deadlines and metadata all live in the core.
+// plan.h, descriptor.h, memory.h and native/src/util only; the transfer lifecycle
+// (deadline, cancellation, commit, finish), coalescing, validation, planning and metadata
+// all live in the core.
 //
 // Thread contract
-// - Control plane (registerMemory, connect, importRemoteRegion, endpointInfo) is called
-//   by the engine under its control mutex: never concurrently on one backend. It may
-//   block briefly (a connect handshake) but must honour the timeout it is given.
+// - Control plane (registerMemory, connect, importRemoteRegion) may be called from any
+//   thread, concurrently for different regions or peers; a backend serialises what it
+//   must itself. The core never holds an engine-wide lock across these calls. connect()
+//   may block (a handshake) but must honour the deadline it is given.
+// - endpointInfo() and caps() are called at any time, from any thread; they must be cheap
+//   and return what was fixed at construction.
 // - submit() may be called from any thread, concurrently. It must not block on the
 //   network or on the copy itself; it hands the job to the backend's own threads.
+// - cancel() is called by the core (any thread, possibly inside submit's caller) when a
+//   job is abandoned (cancel, deadline, peer removed, engine closed). It must not block
+//   and must not call back into the job synchronously except through the job's own
+//   thread-safe methods. After it, the backend stops starting new operations of the job
+//   and ends it (finish) as soon as nothing of it is in flight.
 // - Progress: each backend owns its threads (copy workers, CQ poller, socket reader).
 //   There is no shared progress thread and no caller-driven progress.
-// - A backend calls job->finish() exactly once per submitted job, from any thread.
+//
+// Lifecycle contract (the core's job machine, native/src/core/transfer.cc)
+// - A backend reports a job's data outcome once, through TransferJob::dataDone(). The
+//   core decides the rest: fail, finish DONE, or commit. Only when dataDone() answers
+//   kSendNotification does the backend send job.notify to the peer (ordered after every
+//   byte of the job), and then it calls finish() with the outcome of that send.
+//   A backend that carries the notification with its last data operation (tcp's END
+//   frame) asks TransferJob::commitNow() before sending it, and calls finish() later.
+// - finish() is called exactly once per submitted job, from any thread; after it the
+//   backend never touches the job's memory again (the job is "quiesced").
 //
 // Lifetime contract
-// - A TransferJob keeps the local Region, the peer connection and the imported remote
-//   region alive (shared_ptr) until the backend drops its last reference, so nothing a
+// - A TransferJob keeps the local Regions, the peer connection and the imported remote
+//   regions alive (shared_ptr) until the backend drops its last reference, so nothing a
 //   NIC or a copy thread may still touch is freed, even if the user dropped everything.
 // - Backend objects (BackendRegion, BackendPeer, BackendRemoteRegion) are destroyed by
 //   the core only after every job that references them has been released.
@@ -29,8 +47,10 @@
 #include <mutex>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "kvxfer/descriptor.h"
+#include "kvxfer/memory.h"
 #include "kvxfer/plan.h"
 #include "kvxfer/status.h"
 
@@ -40,15 +60,25 @@ using Clock = std::chrono::steady_clock;
 
 enum class Op : uint8_t { kWrite = 0, kRead = 1 };
 const char* opName(Op op);
+constexpr uint32_t opBit(Op op) { return 1u << static_cast<uint32_t>(op); }
 
 // Public transfer state. Internally a job passes through "committing" (data done,
 // notification being sent), which is reported as kPending.
 enum class TransferState : uint8_t { kPending = 0, kDone = 1, kFailed = 2 };
 
+// What a backend can do; the core plans and routes by it. The conformance suite checks
+// that what a backend advertises works.
 struct BackendCaps {
+    uint32_t ops = opBit(Op::kWrite) | opBit(Op::kRead);
+    uint32_t memory_kinds = memoryKindBit(MemoryKind::kHost) | memoryKindBit(MemoryKind::kHostShareable);
     bool same_process_only = false;  // loopback
-    bool same_host_only = false;     // shm
+    bool same_host_only = false;     // shm, cuda_ipc
+    bool notifications = true;       // notify and transfer notifications
     uint64_t max_run_bytes = 0;      // the planner splits longer runs; 0 = unbounded
+    uint32_t lanes = 1;              // independent parallel paths to one peer (QPs, threads)
+
+    bool supports(Op op) const { return (ops & opBit(op)) != 0; }
+    bool supports(MemoryKind kind) const { return (memory_kinds & memoryKindBit(kind)) != 0; }
 };
 
 // A backend's view of one local registration (e.g. an ibv_mr). Destroyed after the
@@ -76,6 +106,8 @@ struct LocalRegionView {
     uint32_t id = 0;
     uint8_t* base = nullptr;
     uint64_t length = 0;
+    MemoryKind kind = MemoryKind::kHost;
+    int32_t device = -1;
     BackendRegion* backend = nullptr;  // this backend's registration of the region
 };
 
@@ -83,6 +115,8 @@ struct RemoteRegionView {
     uint32_t id = 0;
     uint64_t base_address = 0;
     uint64_t length = 0;
+    MemoryKind kind = MemoryKind::kHost;
+    int32_t device = -1;
     BackendRemoteRegion* backend = nullptr;
 };
 
@@ -94,46 +128,100 @@ struct PeerIdentity {
     bool same_host = false;
 };
 
-// One posted transfer as a backend sees it. Created by the core; the backend reads the
-// plan and views, moves the bytes, delivers `notify` (if any) to the peer only after
-// every byte is visible there, then calls finish(). Shared between the core's Transfer
-// handle and the backend's queues.
+// One part of a transfer: a local region, a remote region, and the plan between them.
+struct JobPart {
+    std::shared_ptr<const Plan> plan;
+    LocalRegionView local;
+    RemoteRegionView remote;
+    uint64_t first_run = 0;  // index of this part's first run in the job's run sequence
+};
+
+// One run of a job's flattened (parts x planes x runs) sequence, with bases applied.
+struct FlatRun {
+    uint32_t part = 0;
+    uint8_t* local = nullptr;     // absolute local address
+    uint64_t local_offset = 0;    // within the local region
+    uint64_t remote_address = 0;  // absolute address in the peer's address space
+    uint64_t remote_offset = 0;   // within the remote region
+    uint64_t length = 0;
+};
+
+class Backend;
+
+// Timestamps and sizes of one transfer, for telemetry.
+struct TransferTelemetry {
+    uint64_t bytes = 0;
+    uint64_t runs = 0;
+    uint64_t pieces = 0;  // blocks x layers x K/V (or extents) before coalescing
+    uint32_t parts = 0;
+    Clock::time_point posted{};
+    Clock::time_point data_done{};  // zero until the backend reported the data
+    Clock::time_point finished{};   // zero until terminal
+    double post_cpu_us = 0;         // validation + planning + submit on the caller's thread
+};
+
+// One posted transfer as a backend sees it: the core's job machine. Created by the core;
+// the backend reads the parts, moves the bytes, reports through dataDone()/finish().
 class TransferJob {
 public:
     // Set by the core before submit(); immutable afterwards.
     uint64_t id = 0;
     Op op = Op::kWrite;
-    std::shared_ptr<const Plan> plan;
-    LocalRegionView local;
-    RemoteRegionView remote;
+    std::vector<JobPart> parts;
+    uint64_t num_runs = 0;  // sum of the parts' runs
+    uint64_t total_bytes = 0;
     BackendPeer* peer = nullptr;
+    Backend* backend = nullptr;  // kept alive by keepalive (the peer holds the engine)
     Bytes notify;
     Clock::time_point deadline = Clock::time_point::max();
-    std::shared_ptr<void> keepalive;  // local Region + peer connection + remote import
+    std::shared_ptr<void> keepalive;  // local Regions + peer connection + remote imports
 
+    // The i-th run of the flattened sequence (i < num_runs).
+    FlatRun run(uint64_t i) const;
+    // Index of the part holding run i.
+    uint32_t partOf(uint64_t i) const;
+
+    // --- backend side ---
     // True once the transfer was canceled or its deadline passed (or the engine closes):
     // backends check it between chunks and stop early. Cheap.
     bool abandoned() const;
-    // Call after the data is complete and before sending the notification. Returns false
-    // if the transfer was abandoned meanwhile: then send nothing and finish() with any
-    // status (it is ignored). After true, the transfer can no longer time out or cancel.
-    bool beginCommit();
+    enum class AfterData : uint8_t { kFinished, kSendNotification };
+    // The backend's one report that the job's data phase is over: `status` is the first
+    // error (or OK); `all_moved` says every run completed. The core fails, finishes, or
+    // (when there is a notification and the job is still wanted) moves the job to
+    // committing and answers kSendNotification: the backend then sends job.notify and
+    // calls finish() with the result. On kFinished the job has been finished already.
+    AfterData dataDone(Status status, bool all_moved);
+    // dataDone() for backends that finish jobs outside their own locks: it decides the
+    // same way but does not finish; on kFinished `*finish_with` is the status to pass to
+    // finish().
+    AfterData decideAfterData(Status status, bool all_moved, Status* finish_with);
+    // For backends that carry the notification with their last data operation: true when
+    // the job may commit now (the notification may be sent); after true the job can no
+    // longer time out or be canceled, and the backend must call finish() later. After
+    // false, send nothing and finish() with any status (it is ignored).
+    bool commitNow();
     // Terminal report from the backend: exactly once per job.
     void finish(Status status);
 
     // --- core side ---
     TransferState state();  // applies the deadline lazily
     Status status() const;
-    // Blocks until terminal or `until`; returns the state. Applies the deadline.
+    // Blocks until terminal or `until`; returns the state.
     TransferState waitUntil(Clock::time_point until);
-    // Requests termination with `why`; terminal at once unless already committing.
+    // Requests termination with `why`; terminal at once unless already committing. Pushes
+    // the cancellation to the backend.
     bool abandon(Status why);
     // True once the backend has called finish(): its threads no longer touch the memory.
     bool quiesced() const { return finished_.load(std::memory_order_acquire); }
-    std::function<void(TransferJob&)> on_abandon;  // backend cancel hook, may be empty
-    // Core statistics hook: called once, with the job's lock held and before waiters
-    // wake, with whether it ended DONE. Must not call back into the job.
-    std::function<void(bool done)> on_terminal;
+    // Blocks until quiesced or `until`.
+    bool waitQuiesced(Clock::time_point until);
+    TransferTelemetry telemetry() const;
+    TransferTelemetry telemetry_;  // set by the core at post; times filled as the job moves
+    // Core hook: called once, with the job's lock held and before waiters wake, with
+    // whether it ended DONE. Must not call back into the job.
+    std::function<void(TransferJob&, bool done)> on_terminal;
+    std::atomic<bool> watched{false};  // the engine reports its end on the completion fd
 
 private:
     enum Internal : uint8_t { kRunning, kCommitting, kOk, kFail };
@@ -154,12 +242,13 @@ public:
     virtual void deliver(std::string peer_name, uint64_t peer_instance, Bytes payload) = 0;
 };
 
+struct BackendConfigs;  // config.h: one typed section per backend
+
 struct BackendContext {
     std::string engine_name;
     uint64_t instance_id = 0;
-    NotificationSink* sink = nullptr;  // outlives the backend
-    unsigned threads = 0;              // copy/progress threads; 0 = backend default
-    std::string device;                // backend-specific device selector ("" = auto)
+    NotificationSink* sink = nullptr;        // outlives the backend
+    const BackendConfigs* config = nullptr;  // outlives the backend; the backend reads its section
 };
 
 class Backend {
@@ -170,7 +259,8 @@ public:
 
     // Opaque bytes published in this engine's descriptor for this backend.
     virtual Bytes endpointInfo() const = 0;
-    virtual Result<std::unique_ptr<BackendRegion>> registerMemory(uint8_t* base, uint64_t length) = 0;
+    // Called only for memory kinds caps().memory_kinds lists.
+    virtual Result<std::unique_ptr<BackendRegion>> registerMemory(const MemorySpan& span) = 0;
     // kUnsupported when this backend cannot reach the peer (the engine tries the next one).
     virtual Result<std::shared_ptr<BackendPeer>> connect(const PeerIdentity& peer, ByteView endpoint_info,
                                                          Clock::time_point deadline) = 0;
@@ -181,6 +271,9 @@ public:
     // Starts the job asynchronously. An error return means nothing was started and the
     // core fails the transfer with it; otherwise the backend calls job->finish() later.
     virtual Status submit(const std::shared_ptr<TransferJob>& job) = 0;
+    // The core abandoned `job` (see the thread contract). Default: the backend notices
+    // through abandoned() between operations.
+    virtual void cancel(TransferJob& job) {}
     // A standalone notification, ordered after every job to this peer that has finished.
     virtual Status notify(BackendPeer& peer, ByteView payload, Clock::time_point deadline) = 0;
     // Short human-readable description (device, GID, MTU, threads) for banners.

@@ -3,6 +3,11 @@
 // Versioned, checksummed, bounds-checked bytes. Its size depends on the number of
 // registered regions and backends, never on the number of blocks: a 2048-block KV pool
 // is one region entry with its layout. Decoding never trusts a length field.
+//
+// Version 2 can evolve: every region entry and the descriptor itself end with a list of
+// optional fields (u16 tag, u32 length, bytes). A reader skips tags it does not know, so
+// a newer writer can add fields without breaking older v2 readers. Version 1 (no
+// optional fields, host memory only) is still read.
 #pragma once
 
 #include <cstdint>
@@ -11,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "kvxfer/memory.h"
 #include "kvxfer/plan.h"
 #include "kvxfer/status.h"
 
@@ -24,6 +30,8 @@ struct RegionDescriptor {
     uint64_t base_address = 0;  // in the owner's address space
     uint64_t length = 0;
     std::optional<KvLayout> layout;
+    MemoryKind kind = MemoryKind::kHost;
+    int32_t device = -1;             // CUDA ordinal for kCuda
     std::vector<Bytes> remote_keys;  // one per PeerDescriptor::backends entry (may be empty)
     bool operator==(const RegionDescriptor&) const = default;
 };
@@ -36,7 +44,9 @@ struct BackendEndpoint {
 
 struct PeerDescriptor {
     static constexpr uint32_t kMagic = 0x4458564b;  // "KVXD" little-endian
-    static constexpr uint16_t kVersion = 1;
+    static constexpr uint16_t kVersion = 2;
+    static constexpr uint16_t kOldestReadable = 1;
+    static constexpr size_t kMaxFields = 64;  // optional fields per entry
     // Decoder limits: anything larger is rejected as malformed.
     static constexpr size_t kMaxName = 256;
     static constexpr size_t kMaxBackends = 16;

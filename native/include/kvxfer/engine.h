@@ -1,21 +1,22 @@
-// The engine: the public C++ API, mirrored one to one by the Python package.
+// The engine: the public C++ API, mirrored by the Python package.
 //
 // One Engine per process (or per GPU worker). It owns its backends, local registrations
 // (Region), known peers (Peer) and received notifications.
 //
-// Thread contract: every method may be called from any thread. Control-plane calls
-// (registerMemory, addPeer, removePeer, descriptor) serialise on one mutex; post() takes
-// no engine-wide lock on its hot path (it validates against immutable Region / Peer
-// snapshots). Progress is made by each backend's own threads: a caller never has to
-// poll for bytes to move; TransferJob::waitUntil blocks on a condition variable.
+// Thread contract: every method may be called from any thread. No engine-wide lock is
+// held across I/O: addPeer connects without holding the control mutex, registerMemory
+// registers with each backend without it, and post() takes no engine-wide lock at all (it
+// validates against immutable Region / Peer snapshots and an atomic closed flag). Progress
+// is made by each backend's own threads: nobody has to poll for bytes to move.
 //
-// Lifetime contract: a Region, a Peer and a transfer each keep the Engine alive; a
-// transfer keeps its Region and Peer alive until its backend has let go of it.
+// Lifetime contract: a Region, a Peer and a Transfer each keep the Engine alive; a
+// transfer keeps its Regions and Peer alive until its backend has let go of it.
 // close() abandons in-flight transfers (they end FAILED/kCanceled), drops the peers and
 // rejects new work. The engine holds its peers, so an engine is destroyed only after
 // close() (the Python Engine calls it when garbage-collected).
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <deque>
 #include <map>
@@ -26,25 +27,18 @@
 #include <vector>
 
 #include "kvxfer/backend.h"
+#include "kvxfer/config.h"
 #include "kvxfer/descriptor.h"
+#include "kvxfer/memory.h"
 #include "kvxfer/plan.h"
 #include "kvxfer/status.h"
+#include "kvxfer/transfer.h"
 
 namespace kvxfer {
 
-struct EngineConfig {
-    std::string name;
-    // Backends to start, in order of preference for reaching a peer. Empty = every
-    // available backend except those that must be asked for by name.
-    std::vector<std::string> backends;
-    unsigned threads = 0;  // per-backend worker threads; 0 = backend default
-    std::string device;    // backend device selector (e.g. "rxe0"); "" = auto
-    std::chrono::milliseconds default_timeout{30000};
-    std::chrono::milliseconds connect_timeout{10000};
-};
-
 class Engine;
 class Peer;
+class DeadlineTimer;
 
 // A registered range of local memory. Deregistered (every backend) when the last
 // reference goes, which in-flight transfers hold.
@@ -54,7 +48,10 @@ public:
     uint32_t id() const { return id_; }
     uint8_t* base() const { return base_; }
     uint64_t length() const { return length_; }
+    MemoryKind kind() const { return kind_; }
+    int32_t device() const { return device_; }
     const std::optional<KvLayout>& layout() const { return layout_; }
+    // Null where that backend does not handle this memory kind.
     BackendRegion* backendRegion(size_t backend_index) const { return backend_regions_[backend_index].get(); }
 
 private:
@@ -64,6 +61,8 @@ private:
     uint32_t id_ = 0;
     uint8_t* base_ = nullptr;
     uint64_t length_ = 0;
+    MemoryKind kind_ = MemoryKind::kHost;
+    int32_t device_ = -1;
     std::optional<KvLayout> layout_;
     // Declared before the registrations so it is destroyed after them: the buffer must
     // outlive every backend's view of it (an MR, a receive in progress).
@@ -98,13 +97,20 @@ private:
     std::vector<std::weak_ptr<TransferJob>> in_flight_;
 };
 
-struct TransferRequest {
-    Op op = Op::kWrite;
-    std::shared_ptr<Peer> peer;
+// One part of a transfer: bytes of one local region to or from one remote region.
+struct TransferPart {
     std::shared_ptr<Region> local;
     TransferSide local_side;  // a BlockSide's layout is taken from the local region
     uint32_t remote_region = 0;
     TransferSide remote_side;  // a BlockSide's layout is taken from the peer's descriptor
+};
+
+// A transfer: any number of parts (zero = a notification-only transfer, e.g. a full
+// prefix-cache hit), one deadline, one notification after every part's bytes.
+struct TransferRequest {
+    Op op = Op::kWrite;
+    std::shared_ptr<Peer> peer;
+    std::vector<TransferPart> parts;
     Bytes notify;
     std::chrono::milliseconds timeout{0};  // 0 = the engine's default_timeout
     bool coalesce = true;
@@ -127,58 +133,78 @@ struct EngineStats {
 
 class Engine : public std::enable_shared_from_this<Engine>, private NotificationSink {
 public:
-    static Result<std::shared_ptr<Engine>> create(const EngineConfig& config);
+    // Applies the KVXFER_* environment overlay (config.h) to `config` first.
+    static Result<std::shared_ptr<Engine>> create(EngineConfig config);
     ~Engine() override;
     Engine(const Engine&) = delete;
     Engine& operator=(const Engine&) = delete;
 
     const std::string& name() const { return config_.name; }
+    const EngineConfig& config() const { return config_; }
     uint64_t instanceId() const { return instance_id_; }
     std::vector<std::string> backendNames() const;
     std::string describeBackends() const;
+    std::vector<BackendCaps> backendCaps() const;
 
-    // `layout`, when given, is validated against the region and enables block-id transfers.
-    Result<std::shared_ptr<Region>> registerMemory(void* base, uint64_t length,
-                                                   std::optional<KvLayout> layout,
+    // Registers memory with every backend that handles its kind. `layout`, when given, is
+    // validated against the region and enables block-id transfers.
+    Result<std::shared_ptr<Region>> registerMemory(const MemorySpan& span, std::optional<KvLayout> layout,
                                                    std::shared_ptr<void> owner = {});
     // Stops publishing the region; its registration ends when the last transfer using it does.
     Status deregisterMemory(const Region& region);
 
     Bytes descriptor() const;
-    // Adds or refreshes a peer. Same instance: regions are refreshed in place. New
-    // instance under a known name (a restarted peer): the old entry is replaced and its
-    // in-flight transfers are abandoned with kPeerUnreachable.
+    // Adds or refreshes a peer. Each backend attempt gets its own connect_timeout, so a
+    // fallback backend is not starved by the first. Same instance: regions are refreshed
+    // in place. New instance under a known name (a restarted peer): the old entry is
+    // replaced and its in-flight transfers are abandoned with kPeerUnreachable.
     Result<std::shared_ptr<Peer>> addPeer(ByteView descriptor);
     Status removePeer(const std::string& name);
     std::shared_ptr<Peer> findPeer(const std::string& name) const;
 
-    // Validates and plans without moving anything.
-    Result<std::shared_ptr<const Plan>> plan(const TransferRequest& request) const;
-    Result<std::shared_ptr<TransferJob>> post(const TransferRequest& request);
+    // Validates and plans every part without moving anything.
+    Result<PlanSummary> plan(const TransferRequest& request) const;
+    Result<Transfer> post(const TransferRequest& request);
     Status notify(Peer& peer, ByteView payload, std::chrono::milliseconds timeout);
 
     std::vector<Notification> takeNotifications(size_t max = 0);
     // True if a notification is queued by `until`.
     bool waitNotification(Clock::time_point until);
 
+    // Completion file descriptor (an eventfd) for event loops: readable once a watched
+    // transfer ended or a notification arrived since the last drainCompletions().
+    int completionFd() const { return completion_fd_; }
+    // Reports the transfer's end through completionFd()/drainCompletions(); if it has
+    // ended already, at once.
+    void watch(const Transfer& transfer);
+    // Ids of watched transfers that ended since the last call; clears the fd.
+    std::vector<uint64_t> drainCompletions();
+
     EngineStats stats() const;
     void close();
-    bool closed() const;
+    bool closed() const { return closed_.load(std::memory_order_acquire); }
 
 private:
     friend class Region;
     explicit Engine(EngineConfig config);
     void deliver(std::string peer_name, uint64_t peer_instance, Bytes payload) override;
-    Result<std::shared_ptr<const Plan>> planFor(const TransferRequest& request,
-                                                RemoteRegionView* remote) const;
+    struct PlannedPart {
+        std::shared_ptr<const Plan> plan;
+        const RegionDescriptor* remote = nullptr;
+    };
+    Status planParts(const TransferRequest& request, const PeerDescriptor& snapshot,
+                     std::vector<PlannedPart>& out) const;
+    void signalCompletion();
+    void onTerminal(TransferJob& job, bool done);
 
     EngineConfig config_;
     uint64_t instance_id_ = 0;
     std::string host_id_;
     std::vector<std::unique_ptr<Backend>> backends_;
+    std::unique_ptr<DeadlineTimer> timer_;
 
-    mutable std::mutex control_mutex_;
-    bool closed_ = false;
+    std::atomic<bool> closed_{false};
+    mutable std::mutex control_mutex_;  // guards the maps below; never held across I/O
     uint32_t next_region_id_ = 0;
     std::map<uint32_t, std::weak_ptr<Region>> regions_;
     std::map<uint32_t, RegionDescriptor> published_;
@@ -187,6 +213,10 @@ private:
     mutable std::mutex notify_mutex_;
     std::condition_variable notify_cv_;
     std::deque<Notification> notifications_;
+
+    int completion_fd_ = -1;
+    std::mutex completion_mutex_;
+    std::vector<uint64_t> completed_;
 
     std::atomic<uint64_t> next_transfer_id_{1};
     mutable std::mutex stats_mutex_;

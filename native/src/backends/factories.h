@@ -10,6 +10,9 @@ namespace kvxfer {
 Result<std::unique_ptr<Backend>> createLoopbackBackend(const BackendContext& context);
 Result<std::unique_ptr<Backend>> createShmBackend(const BackendContext& context);
 Status shmAvailability();
+#if KVXFER_HAVE_FAULT
+Result<std::unique_ptr<Backend>> createFaultBackend(const BackendContext& context);
+#endif
 #if KVXFER_HAVE_TCP
 Result<std::unique_ptr<Backend>> createTcpBackend(const BackendContext& context);
 #endif

@@ -20,6 +20,10 @@ const std::vector<Entry>& entries() {
 #if KVXFER_HAVE_IBVERBS
         {"ibverbs", true, ibverbsAvailability, createIbverbsBackend},
 #endif
+#if KVXFER_HAVE_FAULT
+        // Test backend with scripted faults: only when asked for by name.
+        {"fault", false, alwaysAvailable, createFaultBackend},
+#endif
 #if KVXFER_HAVE_TCP
         // Listens on a socket: started only when asked for by name.
         {"tcp", false, alwaysAvailable, createTcpBackend},

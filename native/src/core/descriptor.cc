@@ -10,8 +10,13 @@ namespace {
 // Layout on the wire (little-endian):
 //   u32 magic | u16 version | u16 reserved | u32 body_length | u32 crc32(body) | body
 // body: str name | u64 instance | str host | u32 pid | u16 nbackends {str name, blob info}
-//       | u32 nregions {u32 id, u64 base, u64 len, u8 has_layout [layout], blob key x nbackends}
+//       | u32 nregions {u32 id, u64 base, u64 len, u8 has_layout [layout], blob key x nbackends,
+//                       fields}                                                  (fields: v2)
+//       | fields                                                                 (v2)
+// fields: u16 count {u16 tag, blob value}; unknown tags are skipped.
+// Region field tags: 1 = memory (u8 kind, i32 device).
 constexpr size_t kHeaderBytes = 16;
+constexpr uint16_t kTagMemory = 1;
 
 class Writer {
 public:
@@ -130,7 +135,17 @@ Bytes encodeDescriptor(const PeerDescriptor& d) {
         for (size_t i = 0; i < d.backends.size(); ++i) {
             body.blob(i < r.remote_keys.size() ? ByteView(r.remote_keys[i]) : ByteView());
         }
+        const bool has_memory = r.kind != MemoryKind::kHost || r.device != -1;
+        body.u16(has_memory ? 1 : 0);
+        if (has_memory) {
+            Writer f;
+            f.u8(static_cast<uint8_t>(r.kind));
+            f.u32(static_cast<uint32_t>(r.device));
+            body.u16(kTagMemory);
+            body.blob(f.bytes());
+        }
     }
+    body.u16(0);  // descriptor-level optional fields: none yet
     Writer out;
     out.u32(PeerDescriptor::kMagic);
     out.u16(PeerDescriptor::kVersion);
@@ -149,7 +164,7 @@ Result<PeerDescriptor> decodeDescriptor(ByteView bytes) {
         return malformed("truncated header (" + std::to_string(bytes.size()) + " bytes)");
     }
     if (magic != PeerDescriptor::kMagic) return malformed("bad magic, not a kvxfer descriptor");
-    if (version != PeerDescriptor::kVersion) {
+    if (version < PeerDescriptor::kOldestReadable || version > PeerDescriptor::kVersion) {
         return Status::badDescriptor("peer descriptor version " + std::to_string(version) +
                                      " is not supported (this build speaks " +
                                      std::to_string(PeerDescriptor::kVersion) + ")");
@@ -209,8 +224,41 @@ Result<PeerDescriptor> decodeDescriptor(ByteView bytes) {
             }
             reg.remote_keys.push_back(std::move(key));
         }
+        if (version >= 2) {
+            uint16_t nfields = 0;
+            if (!r.u16(&nfields) || nfields > PeerDescriptor::kMaxFields) {
+                return malformed("field count of region " + std::to_string(reg.id));
+            }
+            for (uint16_t f = 0; f < nfields; ++f) {
+                uint16_t tag = 0;
+                Bytes value;
+                if (!r.u16(&tag) || !r.blob(&value, PeerDescriptor::kMaxBlob)) {
+                    return malformed("field " + std::to_string(f) + " of region " + std::to_string(reg.id));
+                }
+                if (tag == kTagMemory) {
+                    Reader v(value);
+                    uint8_t kind = 0;
+                    uint32_t device = 0;
+                    if (!v.u8(&kind) || !v.u32(&device) || kind >= kMemoryKindCount) {
+                        return malformed("memory field of region " + std::to_string(reg.id));
+                    }
+                    reg.kind = static_cast<MemoryKind>(kind);
+                    reg.device = static_cast<int32_t>(device);
+                }
+            }
+        }
         if (!ids.insert(reg.id).second) return malformed("duplicate region id " + std::to_string(reg.id));
         d.regions.push_back(std::move(reg));
+    }
+    if (version >= 2) {
+        uint16_t nfields = 0;
+        if (!r.u16(&nfields) || nfields > PeerDescriptor::kMaxFields) return malformed("descriptor fields");
+        for (uint16_t f = 0; f < nfields; ++f) {
+            uint16_t tag = 0;
+            Bytes value;
+            if (!r.u16(&tag) || !r.blob(&value, PeerDescriptor::kMaxBlob))
+                return malformed("descriptor field");
+        }
     }
     if (!r.atEnd()) return malformed("trailing bytes");
     return d;

@@ -1,5 +1,6 @@
 #include "kvxfer/engine.h"
 
+#include <sys/eventfd.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -7,6 +8,8 @@
 #include <fstream>
 #include <random>
 #include <sstream>
+
+#include "core/deadline_timer.h"
 
 namespace kvxfer {
 namespace {
@@ -28,7 +31,24 @@ uint64_t randomInstanceId() {
     return v;
 }
 
-Clock::time_point deadlineAfter(std::chrono::milliseconds timeout) { return Clock::now() + timeout; }
+// Saturates instead of overflowing: a timeout of years is "no deadline in practice".
+Clock::time_point deadlineAfter(std::chrono::milliseconds timeout) {
+    const auto now = Clock::now();
+    const auto room = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::time_point::max() - now);
+    return timeout >= room ? Clock::time_point::max() : now + timeout;
+}
+
+bool sameSide(const TransferSide& a, const TransferSide& b) {
+    if (a.index() != b.index()) return false;
+    if (const auto* x = std::get_if<BlockSide>(&a)) {
+        const auto& y = std::get<BlockSide>(b);
+        return x->block_ids.data() == y.block_ids.data() && x->block_ids.size() == y.block_ids.size() &&
+               x->layer_begin == y.layer_begin && x->layer_end == y.layer_end;
+    }
+    const auto& x = std::get<ExtentSide>(a);
+    const auto& y = std::get<ExtentSide>(b);
+    return x.extents.data() == y.extents.data() && x.extents.size() == y.extents.size();
+}
 
 }  // namespace
 
@@ -59,29 +79,37 @@ Engine::~Engine() {
     close();
     // Backends go first: their threads may deliver notifications into members below.
     backends_.clear();
+    timer_.reset();
+    if (completion_fd_ >= 0) ::close(completion_fd_);
 }
 
-Result<std::shared_ptr<Engine>> Engine::create(const EngineConfig& config) {
+Result<std::shared_ptr<Engine>> Engine::create(EngineConfig config) {
+    KVXFER_RETURN_IF_ERROR(applyEnvironment(config));
     if (config.name.empty() || config.name.size() > PeerDescriptor::kMaxName) {
         return Status::invalidArgument("engine name must be 1.." + std::to_string(PeerDescriptor::kMaxName) +
-                                       " characters");
+                                       " bytes, got " + std::to_string(config.name.size()));
     }
-    std::shared_ptr<Engine> engine(new Engine(config));
+    if (config.default_timeout.count() <= 0 || config.connect_timeout.count() <= 0) {
+        return Status::invalidArgument("timeouts must be positive");
+    }
+    std::shared_ptr<Engine> engine(new Engine(std::move(config)));
     engine->instance_id_ = randomInstanceId();
     engine->host_id_ = readHostId();
+    engine->completion_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (engine->completion_fd_ < 0) return Status::systemErrno("eventfd", errno);
+    engine->timer_ = std::make_unique<DeadlineTimer>();
 
-    std::vector<std::string> names = config.backends;
+    std::vector<std::string> names = engine->config_.backends;
     if (names.empty()) {
         for (const auto& info : listBackends()) {
             if (info.available && info.on_by_default) names.push_back(info.name);
         }
     }
     BackendContext ctx;
-    ctx.engine_name = config.name;
+    ctx.engine_name = engine->config_.name;
     ctx.instance_id = engine->instance_id_;
     ctx.sink = engine.get();
-    ctx.threads = config.threads;
-    ctx.device = config.device;
+    ctx.config = &engine->config_.backend;
     for (const auto& name : names) {
         if (std::any_of(engine->backends_.begin(), engine->backends_.end(),
                         [&](const auto& b) { return b->name() == name; })) {
@@ -100,48 +128,73 @@ std::vector<std::string> Engine::backendNames() const {
     return out;
 }
 
+std::vector<BackendCaps> Engine::backendCaps() const {
+    std::vector<BackendCaps> out;
+    for (const auto& b : backends_) out.push_back(b->caps());
+    return out;
+}
+
 std::string Engine::describeBackends() const {
     std::ostringstream os;
     for (size_t i = 0; i < backends_.size(); ++i) os << (i ? "; " : "") << backends_[i]->describe();
     return os.str();
 }
 
-Result<std::shared_ptr<Region>> Engine::registerMemory(void* base, uint64_t length,
-                                                       std::optional<KvLayout> layout,
+Result<std::shared_ptr<Region>> Engine::registerMemory(const MemorySpan& span, std::optional<KvLayout> layout,
                                                        std::shared_ptr<void> owner) {
-    if (base == nullptr || length == 0) {
+    if (span.base == nullptr || span.length == 0) {
         return Status::invalidArgument("cannot register an empty or null buffer");
     }
-    if (reinterpret_cast<uintptr_t>(base) + length < reinterpret_cast<uintptr_t>(base)) {
+    if (reinterpret_cast<uintptr_t>(span.base) + span.length < reinterpret_cast<uintptr_t>(span.base)) {
         return Status::invalidArgument("buffer range wraps around the address space");
+    }
+    if (static_cast<uint32_t>(span.kind) >= kMemoryKindCount) {
+        return Status::invalidArgument("unknown memory kind " + std::to_string(static_cast<int>(span.kind)));
+    }
+    if (span.kind == MemoryKind::kCuda && span.device < 0) {
+        return Status::invalidArgument("CUDA memory needs a device ordinal >= 0");
     }
     if (layout) {
         *layout = layout->normalized();
-        KVXFER_RETURN_IF_ERROR(layout->validate(length));
+        KVXFER_RETURN_IF_ERROR(layout->validate(span.length));
     }
-    std::lock_guard<std::mutex> lock(control_mutex_);
-    if (closed_) return Status::canceled("engine is closed");
+    if (closed()) return Status::canceled("engine is closed");
     std::shared_ptr<Region> region(new Region());
-    region->engine_ = shared_from_this();
-    region->id_ = next_region_id_++;
-    region->base_ = static_cast<uint8_t*>(base);
-    region->length_ = length;
+    region->base_ = span.base;
+    region->length_ = span.length;
+    region->kind_ = span.kind;
+    region->device_ = span.kind == MemoryKind::kCuda ? span.device : -1;
     region->layout_ = layout;
     region->owner_ = std::move(owner);
     RegionDescriptor published;
-    published.id = region->id_;
-    published.base_address = reinterpret_cast<uint64_t>(base);
-    published.length = length;
+    published.base_address = reinterpret_cast<uint64_t>(span.base);
+    published.length = span.length;
     published.layout = layout;
+    published.kind = region->kind_;
+    published.device = region->device_;
+    // Registration (an MR pin, an fd lookup) happens without the control mutex held.
+    bool any = false;
     for (auto& backend : backends_) {
-        auto reg = backend->registerMemory(region->base_, length);
-        if (!reg.isOk()) {
-            region->engine_.reset();  // not yet in regions_: skip the destructor's erase
-            return reg.status();
+        if (!backend->caps().supports(span.kind)) {
+            published.remote_keys.emplace_back();
+            region->backend_regions_.push_back(nullptr);
+            continue;
         }
+        auto reg = backend->registerMemory(span);
+        if (!reg.isOk()) return reg.status();
         published.remote_keys.push_back((*reg)->remoteKey());
         region->backend_regions_.push_back(std::move(reg).value());
+        any = true;
     }
+    if (!any) {
+        return Status::unsupported(std::string("no started backend handles ") + memoryKindName(span.kind) +
+                                   " memory (started: " + describeBackends() + ")");
+    }
+    std::lock_guard<std::mutex> lock(control_mutex_);
+    if (closed()) return Status::canceled("engine is closed");
+    region->engine_ = shared_from_this();
+    region->id_ = next_region_id_++;
+    published.id = region->id_;
     regions_[region->id_] = region;
     published_[region->id_] = std::move(published);
     return region;
@@ -162,27 +215,26 @@ Bytes Engine::descriptor() const {
     d.host_id = host_id_;
     d.pid = static_cast<uint32_t>(::getpid());
     for (const auto& b : backends_) d.backends.push_back({std::string(b->name()), b->endpointInfo()});
-    std::lock_guard<std::mutex> lock(control_mutex_);
-    for (const auto& [id, r] : published_) d.regions.push_back(r);
+    {
+        std::lock_guard<std::mutex> lock(control_mutex_);
+        for (const auto& [id, r] : published_) d.regions.push_back(r);
+    }
     return encodeDescriptor(d);
 }
 
 Result<std::shared_ptr<Peer>> Engine::addPeer(ByteView bytes) {
     KVXFER_ASSIGN_OR_RETURN(PeerDescriptor desc, decodeDescriptor(bytes));
-    std::lock_guard<std::mutex> lock(control_mutex_);
-    if (closed_) return Status::canceled("engine is closed");
+    if (closed()) return Status::canceled("engine is closed");
     if (desc.instance_id == instance_id_) {
         return Status::invalidArgument("descriptor is this engine's own");
     }
-    const auto deadline = deadlineAfter(config_.connect_timeout);
-
-    std::shared_ptr<Peer> existing;
-    if (auto it = peers_.find(desc.engine_name); it != peers_.end()) existing = it->second;
+    std::shared_ptr<Peer> existing = findPeer(desc.engine_name);
 
     std::shared_ptr<Peer> peer;
     if (existing && existing->instanceId() == desc.instance_id) {
         peer = existing;  // refresh: import regions it did not have
     } else {
+        // Connect without the control mutex: a handshake may take a while.
         peer.reset(new Peer());
         peer->engine_ = shared_from_this();
         peer->name_ = desc.engine_name;
@@ -197,7 +249,8 @@ Result<std::shared_ptr<Peer>> Engine::addPeer(ByteView bytes) {
                 if (caps.same_process_only &&
                     (!identity.same_host || desc.pid != static_cast<uint32_t>(::getpid())))
                     break;
-                auto conn = backends_[i]->connect(identity, ep.info, deadline);
+                // Each attempt has its own deadline, so a fallback backend gets its own time.
+                auto conn = backends_[i]->connect(identity, ep.info, deadlineAfter(config_.connect_timeout));
                 if (conn.isOk()) {
                     peer->connection_ = std::move(conn).value();
                     peer->backend_index_ = i;
@@ -226,6 +279,7 @@ Result<std::shared_ptr<Peer>> Engine::addPeer(ByteView bytes) {
             std::lock_guard<std::mutex> plock(peer->mutex_);
             if (peer->imports_.count(region.id)) continue;
         }
+        if (!backend.caps().supports(region.kind)) continue;  // not addressable through this backend
         KVXFER_ASSIGN_OR_RETURN(auto import, backend.importRemoteRegion(*peer->connection_, region,
                                                                         region.remote_keys[key_index]));
         std::lock_guard<std::mutex> plock(peer->mutex_);
@@ -234,6 +288,13 @@ Result<std::shared_ptr<Peer>> Engine::addPeer(ByteView bytes) {
     {
         std::lock_guard<std::mutex> plock(peer->mutex_);
         peer->descriptor_ = std::make_shared<const PeerDescriptor>(std::move(desc));
+    }
+    {
+        std::lock_guard<std::mutex> lock(control_mutex_);
+        if (closed()) return Status::canceled("engine is closed");
+        auto it = peers_.find(peer->name());
+        if (it != peers_.end() && it->second != peer) existing = it->second;
+        peers_[peer->name()] = peer;
     }
     if (existing && existing != peer) {
         std::vector<std::weak_ptr<TransferJob>> jobs;
@@ -247,7 +308,6 @@ Result<std::shared_ptr<Peer>> Engine::addPeer(ByteView bytes) {
                 job->abandon(Status::peerUnreachable("peer '" + existing->name() + "' restarted"));
         }
     }
-    peers_[peer->name()] = peer;
     return peer;
 }
 
@@ -278,106 +338,204 @@ std::shared_ptr<Peer> Engine::findPeer(const std::string& name) const {
     return it == peers_.end() ? nullptr : it->second;
 }
 
-Result<std::shared_ptr<const Plan>> Engine::planFor(const TransferRequest& req,
-                                                    RemoteRegionView* remote_out) const {
-    if (!req.peer) return Status::invalidArgument("no peer given");
-    if (!req.local) return Status::invalidArgument("no local region given");
-    if (req.peer->engine_.get() != this) return Status::invalidArgument("peer belongs to another engine");
-    if (req.local->engine_.get() != this) {
-        return Status::notFound("local region " + std::to_string(req.local->id()) +
-                                " is not registered with this engine");
-    }
-    if (req.peer->removed()) return Status::notFound("peer '" + req.peer->name() + "' was removed");
-    const auto snapshot = req.peer->descriptor();
-    const RegionDescriptor* remote = nullptr;
-    for (const auto& r : snapshot->regions) {
-        if (r.id == req.remote_region) remote = &r;
-    }
-    if (remote == nullptr) {
-        return Status::notFound("peer '" + req.peer->name() + "' has no region " +
-                                std::to_string(req.remote_region));
-    }
-    TransferSide local_side = req.local_side;
-    TransferSide remote_side = req.remote_side;
-    if (auto* b = std::get_if<BlockSide>(&local_side)) {
-        if (!req.local->layout()) {
-            return Status::invalidArgument("local region " + std::to_string(req.local->id()) +
-                                           " was registered without a KV layout; use extents");
-        }
-        b->layout = *req.local->layout();
-    }
-    if (auto* b = std::get_if<BlockSide>(&remote_side)) {
-        if (!remote->layout) {
-            return Status::invalidArgument("remote region " + std::to_string(remote->id) + " of peer '" +
-                                           req.peer->name() + "' has no KV layout; use extents");
-        }
-        b->layout = *remote->layout;
+Status Engine::planParts(const TransferRequest& req, const PeerDescriptor& snapshot,
+                         std::vector<PlannedPart>& out) const {
+    const Backend& backend = *backends_[req.peer->backend_index_];
+    if (!backend.caps().supports(req.op)) {
+        return Status::unsupported(std::string("backend ") + std::string(backend.name()) + " cannot " +
+                                   opName(req.op));
     }
     PlanOptions options;
     options.coalesce = req.coalesce;
-    options.max_run_bytes = backends_[req.peer->backend_index_]->caps().max_run_bytes;
-    KVXFER_ASSIGN_OR_RETURN(Plan plan,
-                            makePlan(local_side, req.local->length(), remote_side, remote->length, options));
-    if (remote_out) *remote_out = {remote->id, remote->base_address, remote->length, nullptr};
-    return std::make_shared<const Plan>(std::move(plan));
-}
-
-Result<std::shared_ptr<const Plan>> Engine::plan(const TransferRequest& request) const {
-    return planFor(request, nullptr);
-}
-
-Result<std::shared_ptr<TransferJob>> Engine::post(const TransferRequest& req) {
-    if (closed()) return Status::canceled("engine is closed");
-    RemoteRegionView remote;
-    KVXFER_ASSIGN_OR_RETURN(auto plan, planFor(req, &remote));
-    if (req.notify.size() > PeerDescriptor::kMaxBlob) {
-        return Status::invalidArgument("notification payload is larger than 64 KiB");
+    options.max_run_bytes = backend.caps().max_run_bytes;
+    out.reserve(req.parts.size());
+    for (size_t i = 0; i < req.parts.size(); ++i) {
+        const TransferPart& part = req.parts[i];
+        const std::string where = req.parts.size() > 1 ? "part " + std::to_string(i) + ": " : "";
+        if (!part.local) return Status::invalidArgument(where + "no local region given");
+        if (part.local->engine_.get() != this) {
+            return Status::notFound(where + "local region " + std::to_string(part.local->id()) +
+                                    " is not registered with this engine");
+        }
+        if (part.local->backendRegion(req.peer->backend_index_) == nullptr) {
+            return Status::unsupported(where + "local region " + std::to_string(part.local->id()) + " (" +
+                                       memoryKindName(part.local->kind()) +
+                                       " memory) cannot be reached by backend " +
+                                       std::string(backend.name()));
+        }
+        const RegionDescriptor* remote = nullptr;
+        for (const auto& r : snapshot.regions) {
+            if (r.id == part.remote_region) remote = &r;
+        }
+        if (remote == nullptr) {
+            return Status::notFound(where + "peer '" + req.peer->name() + "' has no region " +
+                                    std::to_string(part.remote_region));
+        }
+        if (!backend.caps().supports(remote->kind)) {
+            return Status::unsupported(
+                where + "remote region " + std::to_string(remote->id) + " (" + memoryKindName(remote->kind) +
+                " memory) cannot be reached by backend " + std::string(backend.name()));
+        }
+        // Parts that repeat the previous part's sides over regions of the same shape (one
+        // region per layer, the same block ids) share one plan: planning is per shape.
+        if (i > 0) {
+            const TransferPart& prev = req.parts[i - 1];
+            const RegionDescriptor* prev_remote = out.back().remote;
+            if (sameSide(part.local_side, prev.local_side) && sameSide(part.remote_side, prev.remote_side) &&
+                part.local->length() == prev.local->length() &&
+                part.local->layout() == prev.local->layout() && remote->length == prev_remote->length &&
+                remote->layout == prev_remote->layout) {
+                out.push_back({out.back().plan, remote});
+                continue;
+            }
+        }
+        TransferSide local_side = part.local_side;
+        TransferSide remote_side = part.remote_side;
+        if (auto* b = std::get_if<BlockSide>(&local_side)) {
+            if (!part.local->layout()) {
+                return Status::invalidArgument(where + "local region " + std::to_string(part.local->id()) +
+                                               " was registered without a KV layout; use extents");
+            }
+            b->layout = *part.local->layout();
+        }
+        if (auto* b = std::get_if<BlockSide>(&remote_side)) {
+            if (!remote->layout) {
+                return Status::invalidArgument(where + "remote region " + std::to_string(remote->id) +
+                                               " of peer '" + req.peer->name() +
+                                               "' has no KV layout; use extents");
+            }
+            b->layout = *remote->layout;
+        }
+        auto plan = makePlan(local_side, part.local->length(), remote_side, remote->length, options);
+        if (!plan.isOk()) {
+            const Status& st = plan.status();
+            return where.empty() ? st : Status(st.code(), where + st.message());
+        }
+        out.push_back({std::make_shared<const Plan>(std::move(plan).value()), remote});
     }
-    Peer& peer = *req.peer;
-    auto job = std::make_shared<TransferJob>();
-    job->id = next_transfer_id_.fetch_add(1, std::memory_order_relaxed);
-    job->op = req.op;
-    job->local = {req.local->id(), req.local->base(), req.local->length(),
-                  req.local->backendRegion(peer.backend_index_)};
-    job->peer = peer.connection_.get();
-    job->notify = req.notify;
-    job->deadline = deadlineAfter(req.timeout.count() > 0 ? req.timeout : config_.default_timeout);
-    job->keepalive =
-        std::make_shared<std::pair<std::shared_ptr<Region>, std::shared_ptr<Peer>>>(req.local, req.peer);
-    const uint64_t bytes = plan->total_bytes;
-    const uint64_t runs = plan->numRuns();
-    job->plan = std::move(plan);
-    job->on_terminal = [this, bytes](bool done) {
+    return Status::ok();
+}
+
+Result<PlanSummary> Engine::plan(const TransferRequest& req) const {
+    if (!req.peer) return Status::invalidArgument("no peer given");
+    if (req.peer->engine_.get() != this) return Status::invalidArgument("peer belongs to another engine");
+    const auto snapshot = req.peer->descriptor();
+    std::vector<PlannedPart> planned;
+    KVXFER_RETURN_IF_ERROR(planParts(req, *snapshot, planned));
+    PlanSummary s;
+    s.parts = static_cast<uint32_t>(planned.size());
+    for (const auto& p : planned) {
+        s.bytes += p.plan->total_bytes;
+        s.pieces += p.plan->num_pieces;
+        s.runs += p.plan->numRuns();
+        s.planes += p.plan->planes.size();
+    }
+    return s;
+}
+
+void Engine::onTerminal(TransferJob& job, bool done) {
+    {
         std::lock_guard<std::mutex> lock(stats_mutex_);
         if (done) {
             ++stats_.transfers_done;
-            stats_.bytes_done += bytes;
+            stats_.bytes_done += job.total_bytes;
         } else {
             ++stats_.transfers_failed;
         }
+    }
+    if (job.watched.load(std::memory_order_acquire)) {
+        {
+            std::lock_guard<std::mutex> lock(completion_mutex_);
+            completed_.push_back(job.id);
+        }
+        signalCompletion();
+    }
+}
+
+Result<Transfer> Engine::post(const TransferRequest& req) {
+    const auto t0 = Clock::now();
+    if (closed()) return Status::canceled("engine is closed");
+    if (!req.peer) return Status::invalidArgument("no peer given");
+    if (req.peer->engine_.get() != this) return Status::invalidArgument("peer belongs to another engine");
+    if (req.notify.size() > PeerDescriptor::kMaxBlob) {
+        return Status::invalidArgument("notification payload is " + std::to_string(req.notify.size()) +
+                                       " bytes; the limit is 64 KiB");
+    }
+    if (req.parts.empty() && req.notify.empty()) {
+        return Status::invalidArgument("a transfer needs at least one part or a notification");
+    }
+    Peer& peer = *req.peer;
+    if (peer.removed()) return Status::notFound("peer '" + peer.name() + "' was removed");
+    const auto snapshot = peer.descriptor();
+    std::vector<PlannedPart> planned;
+    KVXFER_RETURN_IF_ERROR(planParts(req, *snapshot, planned));
+
+    Backend& backend = *backends_[peer.backend_index_];
+    auto job = std::make_shared<TransferJob>();
+    job->id = next_transfer_id_.fetch_add(1, std::memory_order_relaxed);
+    job->op = req.op;
+    job->peer = peer.connection_.get();
+    job->backend = &backend;
+    job->notify = req.notify;
+    job->deadline = deadlineAfter(req.timeout.count() > 0 ? req.timeout : config_.default_timeout);
+    struct Keep {
+        std::vector<std::shared_ptr<Region>> regions;
+        std::shared_ptr<Peer> peer;
     };
+    auto keep = std::make_shared<Keep>();
+    keep->peer = req.peer;
+    keep->regions.reserve(req.parts.size());
+    job->parts.resize(planned.size());
+    uint64_t runs = 0, bytes = 0, pieces = 0;
     {
         std::lock_guard<std::mutex> plock(peer.mutex_);
         if (peer.removed_) return Status::notFound("peer '" + peer.name() + "' was removed");
-        auto import = peer.imports_.find(remote.id);
-        if (import == peer.imports_.end()) return Status::internal("remote region not imported");
-        job->remote = {remote.id, remote.base_address, remote.length, import->second.get()};
+        for (size_t i = 0; i < planned.size(); ++i) {
+            const TransferPart& part = req.parts[i];
+            const RegionDescriptor& remote = *planned[i].remote;
+            auto import = peer.imports_.find(remote.id);
+            if (import == peer.imports_.end()) return Status::internal("remote region not imported");
+            JobPart& jp = job->parts[i];
+            jp.plan = std::move(planned[i].plan);
+            jp.local = {part.local->id(),     part.local->base(),
+                        part.local->length(), part.local->kind(),
+                        part.local->device(), part.local->backendRegion(peer.backend_index_)};
+            jp.remote = {remote.id,   remote.base_address, remote.length,
+                         remote.kind, remote.device,       import->second.get()};
+            jp.first_run = runs;
+            runs += jp.plan->numRuns();
+            bytes += jp.plan->total_bytes;
+            pieces += jp.plan->num_pieces;
+            if (keep->regions.empty() || keep->regions.back() != part.local)
+                keep->regions.push_back(part.local);
+        }
         if (peer.in_flight_.size() >= 64 && (peer.in_flight_.size() & 63) == 0) {
             std::erase_if(peer.in_flight_, [](const auto& w) { return w.expired(); });
         }
         peer.in_flight_.push_back(job);
     }
+    job->num_runs = runs;
+    job->total_bytes = bytes;
+    job->keepalive = std::move(keep);
+    job->on_terminal = [this](TransferJob& j, bool done) { onTerminal(j, done); };
+    job->telemetry_.bytes = bytes;
+    job->telemetry_.runs = runs;
+    job->telemetry_.pieces = pieces;
+    job->telemetry_.parts = static_cast<uint32_t>(job->parts.size());
+    job->telemetry_.posted = t0;
     {
         std::lock_guard<std::mutex> lock(stats_mutex_);
         ++stats_.transfers_posted;
         stats_.runs_posted += runs;
     }
-    Status st = backends_[peer.backend_index_]->submit(job);
+    timer_->watch(job);
+    job->telemetry_.post_cpu_us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+    Status st = backend.submit(job);
     if (!st.isOk()) {
         job->finish(st);
         return st;
     }
-    return job;
+    return Transfer(std::move(job));
 }
 
 Status Engine::notify(Peer& peer, ByteView payload, std::chrono::milliseconds timeout) {
@@ -390,6 +548,35 @@ Status Engine::notify(Peer& peer, ByteView payload, std::chrono::milliseconds ti
         *peer.connection_, payload, deadlineAfter(timeout.count() > 0 ? timeout : config_.default_timeout));
 }
 
+void Engine::signalCompletion() {
+    const uint64_t one = 1;
+    (void)!::write(completion_fd_, &one, sizeof(one));
+}
+
+void Engine::watch(const Transfer& transfer) {
+    TransferJob& job = *transfer.job();
+    job.watched.store(true, std::memory_order_release);
+    // Ended before it was watched: on_terminal did not report it; report it now. (A job
+    // ending concurrently may be reported twice; drainCompletions() callers ignore ids
+    // they no longer wait for.)
+    if (job.state() != TransferState::kPending) {
+        {
+            std::lock_guard<std::mutex> lock(completion_mutex_);
+            completed_.push_back(job.id);
+        }
+        signalCompletion();
+    }
+}
+
+std::vector<uint64_t> Engine::drainCompletions() {
+    uint64_t v = 0;
+    (void)!::read(completion_fd_, &v, sizeof(v));
+    std::lock_guard<std::mutex> lock(completion_mutex_);
+    std::vector<uint64_t> out;
+    out.swap(completed_);
+    return out;
+}
+
 void Engine::deliver(std::string peer_name, uint64_t peer_instance, Bytes payload) {
     {
         std::lock_guard<std::mutex> lock(notify_mutex_);
@@ -400,6 +587,7 @@ void Engine::deliver(std::string peer_name, uint64_t peer_instance, Bytes payloa
         ++stats_.notifications_received;
     }
     notify_cv_.notify_all();
+    signalCompletion();
 }
 
 std::vector<Notification> Engine::takeNotifications(size_t max) {
@@ -421,17 +609,11 @@ EngineStats Engine::stats() const {
     return stats_;
 }
 
-bool Engine::closed() const {
-    std::lock_guard<std::mutex> lock(control_mutex_);
-    return closed_;
-}
-
 void Engine::close() {
     std::map<std::string, std::shared_ptr<Peer>> peers;
     {
         std::lock_guard<std::mutex> lock(control_mutex_);
-        if (closed_) return;
-        closed_ = true;
+        if (closed_.exchange(true)) return;
         peers.swap(peers_);
     }
     for (auto& [name, peer] : peers) {

@@ -1,3 +1,17 @@
+// The transfer job machine: the one place that decides a transfer's life.
+//
+//   RUNNING --dataDone(ok, notify)--> COMMITTING --finish--> DONE | FAILED
+//      |  \--dataDone(ok, no notify)--> DONE          (finish by the backend)
+//      |--dataDone(error) / abandon / deadline--> FAILED
+//
+// abandon() (cancel, deadline, peer removed, engine closed) makes the job terminal at
+// once and pushes the cancellation to the backend; the backend still calls finish() when
+// nothing of the job is in flight any more, which is when the job becomes "quiesced".
+// A committing job (its notification on the way) can only be ended by its backend: the
+// peer may already have the notification, so the outcome must be the backend's.
+#include "kvxfer/transfer.h"
+
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 
@@ -46,15 +60,47 @@ std::string Status::toString() const {
 
 const char* opName(Op op) { return op == Op::kWrite ? "WRITE" : "READ"; }
 
+const char* memoryKindName(MemoryKind kind) {
+    switch (kind) {
+        case MemoryKind::kHost:
+            return "host";
+        case MemoryKind::kHostShareable:
+            return "host-shareable";
+        case MemoryKind::kCuda:
+            return "cuda";
+    }
+    return "unknown";
+}
+
+uint32_t TransferJob::partOf(uint64_t i) const {
+    if (parts.size() == 1) return 0;
+    // The last part whose first_run <= i.
+    auto it = std::upper_bound(parts.begin(), parts.end(), i,
+                               [](uint64_t v, const JobPart& p) { return v < p.first_run; });
+    return static_cast<uint32_t>(std::distance(parts.begin(), it) - 1);
+}
+
+FlatRun TransferJob::run(uint64_t i) const {
+    const uint32_t pi = partOf(i);
+    const JobPart& p = parts[pi];
+    const Run r = p.plan->flatRun(i - p.first_run);
+    return {pi,
+            p.local.base + r.local_offset,
+            r.local_offset,
+            p.remote.base_address + r.remote_offset,
+            r.remote_offset,
+            r.length};
+}
+
 bool TransferJob::toTerminal(Internal to, Status status, bool from_backend) {
     {
         std::lock_guard<std::mutex> lock(mutex_);
         const uint8_t cur = state_.load(std::memory_order_acquire);
         if (cur == kOk || cur == kFail) return false;
-        // A committing job (notification on its way) can only be ended by its backend.
         if (cur == kCommitting && !from_backend) return false;
         status_ = std::move(status);
-        if (on_terminal) on_terminal(to == kOk);
+        telemetry_.finished = Clock::now();
+        if (on_terminal) on_terminal(*this, to == kOk);
         state_.store(to, std::memory_order_release);
     }
     cv_.notify_all();
@@ -72,29 +118,58 @@ bool TransferJob::abandoned() const {
     return s == kFail || (s == kRunning && Clock::now() >= deadline);
 }
 
-bool TransferJob::beginCommit() {
+bool TransferJob::commitNow() {
     std::lock_guard<std::mutex> lock(mutex_);
     if (state_.load(std::memory_order_acquire) != kRunning || Clock::now() >= deadline) return false;
     state_.store(kCommitting, std::memory_order_release);
     return true;
 }
 
+TransferJob::AfterData TransferJob::decideAfterData(Status status, bool all_moved, Status* finish_with) {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        telemetry_.data_done = Clock::now();
+    }
+    if (!status.isOk()) {
+        *finish_with = std::move(status);
+    } else if (!all_moved || abandoned()) {
+        *finish_with = Status::canceled("transfer abandoned before all bytes moved");
+    } else if (notify.empty()) {
+        *finish_with = Status::ok();
+    } else if (commitNow()) {
+        return AfterData::kSendNotification;
+    } else {
+        *finish_with = Status::canceled("transfer abandoned before its notification was sent");
+    }
+    return AfterData::kFinished;
+}
+
+TransferJob::AfterData TransferJob::dataDone(Status status, bool all_moved) {
+    Status finish_with;
+    const AfterData next = decideAfterData(std::move(status), all_moved, &finish_with);
+    if (next == AfterData::kFinished) finish(std::move(finish_with));
+    return next;
+}
+
 void TransferJob::finish(Status status) {
     // The outcome must not depend on whether anyone observed the job before its
     // deadline: a job still running past it ends TIMEOUT, as a poll would have said.
     expireIfDue();
-    finished_.store(true, std::memory_order_release);
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        finished_.store(true, std::memory_order_release);
+    }
     if (status.isOk()) {
         toTerminal(kOk, Status::ok(), true);
     } else {
         toTerminal(kFail, std::move(status), true);
     }
-    cv_.notify_all();  // quiesced() waiters
+    cv_.notify_all();  // waitQuiesced() waiters
 }
 
 bool TransferJob::abandon(Status why) {
     if (!toTerminal(kFail, std::move(why), false)) return false;
-    if (on_abandon) on_abandon(*this);
+    if (backend != nullptr && !finished_.load(std::memory_order_acquire)) backend->cancel(*this);
     return true;
 }
 
@@ -118,13 +193,48 @@ Status TransferJob::status() const {
 TransferState TransferJob::waitUntil(Clock::time_point until) {
     {
         std::unique_lock<std::mutex> lock(mutex_);
-        const auto limit = std::min(until, deadline);
-        cv_.wait_until(lock, limit, [&] {
+        cv_.wait_until(lock, std::min(until, deadline), [&] {
             const uint8_t s = state_.load(std::memory_order_acquire);
             return s == kOk || s == kFail;
         });
     }
-    return state();
+    TransferState s = state();
+    // A committing job past its deadline ends only when its backend says so; the caller
+    // asked to wait until `until`, so keep waiting for that.
+    if (s == TransferState::kPending && until > Clock::now()) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        cv_.wait_until(lock, until, [&] {
+            const uint8_t st = state_.load(std::memory_order_acquire);
+            return st == kOk || st == kFail;
+        });
+        lock.unlock();
+        s = state();
+    }
+    return s;
+}
+
+bool TransferJob::waitQuiesced(Clock::time_point until) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    return cv_.wait_until(lock, until, [&] { return finished_.load(std::memory_order_acquire); });
+}
+
+TransferTelemetry TransferJob::telemetry() const {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return telemetry_;
+}
+
+bool Transfer::cancel() const { return job_->abandon(Status::canceled("canceled by the caller")); }
+
+PlanSummary Transfer::plan() const {
+    PlanSummary s;
+    s.parts = static_cast<uint32_t>(job_->parts.size());
+    for (const auto& p : job_->parts) {
+        s.bytes += p.plan->total_bytes;
+        s.pieces += p.plan->num_pieces;
+        s.runs += p.plan->numRuns();
+        s.planes += p.plan->planes.size();
+    }
+    return s;
 }
 
 }  // namespace kvxfer

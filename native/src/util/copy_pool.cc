@@ -41,16 +41,8 @@ struct CopyPool::State {
 
     void finalize(ActiveJob& a) {
         TransferJob& job = *a.job;
-        if (!a.error.isOk()) {
-            job.finish(a.error);
-        } else if (a.next_run < a.total_runs) {
-            job.finish(Status::canceled("transfer abandoned before all bytes moved"));
-        } else if (job.notify.empty()) {
-            job.finish(Status::ok());
-        } else if (job.beginCommit()) {
+        if (job.dataDone(a.error, a.next_run == a.total_runs) == TransferJob::AfterData::kSendNotification) {
             job.finish(commit(job));
-        } else {
-            job.finish(Status::canceled("transfer abandoned before its notification was sent"));
         }
     }
 
@@ -65,17 +57,16 @@ struct CopyPool::State {
                 a = queue.front();
                 if (stopping || a->job->abandoned() || !a->error.isOk()) a->closed = true;
                 if (!a->closed) {
-                    const Plan& plan = *a->job->plan;
+                    const TransferJob& job = *a->job;
                     first = a->next_run;
                     end = first;
                     uint64_t bytes = 0;
-                    const uint64_t per_plane = plan.runs.size();
                     while (end < a->total_runs && end - first < max_chunk_runs && bytes < a->chunk_bytes) {
-                        bytes += plan.runs[end % per_plane].length;
+                        bytes += job.run(end).length;
                         ++end;
                     }
                     a->next_run = end;
-                    ++a->in_progress;
+                    if (end > first) ++a->in_progress;
                     if (end == a->total_runs) a->closed = true;
                 }
                 if (a->closed) queue.pop_front();
@@ -132,11 +123,11 @@ CopyPool::~CopyPool() {
 void CopyPool::submit(const std::shared_ptr<TransferJob>& job) {
     auto a = std::make_shared<ActiveJob>();
     a->job = job;
-    a->total_runs = job->plan->numRuns();
+    a->total_runs = job->num_runs;
     // Aim for about two chunks per thread so a mid-sized job (one layer of a paged KV,
     // a few MiB) still spreads over every thread; never below 1 MiB per chunk, where
     // claiming would cost more than it shares.
-    const uint64_t share = job->plan->total_bytes / (2 * threads_.size());
+    const uint64_t share = job->total_bytes / (2 * threads_.size());
     a->chunk_bytes = std::clamp<uint64_t>(share, 1 << 20, state_->target_chunk_bytes);
     const uint64_t chunk_bytes = a->chunk_bytes;
     {
@@ -144,7 +135,7 @@ void CopyPool::submit(const std::shared_ptr<TransferJob>& job) {
         state_->queue.push_back(std::move(a));
     }
     // Wake every worker for big jobs so they share it; one is enough for a single chunk.
-    if (job->plan->total_bytes > chunk_bytes || job->plan->numRuns() > state_->max_chunk_runs) {
+    if (job->total_bytes > chunk_bytes || job->num_runs > state_->max_chunk_runs) {
         state_->cv.notify_all();
     } else {
         state_->cv.notify_one();

@@ -4,9 +4,10 @@
 // runs and about `target_chunk_bytes` bytes), so a 1 GiB transfer spreads over every
 // thread while a small one stays on one.
 //
-// After the last chunk, one worker commits: it sends the job's notification through
-// `commit` (only when every chunk succeeded and TransferJob::beginCommit() agreed) and
-// calls finish(). Workers stop claiming chunks of an abandoned or failed job.
+// After the last chunk, one worker reports the data outcome to the core's job machine
+// (TransferJob::dataDone); when the core asks for the notification, that worker sends it
+// through `commit` and finishes the job. Workers stop claiming chunks of an abandoned or
+// failed job.
 //
 // Threads capture only the pool's shared state, never the owning backend, so the pool
 // may be destroyed on one of its own workers (the last reference to an engine can be
@@ -27,7 +28,8 @@ namespace kvxfer {
 
 class CopyPool {
 public:
-    // Moves runs [first, end) of job.plan's flattened sequence. Called concurrently.
+    // Moves runs [first, end) of the job's flattened sequence (TransferJob::run). Called
+    // concurrently.
     using CopyFn = std::function<Status(TransferJob& job, uint64_t first, uint64_t end)>;
     // Delivers job.notify to the peer; called once, after all data is visible.
     using CommitFn = std::function<Status(TransferJob& job)>;

@@ -203,30 +203,24 @@ uint32_t mtuBytes(ibv_mtu mtu) {
     return 0;
 }
 
-Result<DeviceSelector> parseSelector(const std::string& text) {
-    std::string s = text;
-    if (s.empty()) {
-        if (const char* env = std::getenv("KVXFER_IB_DEVICE")) s = env;
-    }
+Result<DeviceSelector> selectorFrom(const IbverbsConfig& config) {
+    const std::string& s = config.device;
     DeviceSelector sel;
     const auto colon = s.find(':');
     sel.device = s.substr(0, colon);
     if (colon != std::string::npos) {
         if (!parseInt(s.substr(colon + 1), &sel.gid_index)) {
-            return Status::invalidArgument("ibverbs device selector '" + s +
+            return Status::invalidArgument("ibverbs device '" + s +
                                            "' must be DEVICE or DEVICE:GID_INDEX (e.g. rxe0:1)");
         }
-    } else if (const char* env = std::getenv("KVXFER_IB_GID"); env != nullptr && *env != '\0') {
-        if (!parseInt(env, &sel.gid_index)) {
-            return Status::invalidArgument(std::string("KVXFER_IB_GID='") + env + "' is not a GID index");
-        }
+    } else {
+        sel.gid_index = config.gid_index;
     }
-    if (const char* env = std::getenv("KVXFER_IB_PORT_NUM"); env != nullptr && *env != '\0') {
-        if (!parseInt(env, &sel.port) || sel.port < 1 || sel.port > 255) {
-            return Status::invalidArgument(std::string("KVXFER_IB_PORT_NUM='") + env +
-                                           "' is not a port number");
-        }
+    if (config.port_num < 0 || config.port_num > 255) {
+        return Status::invalidArgument("ibverbs port_num " + std::to_string(config.port_num) +
+                                       " is not a port number");
     }
+    sel.port = config.port_num;
     return sel;
 }
 
@@ -294,7 +288,9 @@ std::string Device::describe() const {
 }
 
 Status probeDevices(const VerbsApi& v) {
-    auto sel = parseSelector("");
+    EngineConfig config;
+    if (Status st = applyEnvironment(config); !st.isOk()) return st;
+    auto sel = selectorFrom(config.backend.ibverbs);
     if (!sel.isOk()) return sel.status();
     auto dev = Device::open(v, *sel);
     return dev.isOk() ? Status::ok() : dev.status();

@@ -1,9 +1,9 @@
 // device: RDMA device, port and GID discovery, and the opened device (context + PD).
 //
-// Selection ("selector" = BackendContext::device, else $KVXFER_IB_DEVICE):
-//   ""            every device in libibverbs' order, first ACTIVE port, best GID
-//   "rxe0"        that device, first ACTIVE port ($KVXFER_IB_PORT_NUM overrides), best GID
-//   "rxe0:3"      that device, GID index 3 ($KVXFER_IB_GID is used when no index is given)
+// Selection (IbverbsConfig: device, gid_index, port_num; see kvxfer/config.h):
+//   device ""     every device in libibverbs' order, first ACTIVE port, best GID
+//   "rxe0"        that device, first ACTIVE port (port_num overrides), best GID
+//   "rxe0:3"      that device, GID index 3 (gid_index is used when no index is given)
 // Best GID on Ethernet (RoCE): an IPv4-mapped RoCE v2 GID, then any other routable RoCE v2
 // GID, then a link-local RoCE v2 GID, then RoCE v1; lowest index among equals. On
 // InfiniBand: GID 0 (the port GID) and the port's LID.
@@ -13,6 +13,7 @@
 #include <string>
 
 #include "backends/ibverbs/verbs_loader.h"
+#include "kvxfer/config.h"
 
 namespace kvxfer::ib {
 
@@ -28,8 +29,8 @@ struct DeviceSelector {
     int gid_index = -1;  // -1 = choose
     int port = 0;        // 0 = first active
 };
-// Parses "dev[:gid]" (falls back to the environment when `text` is empty).
-Result<DeviceSelector> parseSelector(const std::string& text);
+// The selector of a configuration ("dev[:gid]" in `device`, plus gid_index and port_num).
+Result<DeviceSelector> selectorFrom(const IbverbsConfig& config);
 
 // An opened device: context, one protection domain, and the chosen port and GID.
 // Shared (shared_ptr) by everything created on it, so the PD and the context close only

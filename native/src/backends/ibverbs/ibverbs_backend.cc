@@ -34,6 +34,7 @@
 #include "backends/ibverbs/verbs_loader.h"
 #include "backends/ibverbs/wire.h"
 #include "backends/ibverbs/work_request.h"
+#include "kvxfer/config.h"
 
 namespace kvxfer {
 namespace ib {
@@ -47,16 +48,7 @@ constexpr uint32_t kUdRecvDepth = 64;
 constexpr uint32_t kUdSendSlots = 32;
 constexpr uint64_t kNotifyUnit = ~uint64_t{0};  // unit id of a notification SEND
 
-// ---- tunables (environment) ------------------------------------------------------------
-
-uint64_t envNumber(const char* name, uint64_t def, uint64_t lo, uint64_t hi) {
-    const char* s = std::getenv(name);
-    if (s == nullptr || *s == '\0') return def;
-    char* end = nullptr;
-    const unsigned long long v = std::strtoull(s, &end, 0);
-    if (end == s || *end != '\0') return def;
-    return std::clamp<uint64_t>(v, lo, hi);
-}
+// ---- tunables (from IbverbsConfig) ----------------------------------------------------
 
 struct Tunables {
     uint32_t qps_per_peer = 2;
@@ -74,21 +66,20 @@ struct Tunables {
     uint32_t spin_us = 20;
     std::chrono::milliseconds repair_timeout{4000};
 
-    static Tunables fromEnv() {
+    static Tunables from(const IbverbsConfig& c) {
         Tunables t;
-        t.qps_per_peer = static_cast<uint32_t>(envNumber("KVXFER_IB_QPS", 2, 1, CmMessage::kMaxQps));
-        t.sq_depth = static_cast<uint32_t>(envNumber("KVXFER_IB_SQ_DEPTH", 256, 16, 8192));
+        t.qps_per_peer = std::clamp<uint32_t>(c.qps_per_peer, 1, CmMessage::kMaxQps);
+        t.sq_depth = std::clamp<uint32_t>(c.sq_depth, 16, 8192);
         t.signal_interval = std::max<uint32_t>(1, std::min<uint32_t>(t.sq_depth / 4, 32));
         t.chain_max = static_cast<uint32_t>(std::min<uint64_t>(PostList::kMaxWrs, t.signal_interval));
-        t.recv_buffers = static_cast<uint32_t>(envNumber("KVXFER_IB_RECV_BUFFERS", 64, 4, 4096));
-        t.max_wr_bytes = envNumber("KVXFER_IB_MAX_WR_BYTES", 1 << 20, 4096, uint64_t{1} << 30);
-        t.timing.timeout = static_cast<uint8_t>(envNumber("KVXFER_IB_ACK_TIMEOUT", 15, 1, 31));
-        // 6, not 7: rxe (soft-RoCE) treats retry_cnt 7 as "retry forever", like rnr_retry.
-        t.timing.retry_cnt = static_cast<uint8_t>(envNumber("KVXFER_IB_RETRY_CNT", 6, 0, 7));
-        t.timing.rnr_retry = static_cast<uint8_t>(envNumber("KVXFER_IB_RNR_RETRY", 7, 0, 7));
-        t.traffic_class = static_cast<uint8_t>(envNumber("KVXFER_IB_TC", 0, 0, 255));
-        t.service_level = static_cast<uint8_t>(envNumber("KVXFER_IB_SL", 0, 0, 15));
-        t.spin_us = static_cast<uint32_t>(envNumber("KVXFER_IB_SPIN_US", 20, 0, 100000));
+        t.recv_buffers = std::clamp<uint32_t>(c.recv_buffers, 4, 4096);
+        t.max_wr_bytes = std::clamp<uint64_t>(c.max_wr_bytes, 4096, uint64_t{1} << 30);
+        t.timing.timeout = static_cast<uint8_t>(std::clamp<uint32_t>(c.ack_timeout, 1, 31));
+        t.timing.retry_cnt = static_cast<uint8_t>(std::min<uint32_t>(c.retry_cnt, 7));
+        t.timing.rnr_retry = static_cast<uint8_t>(std::min<uint32_t>(c.rnr_retry, 7));
+        t.traffic_class = static_cast<uint8_t>(std::min<uint32_t>(c.traffic_class, 255));
+        t.service_level = static_cast<uint8_t>(std::min<uint32_t>(c.service_level, 15));
+        t.spin_us = std::min<uint32_t>(c.spin_us, 100000);
         return t;
     }
 };
@@ -126,15 +117,11 @@ uint64_t randomU64() {
     return v;
 }
 
-// $KVXFER_IB_DEBUG=1: one line on stderr per connection event (connect, QP failure, repair,
-// re-posted runs, death). Off by default; never on the per-WR path.
-bool debugEnabled() {
-    static const bool on = [] {
-        const char* s = std::getenv("KVXFER_IB_DEBUG");
-        return s != nullptr && *s != '\0' && *s != '0';
-    }();
-    return on;
-}
+// IbverbsConfig::debug (KVXFER_IBVERBS_DEBUG=1): one line on stderr per connection event
+// (connect, QP failure, repair, re-posted runs, death). Off by default; never on the
+// per-WR path. Process-wide: any engine that turns it on turns it on for all.
+std::atomic<bool> g_debug{false};
+bool debugEnabled() { return g_debug.load(std::memory_order_relaxed); }
 
 template <typename... Args>
 void debugLog(const char* fmt, Args... args) {
@@ -227,11 +214,13 @@ struct Work {
     std::shared_ptr<Connection> conn;
     Bytes payload;  // standalone notification payload (a job's is job->notify)
     ibv_wr_opcode opcode = IBV_WR_RDMA_WRITE;
-    uint8_t* local_base = nullptr;
-    uint32_t lkey = 0;
-    uint64_t remote_base = 0;
-    uint32_t rkey = 0;
-    uint64_t total = 0;  // units (plan runs)
+    struct Keys {
+        uint32_t lkey = 0;
+        uint32_t rkey = 0;
+        uint64_t remote_base = 0;  // the address the rkey was issued for
+    };
+    std::vector<Keys> keys;  // per job part
+    uint64_t total = 0;      // units (plan runs)
     uint64_t next = 0;
     std::vector<std::pair<uint64_t, uint64_t>> redo;  // [first, end) units flushed by another's fault
     uint64_t outstanding = 0;
@@ -246,7 +235,7 @@ struct Work {
 };
 
 struct Command {
-    enum class Kind : uint8_t { kSubmit, kConnect, kAbortConnect, kNotify, kRelease } kind;
+    enum class Kind : uint8_t { kSubmit, kConnect, kAbortConnect, kNotify, kRelease, kCancel } kind;
     std::shared_ptr<TransferJob> job;
     std::shared_ptr<Connection> conn;
     std::shared_ptr<Waiter> waiter;
@@ -512,7 +501,7 @@ private:
     std::vector<int> free_notify_;
     std::vector<int> free_ud_send_;
     uint64_t send_in_flight_ = 0;
-    Clock::time_point next_sweep_{};
+    bool sweep_requested_ = false;
 };
 
 // ================================================================================================
@@ -528,9 +517,11 @@ void Shared::run() {
         postWork();
         const auto now = Clock::now();
         handshakeTimers(now);
-        if (now >= next_sweep_) {
+        // Cancellation is pushed (Backend::cancel -> kCancel); released connections are
+        // checked while any drain.
+        if (sweep_requested_ || !closing_.empty()) {
+            sweep_requested_ = false;
             sweepAbandoned();
-            next_sweep_ = now + 20ms;
         }
         if (found > 0) continue;
 
@@ -554,7 +545,6 @@ void Shared::run() {
         }
         if (pollCompletions() > 0) continue;
         int timeout_ms = 1000;  // nothing should need it, but never sleep unboundedly
-        if (!works_.empty()) timeout_ms = 20;
         for (auto& [id, conn] : initiated_) {
             if (!conn->handshaking) continue;
             const auto next = std::min(conn->handshake_next, conn->handshake_deadline);
@@ -649,6 +639,9 @@ void Shared::drainCommands() {
             case Command::Kind::kRelease:
                 release(c.conn);
                 break;
+            case Command::Kind::kCancel:
+                sweep_requested_ = true;
+                break;
         }
     }
 }
@@ -665,12 +658,12 @@ void Shared::admitJob(Command& cmd) {
     work_index_[&work] = std::prev(works_.end());
     const TransferJob& j = *work.job;
     work.opcode = j.op == Op::kWrite ? IBV_WR_RDMA_WRITE : IBV_WR_RDMA_READ;
-    work.local_base = j.local.base;
-    work.lkey = static_cast<IbRegion*>(j.local.backend)->lkey();
-    const RemoteKey& key = static_cast<IbRemoteRegion*>(j.remote.backend)->key;
-    work.remote_base = key.address;
-    work.rkey = key.rkey;
-    work.total = j.plan->numRuns();
+    work.keys.reserve(j.parts.size());
+    for (const JobPart& p : j.parts) {
+        const RemoteKey& key = static_cast<IbRemoteRegion*>(p.remote.backend)->key;
+        work.keys.push_back({static_cast<IbRegion*>(p.local.backend)->lkey(), key.rkey, key.address});
+    }
+    work.total = j.num_runs;
     if (deviceDead()) return finishWork(work, deviceDeadStatus());
     if (work.conn->state == ConnState::kDead) return finishWork(work, work.conn->deadStatus());
     advance(work);  // queues its data (or goes straight to the notification)
@@ -731,18 +724,22 @@ void Shared::advance(Work& w) {
         if (!w.error.isOk()) return finishWork(w, w.error);
         return;  // waits in its connection's queue
     }
-    // Data phase.
-    if (!w.error.isOk()) return finishWork(w, w.error);
-    if (w.job && w.job->abandoned())
-        return finishWork(w, Status::canceled("transfer abandoned before all bytes moved"));
-    if (w.stopped) return finishWork(w, Status::canceled("transfer stopped"));
-    if (w.dataLeft()) {
+    // Data phase: more to post, or the data outcome goes to the core's job machine.
+    const bool running = w.error.isOk() && !w.stopped && !(w.job && w.job->abandoned());
+    if (running && w.dataLeft()) {
         enqueueWork(w);
         return;
     }
-    if (w.notifyPayload().empty()) return finishWork(w, Status::ok());
-    if (w.job && !w.job->beginCommit()) {
-        return finishWork(w, Status::canceled("transfer abandoned before its notification was sent"));
+    if (w.job) {
+        Status fin;
+        const bool all_moved = running && !w.dataLeft();
+        if (w.job->decideAfterData(w.error, all_moved, &fin) == TransferJob::AfterData::kFinished) {
+            return finishWork(w, std::move(fin));
+        }
+    } else if (!w.error.isOk()) {
+        return finishWork(w, w.error);
+    } else if (w.payload.empty()) {
+        return finishWork(w, Status::ok());
     }
     w.phase = Work::Phase::kNotifyQueued;
     enqueueWork(w);
@@ -861,7 +858,7 @@ void Shared::postWork() {
 // False when blocked (no room); true when everything was posted or the work stopped.
 bool Shared::postFrom(Connection& conn, Work& w) {
     PostList list;
-    const Plan& plan = *w.job->plan;
+    const TransferJob& job = *w.job;
     while (w.dataLeft() && !w.stopped && w.error.isOk()) {
         if (send_in_flight_ >= send_budget_) return false;
         Slot* s = pickSlot(conn, false);
@@ -882,7 +879,7 @@ bool Shared::postFrom(Connection& conn, Work& w) {
         const uint64_t seq0 = s->window.nextSeq();
         Status bad;
         for (uint64_t u = first; u < end; ++u) {
-            const Run r = plan.flatRun(u);
+            const FlatRun r = job.run(u);
             if (r.length > max_msg_ || r.length > 0xffffffffu) {
                 bad = Status::internal("plan run of " + std::to_string(r.length) +
                                        " bytes exceeds the port's maximum message size");
@@ -890,9 +887,9 @@ bool Shared::postFrom(Connection& conn, Work& w) {
                 break;
             }
             const uint32_t i = static_cast<uint32_t>(u - first);
-            list.addRdma(w.opcode, makeWrId(WrKind::kRcSend, seq0 + i),
-                         reinterpret_cast<uint64_t>(w.local_base + r.local_offset),
-                         static_cast<uint32_t>(r.length), w.lkey, w.remote_base + r.remote_offset, w.rkey,
+            const Work::Keys& k = w.keys[r.part];
+            list.addRdma(w.opcode, makeWrId(WrKind::kRcSend, seq0 + i), reinterpret_cast<uint64_t>(r.local),
+                         static_cast<uint32_t>(r.length), k.lkey, k.remote_base + r.remote_offset, k.rkey,
                          s->window.wantSignal(i));
         }
         if (list.size() > 0) {
@@ -1648,9 +1645,11 @@ class IbverbsBackend final : public Backend {
 public:
     static Result<std::unique_ptr<Backend>> create(const BackendContext& ctx) {
         KVXFER_ASSIGN_OR_RETURN(const VerbsApi* verbs, loadVerbs());
-        KVXFER_ASSIGN_OR_RETURN(DeviceSelector sel, parseSelector(ctx.device));
+        const IbverbsConfig& config = ctx.config->ibverbs;
+        if (config.debug) g_debug.store(true);
+        KVXFER_ASSIGN_OR_RETURN(DeviceSelector sel, selectorFrom(config));
         KVXFER_ASSIGN_OR_RETURN(std::shared_ptr<Device> device, Device::open(*verbs, sel));
-        auto shared = std::make_shared<Shared>(*verbs, device, ctx, Tunables::fromEnv());
+        auto shared = std::make_shared<Shared>(*verbs, device, ctx, Tunables::from(config));
         KVXFER_RETURN_IF_ERROR(shared->init());
         return std::unique_ptr<Backend>(new IbverbsBackend(std::move(shared)));
     }
@@ -1687,9 +1686,9 @@ public:
         return encodeEndpointInfo(e);
     }
 
-    Result<std::unique_ptr<BackendRegion>> registerMemory(uint8_t* base, uint64_t length) override {
-        KVXFER_ASSIGN_OR_RETURN(
-            auto mr, MemoryRegion::create(shared_->devicePtr(), base, length, MemoryRegion::kRemoteAccess));
+    Result<std::unique_ptr<BackendRegion>> registerMemory(const MemorySpan& span) override {
+        KVXFER_ASSIGN_OR_RETURN(auto mr, MemoryRegion::create(shared_->devicePtr(), span.base, span.length,
+                                                              MemoryRegion::kRemoteAccess));
         return std::unique_ptr<BackendRegion>(new IbRegion(std::move(mr)));
     }
 
@@ -1755,6 +1754,10 @@ public:
         }
         shared_->enqueue({Command::Kind::kSubmit, job, peer.conn, nullptr, {}, {}});
         return Status::ok();
+    }
+
+    void cancel(TransferJob&) override {
+        shared_->enqueue({Command::Kind::kCancel, nullptr, nullptr, nullptr, {}, {}});
     }
 
     Status notify(BackendPeer& p, ByteView payload, Clock::time_point deadline) override {

@@ -8,8 +8,9 @@
 #include <mutex>
 
 #include "backends/factories.h"
+#include "backends/loopback/in_process_copy.h"
+#include "kvxfer/config.h"
 #include "util/copy_pool.h"
-#include "util/fast_copy.h"
 
 namespace kvxfer {
 namespace {
@@ -20,6 +21,8 @@ struct Endpoint {
     NotificationSink* sink = nullptr;  // null once the backend is gone
     std::string name;
     uint64_t instance = 0;
+    // This engine's registrations, by (base, length): what a peer's import pins.
+    std::multimap<std::pair<uint64_t, uint64_t>, std::weak_ptr<RegionPin>> pins;
 };
 
 std::mutex g_directory_mutex;
@@ -50,24 +53,14 @@ Status copyRuns(TransferJob& job, uint64_t first, uint64_t end) {
             return Status::peerUnreachable("loopback peer '" + peer.target->name + "' is closed");
         }
     }
-    auto* remote = reinterpret_cast<uint8_t*>(job.remote.base_address);
-    for (uint64_t i = first; i < end; ++i) {
-        const Run r = job.plan->flatRun(i);
-        if (job.op == Op::kWrite) {
-            copyRun(remote + r.remote_offset, job.local.base + r.local_offset, r.length);
-        } else {
-            copyRun(job.local.base + r.local_offset, remote + r.remote_offset, r.length);
-        }
-    }
-    copyFence();
-    return Status::ok();
+    return copyInProcess(job, first, end);
 }
 
 class LoopbackBackend final : public Backend {
 public:
     explicit LoopbackBackend(const BackendContext& ctx)
         : endpoint_(std::make_shared<Endpoint>()),
-          pool_(ctx.threads ? ctx.threads : 1, 1024, 8 << 20, copyRuns, [](TransferJob& job) {
+          pool_(std::max(1u, ctx.config->loopback.threads), 1024, 8 << 20, copyRuns, [](TransferJob& job) {
               return deliverTo(static_cast<LoopbackPeer&>(*job.peer), job.notify);
           }) {
         endpoint_->sink = ctx.sink;
@@ -92,8 +85,14 @@ public:
         return "loopback (in-process memcpy, " + std::to_string(pool_.threads()) + " threads)";
     }
 
-    Result<std::unique_ptr<BackendRegion>> registerMemory(uint8_t*, uint64_t) override {
-        return std::make_unique<BackendRegion>();
+    Result<std::unique_ptr<BackendRegion>> registerMemory(const MemorySpan& span) override {
+        auto region = std::make_unique<InProcessRegion>();
+        std::lock_guard<std::mutex> lock(endpoint_->mutex);
+        auto& pins = endpoint_->pins;
+        for (auto it = pins.begin(); it != pins.end();)
+            it = it->second.expired() ? pins.erase(it) : std::next(it);
+        pins.emplace(std::make_pair(reinterpret_cast<uint64_t>(span.base), span.length), region->pin);
+        return std::unique_ptr<BackendRegion>(std::move(region));
     }
 
     Result<std::shared_ptr<BackendPeer>> connect(const PeerIdentity& peer, ByteView,
@@ -111,9 +110,15 @@ public:
         return std::shared_ptr<BackendPeer>(std::move(conn));
     }
 
-    Result<std::unique_ptr<BackendRemoteRegion>> importRemoteRegion(BackendPeer&, const RegionDescriptor&,
+    Result<std::unique_ptr<BackendRemoteRegion>> importRemoteRegion(BackendPeer& backend_peer,
+                                                                    const RegionDescriptor& region,
                                                                     ByteView) override {
-        return std::make_unique<BackendRemoteRegion>();
+        auto& peer = static_cast<LoopbackPeer&>(backend_peer);
+        auto remote = std::make_unique<InProcessRemoteRegion>();
+        std::lock_guard<std::mutex> lock(peer.target->mutex);
+        auto range = peer.target->pins.equal_range({region.base_address, region.length});
+        for (auto it = range.first; it != range.second && !remote->pin; ++it) remote->pin = it->second.lock();
+        return std::unique_ptr<BackendRemoteRegion>(std::move(remote));
     }
 
     Status submit(const std::shared_ptr<TransferJob>& job) override {

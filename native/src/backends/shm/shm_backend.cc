@@ -32,6 +32,7 @@
 #include <thread>
 
 #include "backends/factories.h"
+#include "kvxfer/config.h"
 #include "kvxfer/host_memory.h"
 #include "util/copy_pool.h"
 #include "util/fast_copy.h"
@@ -153,17 +154,20 @@ Status cmaError(const ShmPeer& peer, int err) {
     return Status::systemErrno("process_vm_writev/readv into pid " + std::to_string(peer.pid), err);
 }
 
-Status copyChunk(TransferJob& job, uint64_t first, uint64_t end) {
+// Moves runs [first, end) of one part (one remote region), by memcpy into the mapped
+// memfd or by cross-memory attach.
+Status copyPartRuns(TransferJob& job, uint64_t first, uint64_t end) {
     auto& peer = static_cast<ShmPeer&>(*job.peer);
-    if (uint8_t* mapped = static_cast<ShmRemoteRegion*>(job.remote.backend)->mapped) {
+    const JobPart& part = job.parts[job.partOf(first)];
+    if (uint8_t* mapped = static_cast<ShmRemoteRegion*>(part.remote.backend)->mapped) {
         // The mapping outlives the peer, so liveness is checked explicitly.
         if (peer.exited()) return cmaError(peer, ESRCH);
         for (uint64_t i = first; i < end; ++i) {
-            const Run r = job.plan->flatRun(i);
+            const FlatRun r = job.run(i);
             if (job.op == Op::kWrite) {
-                copyRun(mapped + r.remote_offset, job.local.base + r.local_offset, r.length);
+                copyRun(mapped + r.remote_offset, r.local, r.length);
             } else {
-                copyRun(job.local.base + r.local_offset, mapped + r.remote_offset, r.length);
+                copyRun(r.local, mapped + r.remote_offset, r.length);
             }
         }
         copyFence();  // before the pool may send the notification
@@ -174,9 +178,9 @@ Status copyChunk(TransferJob& job, uint64_t first, uint64_t end) {
     size_t n = 0;
     size_t total = 0;
     for (uint64_t i = first; i < end; ++i, ++n) {
-        const Run r = job.plan->flatRun(i);
-        local[n] = {job.local.base + r.local_offset, r.length};
-        remote[n] = {reinterpret_cast<void*>(job.remote.base_address + r.remote_offset), r.length};
+        const FlatRun r = job.run(i);
+        local[n] = {r.local, r.length};
+        remote[n] = {reinterpret_cast<void*>(r.remote_address), r.length};
         total += r.length;
     }
     size_t index = 0;
@@ -203,6 +207,18 @@ Status copyChunk(TransferJob& job, uint64_t first, uint64_t end) {
             moved -= step;
             if (local[index].iov_len == 0) ++index;
         }
+    }
+    return Status::ok();
+}
+
+// A chunk may span parts (regions); each part's runs go by that region's mechanism.
+Status copyChunk(TransferJob& job, uint64_t first, uint64_t end) {
+    while (first < end) {
+        const uint32_t p = job.partOf(first);
+        const uint64_t part_end = p + 1 < job.parts.size() ? job.parts[p + 1].first_run : job.num_runs;
+        const uint64_t stop = std::min(end, part_end);
+        KVXFER_RETURN_IF_ERROR(copyPartRuns(job, first, stop));
+        first = stop;
     }
     return Status::ok();
 }
@@ -315,9 +331,9 @@ public:
         return out;
     }
 
-    Result<std::unique_ptr<BackendRegion>> registerMemory(uint8_t* base, uint64_t length) override {
+    Result<std::unique_ptr<BackendRegion>> registerMemory(const MemorySpan& span) override {
         auto region = std::make_unique<ShmRegion>();
-        region->shareable = findShareableRange(base, length);  // else CMA: nothing to pin
+        region->shareable = findShareableRange(span.base, span.length);  // else CMA: nothing to pin
         return std::unique_ptr<BackendRegion>(std::move(region));
     }
 
@@ -408,7 +424,8 @@ private:
           self_name_(ctx.engine_name),
           self_instance_(ctx.instance_id),
           start_time_(processStartTime(::getpid())),
-          pool_(ctx.threads ? ctx.threads : std::min(4u, std::max(1u, std::thread::hardware_concurrency())),
+          pool_(ctx.config->shm.threads ? ctx.config->shm.threads
+                                        : std::min(4u, std::max(1u, std::thread::hardware_concurrency())),
                 kMaxIov, 64 << 20, copyChunk,
                 [](TransferJob& job) { return static_cast<ShmPeer&>(*job.peer).send(job.notify); }) {
         thread_ = std::thread([l = listener_] { l->run(); });

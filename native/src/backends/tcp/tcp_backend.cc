@@ -1,14 +1,10 @@
 // TCP backend: engines on any hosts reach each other over one TCP connection per
 // (initiator engine -> peer engine). Wire format: tcp_wire.h.
 //
-// Bind address. The listening socket's address is chosen, in order of precedence:
-//   1. BackendContext::device (EngineConfig::device / Engine(device=...)) when it has the
-//      form "HOST:PORT", ":PORT" or "HOST:" with HOST an IPv4 literal, "localhost" or "*".
-//      Any other device string is ignored here: it selects another backend's device
-//      (e.g. "rxe0" or "mlx5_0:1" for ibverbs).
-//   2. The environment variable KVXFER_TCP_BIND, same forms (a bare "HOST" too). A
-//      malformed value fails engine creation instead of being ignored.
-//   3. 0.0.0.0:0: every interface, an ephemeral port.
+// Bind address: TcpConfig::listen (EngineConfig.backend.tcp.listen, or the environment
+// overlay KVXFER_TCP_LISTEN): "HOST:PORT", ":PORT", "HOST:" or "HOST" with HOST an IPv4
+// literal, "localhost" or "*". A malformed value fails engine creation. Empty: 0.0.0.0:0,
+// every interface and an ephemeral port.
 // The descriptor publishes the port and, for a wildcard bind, every IPv4 address of this
 // host (getifaddrs; non-loopback first, loopback last); for a specific bind, that address.
 // connect() tries them in order, giving each a share of the time left.
@@ -67,6 +63,7 @@
 
 #include "backends/factories.h"
 #include "backends/tcp/tcp_wire.h"
+#include "kvxfer/config.h"
 
 namespace kvxfer {
 namespace {
@@ -660,7 +657,7 @@ struct Pending {
     std::shared_ptr<TransferJob> job;
     bool streaming = true;
     bool awaiting_ack = false;
-    bool committed = false;          // beginCommit() succeeded: ends only on ACK or connection loss
+    bool committed = false;          // commitNow() succeeded: ends only on ACK or connection loss
     bool stopped_early = false;      // READ: abandoned before every request was sent
     uint32_t reads_outstanding = 0;  // READ_REQ frames not answered yet
     Status error;                    // READ: first failure
@@ -758,14 +755,9 @@ void completeRead(PeerConn& c, const std::shared_ptr<Session>& s, std::map<uint6
                   std::vector<std::pair<std::shared_ptr<TransferJob>, Status>>& finish) {
     Pending& p = it->second;
     auto job = p.job;
-    if (!p.error.isOk()) {
-        finish.emplace_back(job, p.error);
-    } else if (p.stopped_early || job->abandoned()) {
-        finish.emplace_back(job, Status::canceled("tcp: read abandoned"));
-    } else if (job->notify.empty()) {
-        finish.emplace_back(job, Status::ok());
-    } else if (!job->beginCommit()) {
-        finish.emplace_back(job, Status::canceled("tcp: read abandoned before its notification"));
+    Status finish_with;
+    if (job->decideAfterData(p.error, !p.stopped_early, &finish_with) == TransferJob::AfterData::kFinished) {
+        finish.emplace_back(job, std::move(finish_with));
     } else {
         p.committed = true;
         p.awaiting_ack = true;
@@ -928,8 +920,8 @@ Status receiverRun(PeerConn& c, const std::shared_ptr<Session>& sp) {
                     if (h.b != batch.bytes) return malformed("READ_DATA length differs from the request");
                     cur.clear();
                     for (uint64_t i = batch.first; i < batch.end; ++i) {
-                        const Run r = job->plan->flatRun(i);
-                        cur.add(job->local.base + r.local_offset, r.length);
+                        const FlatRun r = job->run(i);
+                        cur.add(r.local, r.length);
                     }
                     KVXFER_RETURN_IF_ERROR(moveAll(fd, false, cur, check, what.c_str()));
                 }
@@ -1144,12 +1136,12 @@ private:
 };
 
 // Runs [first, end) of a job's flattened runs that fit one frame.
-uint64_t batchEnd(const Plan& plan, uint64_t first, uint64_t* bytes) {
-    const uint64_t n = plan.numRuns();
+uint64_t batchEnd(const TransferJob& job, uint64_t first, uint64_t* bytes) {
+    const uint64_t n = job.num_runs;
     uint64_t end = first;
     *bytes = 0;
     while (end < n && end - first < kMaxBatchRuns) {
-        const uint64_t len = plan.flatRun(end).length;
+        const uint64_t len = job.run(end).length;
         if (end > first && *bytes + len > kMaxBatchBytes) break;
         *bytes += len;
         ++end;
@@ -1162,8 +1154,8 @@ void appendTable(std::vector<uint8_t>& out, const TransferJob& job, uint64_t fir
     out.resize(at + 16 * (end - first));
     uint8_t* p = out.data() + at;
     for (uint64_t i = first; i < end; ++i, p += 16) {
-        const Run r = job.plan->flatRun(i);
-        putLe(p, job.remote.base_address + r.remote_offset, 8);
+        const FlatRun r = job.run(i);
+        putLe(p, r.remote_address, 8);
         putLe(p + 8, r.length, 8);
     }
 }
@@ -1186,8 +1178,7 @@ void flushCommits(PeerConn& c) {
 }
 
 void streamWrite(PeerConn& c, const std::shared_ptr<Session>& s, const std::shared_ptr<TransferJob>& job) {
-    const Plan& plan = *job->plan;
-    const uint64_t n = plan.numRuns();
+    const uint64_t n = job->num_runs;
     const int fd = s->fd.fd;
     SendCheck check(c, *s, [&] { return job->abandoned(); });
     std::vector<uint8_t> head;
@@ -1198,7 +1189,7 @@ void streamWrite(PeerConn& c, const std::shared_ptr<Session>& s, const std::shar
     while (i < n && st.isOk()) {
         if (job->abandoned()) break;
         uint64_t bytes = 0;
-        const uint64_t end = batchEnd(plan, i, &bytes);
+        const uint64_t end = batchEnd(*job, i, &bytes);
         head.assign(kHeaderBytes, 0);
         encodeHeader({.type = kWrite, .aux = static_cast<uint32_t>(end - i), .job = job->id, .b = bytes},
                      head.data());
@@ -1206,8 +1197,8 @@ void streamWrite(PeerConn& c, const std::shared_ptr<Session>& s, const std::shar
         cur.clear();
         cur.add(head.data(), head.size());
         for (uint64_t k = i; k < end; ++k) {
-            const Run r = plan.flatRun(k);
-            cur.add(job->local.base + r.local_offset, r.length);
+            const FlatRun r = job->run(k);
+            cur.add(r.local, r.length);
         }
         st = moveAll(fd, true, cur, check, "tcp send");
         sent_any = true;
@@ -1222,7 +1213,7 @@ void streamWrite(PeerConn& c, const std::shared_ptr<Session>& s, const std::shar
     uint32_t flags = 0;
     bool stopped_early = i < n;
     if (!stopped_early && !job->notify.empty()) {
-        if (job->beginCommit()) {
+        if (job->commitNow()) {
             flags = kEndNotify;
             std::lock_guard<std::mutex> lock(c.mutex);
             if (auto it = s->pending.find(job->id); it != s->pending.end()) it->second.committed = true;
@@ -1246,8 +1237,7 @@ void streamWrite(PeerConn& c, const std::shared_ptr<Session>& s, const std::shar
 }
 
 void streamRead(PeerConn& c, const std::shared_ptr<Session>& s, const std::shared_ptr<TransferJob>& job) {
-    const Plan& plan = *job->plan;
-    const uint64_t n = plan.numRuns();
+    const uint64_t n = job->num_runs;
     const int fd = s->fd.fd;
     SendCheck check(c, *s, [&] { return job->abandoned(); });
     std::vector<uint8_t> head;
@@ -1256,7 +1246,7 @@ void streamRead(PeerConn& c, const std::shared_ptr<Session>& s, const std::share
     while (i < n) {
         if (job->abandoned()) break;
         uint64_t bytes = 0;
-        const uint64_t end = batchEnd(plan, i, &bytes);
+        const uint64_t end = batchEnd(*job, i, &bytes);
         {
             std::unique_lock<std::mutex> lock(c.mutex);
             while (s->window > 0 && s->window + bytes > kReadWindowBytes && !s->dead.load() &&
@@ -1405,14 +1395,11 @@ class TcpBackend final : public Backend {
 public:
     static Result<std::unique_ptr<Backend>> create(const BackendContext& ctx) {
         BindSpec bind;
-        std::optional<BindSpec> from_device = parseBind(ctx.device, false);
-        if (from_device) {
-            bind = *from_device;
-        } else if (const char* env = std::getenv("KVXFER_TCP_BIND"); env && *env) {
-            auto parsed = parseBind(env, true);
+        if (const std::string& listen = ctx.config->tcp.listen; !listen.empty()) {
+            auto parsed = parseBind(listen, true);
             if (!parsed) {
-                return Status::invalidArgument(std::string("KVXFER_TCP_BIND='") + env +
-                                               "' is not HOST:PORT, :PORT or HOST (IPv4 HOST)");
+                return Status::invalidArgument("tcp listen address '" + listen +
+                                               "' is not HOST:PORT, :PORT or HOST (IPv4 HOST, port 0-65535)");
             }
             bind = *parsed;
         }
@@ -1474,7 +1461,9 @@ public:
         return encodeEndpoint(port_, localAddresses());
     }
 
-    Result<std::unique_ptr<BackendRegion>> registerMemory(uint8_t* base, uint64_t length) override {
+    Result<std::unique_ptr<BackendRegion>> registerMemory(const MemorySpan& span) override {
+        uint8_t* base = span.base;
+        const uint64_t length = span.length;
         auto r = std::make_unique<TcpRegion>();
         r->shared = shared_;
         r->entry = shared_->regions.add(reinterpret_cast<uint64_t>(base), length);
@@ -1505,10 +1494,12 @@ public:
     }
 
     Status submit(const std::shared_ptr<TransferJob>& job) override {
-        for (const Run& r : job->plan->runs) {
-            if (r.length > kMaxRunBytes) {
-                return Status::internal("tcp: plan has a run of " + std::to_string(r.length) +
-                                        " bytes, above max_run_bytes");
+        for (const JobPart& part : job->parts) {
+            for (const Run& r : part.plan->runs) {
+                if (r.length > kMaxRunBytes) {
+                    return Status::internal("tcp: plan has a run of " + std::to_string(r.length) +
+                                            " bytes, above max_run_bytes");
+                }
             }
         }
         PeerConn& c = *static_cast<TcpPeer&>(*job->peer).conn;

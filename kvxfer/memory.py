@@ -1,0 +1,122 @@
+"""Turns user memory into what the core registers: (pointer, bytes, kind, device, owner).
+
+Accepted: anything with the buffer protocol (numpy arrays, bytearray, mmap, memoryview),
+torch tensors (CPU or CUDA), objects with ``__cuda_array_interface__`` (CuPy, Numba) and
+DLPack producers. torch and cupy are never imported here: objects are inspected by duck
+typing, so ``import kvxfer`` stays light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _native
+from .errors import InvalidArgumentError, UnsupportedError
+
+MemoryKind = _native.MemoryKind
+
+_DLPACK_CPU = 1
+_DLPACK_CUDA = 2
+_DLPACK_CUDA_HOST = 3
+
+
+@dataclass(frozen=True)
+class MemorySpan:
+    ptr: int
+    nbytes: int
+    kind: Any  # MemoryKind
+    device: int
+    owner: Any  # kept alive as long as the registration
+
+
+def _root_base(arr: np.ndarray) -> Any:
+    base = arr
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    return base
+
+
+def _from_buffer(obj: Any) -> MemorySpan:
+    try:
+        view = memoryview(obj)
+    except TypeError:
+        raise InvalidArgumentError(
+            f"cannot register a {type(obj).__name__}: not a buffer, tensor, CUDA array or DLPack object"
+        ) from None
+    if view.readonly:
+        raise InvalidArgumentError(
+            f"cannot register a read-only {type(obj).__name__}: peers may write into registered memory"
+        )
+    if not view.c_contiguous:
+        raise InvalidArgumentError(
+            f"cannot register a {type(obj).__name__} that is not C-contiguous: it is not one byte range"
+        )
+    if view.nbytes == 0:
+        raise InvalidArgumentError("cannot register an empty buffer")
+    arr = np.frombuffer(view, dtype=np.uint8)
+    ptr = arr.__array_interface__["data"][0]
+    kind = MemoryKind.HOST
+    if isinstance(obj, np.ndarray) and isinstance(_root_base(obj), _native.HostBuffer):
+        kind = MemoryKind.HOST_SHAREABLE
+    return MemorySpan(ptr, view.nbytes, kind, -1, obj)
+
+
+def _from_torch(t: Any) -> MemorySpan:
+    if not t.is_contiguous():
+        raise InvalidArgumentError("tensor is not C-contiguous: it is not one byte range")
+    nbytes = t.numel() * t.element_size()
+    if nbytes == 0:
+        raise InvalidArgumentError("cannot register an empty tensor")
+    dev = t.device
+    dev_type = getattr(dev, "type", None) or str(dev).split(":")[0]
+    if dev_type == "cpu":
+        return MemorySpan(t.data_ptr(), nbytes, MemoryKind.HOST, -1, t)
+    if dev_type == "cuda":
+        index = getattr(dev, "index", None)
+        if index is None and ":" in str(dev):
+            index = int(str(dev).split(":")[1])
+        return MemorySpan(t.data_ptr(), nbytes, MemoryKind.CUDA, int(index or 0), t)
+    raise UnsupportedError(f"tensor on {dev}: kvxfer registers host and CUDA memory only")
+
+
+def _from_cuda_array_interface(obj: Any) -> MemorySpan:
+    cai = obj.__cuda_array_interface__
+    ptr, _ = cai["data"]
+    shape = tuple(cai["shape"])
+    itemsize = np.dtype(cai["typestr"]).itemsize
+    strides = cai.get("strides")
+    if strides is not None:
+        expect = itemsize
+        for dim, stride in zip(reversed(shape), reversed(strides), strict=True):
+            if dim > 1 and stride != expect:
+                raise InvalidArgumentError("CUDA array is not C-contiguous: it is not one byte range")
+            expect *= dim
+    nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
+    device = int(getattr(getattr(obj, "device", None), "id", 0) or 0)
+    return MemorySpan(int(ptr), nbytes, MemoryKind.CUDA, device, obj)
+
+
+def as_span(obj: Any, kind: Any = None, device: int = -1) -> MemorySpan:
+    """The registration span of ``obj`` (see the module docstring)."""
+    if hasattr(obj, "data_ptr") and hasattr(obj, "element_size") and hasattr(obj, "device"):
+        span = _from_torch(obj)
+    elif hasattr(obj, "__cuda_array_interface__"):
+        span = _from_cuda_array_interface(obj)
+    elif hasattr(obj, "__dlpack_device__") and not isinstance(obj, np.ndarray):
+        dev_type, dev_id = obj.__dlpack_device__()
+        if dev_type in (_DLPACK_CPU, _DLPACK_CUDA_HOST):
+            span = _from_buffer(np.from_dlpack(obj))
+            span = MemorySpan(span.ptr, span.nbytes, span.kind, -1, obj)
+        else:
+            raise UnsupportedError(
+                f"DLPack device type {dev_type} (device {dev_id}) has no pointer kvxfer can read here;"
+                " pass a torch tensor, a __cuda_array_interface__ object or register_ptr()"
+            )
+    else:
+        span = _from_buffer(obj)
+    if kind is not None:
+        span = MemorySpan(span.ptr, span.nbytes, kind, device if device >= 0 else span.device, span.owner)
+    return span

@@ -1,0 +1,306 @@
+// Transfers: posting (one part, or many parts across regions), planning, and the Transfer
+// handle. Block ids and extents arrive as numpy arrays and are read in place (no Python
+// object per block); parts that pass the same array object share one plan in the core.
+#include "kvxfer/transfer.h"
+
+#include <pybind11/chrono.h>
+#include <pybind11/numpy.h>
+#include <pybind11/stl.h>
+
+#include <deque>
+
+#include "bindings.h"
+#include "kvxfer/engine.h"
+
+namespace kvxfer::py_bindings {
+namespace {
+
+using IdArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+using ExtentArray = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;
+
+IdArray asIds(const py::object& obj, const char* what) {
+    auto a = py::array::ensure(obj);
+    if (!a) throw StatusError(Status::invalidArgument(std::string(what) + " must be an integer array"));
+    const char kind = a.dtype().kind();
+    if (a.size() > 0 && kind != 'i' && kind != 'u') {
+        throw StatusError(Status::invalidArgument(std::string(what) + " must be integers, got dtype " +
+                                                  std::string(py::str(a.dtype()))));
+    }
+    auto out = IdArray::ensure(a);
+    if (!out) {
+        PyErr_Clear();
+        throw StatusError(Status::invalidArgument(std::string(what) + " cannot be read as 64-bit block ids"));
+    }
+    return out;
+}
+
+ExtentArray asExtents(const py::object& obj, const char* what) {
+    auto a = py::array::ensure(obj);
+    if (!a)
+        throw StatusError(Status::invalidArgument(std::string(what) + " must be an (N, 2) integer array"));
+    if (!(a.ndim() == 2 && a.shape(1) == 2) && !(a.ndim() == 1 && a.shape(0) == 2)) {
+        throw StatusError(
+            Status::invalidArgument(std::string(what) + " must be an (N, 2) array of [offset, length]"));
+    }
+    const char kind = a.dtype().kind();
+    if (a.size() > 0 && kind != 'i' && kind != 'u') {
+        throw StatusError(Status::invalidArgument(std::string(what) + " must be integers, got dtype " +
+                                                  std::string(py::str(a.dtype())) +
+                                                  " (a fractional offset or length is not a byte position)"));
+    }
+    if (a.size() > 0 && kind == 'i') {
+        py::object any_neg = a.attr("__lt__")(0).attr("any")();
+        if (any_neg.cast<bool>()) {
+            throw StatusError(
+                Status::invalidArgument(std::string(what) + " contains a negative offset or length"));
+        }
+    }
+    auto out = ExtentArray::ensure(a);
+    if (!out) {
+        PyErr_Clear();
+        throw StatusError(Status::invalidArgument(std::string(what) + " cannot be read as 64-bit extents"));
+    }
+    return out;
+}
+
+std::span<const int64_t> idSpan(const IdArray& a, const char* what) {
+    if (a.ndim() != 1) throw StatusError(Status::invalidArgument(std::string(what) + " must be a 1-D array"));
+    return {a.data(), static_cast<size_t>(a.shape(0))};
+}
+
+std::span<const Extent> extentSpan(const ExtentArray& a, const char* what) {
+    if (a.ndim() == 1 && a.shape(0) == 2) {
+        return {reinterpret_cast<const Extent*>(a.data()), 1};
+    }
+    if (a.ndim() != 2 || a.shape(1) != 2) {
+        throw StatusError(
+            Status::invalidArgument(std::string(what) + " must be an (N, 2) array of [offset, length]"));
+    }
+    return {reinterpret_cast<const Extent*>(a.data()), static_cast<size_t>(a.shape(0))};
+}
+
+std::optional<std::pair<uint32_t, uint32_t>> layerRange(const py::object& obj, const char* what) {
+    if (obj.is_none()) return std::nullopt;
+    auto t = obj.cast<py::sequence>();
+    if (py::len(t) != 2)
+        throw StatusError(Status::invalidArgument(std::string(what) + " must be (begin, end)"));
+    const int64_t b = t[0].cast<int64_t>(), e = t[1].cast<int64_t>();
+    if (b < 0 || e < 0 || b > UINT32_MAX || e > UINT32_MAX) {
+        throw StatusError(Status::outOfRange(std::string(what) + " (" + std::to_string(b) + ", " +
+                                             std::to_string(e) + ") is outside 0..2**32-1"));
+    }
+    if (e == 0 || e <= b) {
+        throw StatusError(Status::outOfRange(std::string(what) + " (" + std::to_string(b) + ", " +
+                                             std::to_string(e) + ") is empty"));
+    }
+    return std::make_pair(static_cast<uint32_t>(b), static_cast<uint32_t>(e));
+}
+
+uint32_t regionId(const py::object& obj) {
+    const int64_t v = obj.cast<int64_t>();
+    if (v < 0 || v > UINT32_MAX) {
+        throw StatusError(Status::notFound("remote region id " + std::to_string(v) + " is not a region id"));
+    }
+    return static_cast<uint32_t>(v);
+}
+
+// Owns the arrays a request's spans point into. Arrays are deduplicated by object so
+// parts passing the same array share a span (and so one plan).
+struct Holder {
+    std::deque<IdArray> ids;
+    std::deque<ExtentArray> extents;
+    std::vector<std::pair<PyObject*, size_t>> id_index, extent_index;
+
+    std::span<const int64_t> ids_of(const py::object& obj, const char* what) {
+        for (auto& [p, i] : id_index) {
+            if (p == obj.ptr()) return idSpan(ids[i], what);
+        }
+        ids.push_back(asIds(obj, what));
+        id_index.emplace_back(obj.ptr(), ids.size() - 1);
+        return idSpan(ids.back(), what);
+    }
+    std::span<const Extent> extents_of(const py::object& obj, const char* what) {
+        for (auto& [p, i] : extent_index) {
+            if (p == obj.ptr()) return extentSpan(extents[i], what);
+        }
+        extents.push_back(asExtents(obj, what));
+        extent_index.emplace_back(obj.ptr(), extents.size() - 1);
+        return extentSpan(extents.back(), what);
+    }
+};
+
+TransferSide makeSide(Holder& h, const py::object& blocks, const py::object& extents,
+                      const py::object& layers, const char* which) {
+    const bool has_blocks = !blocks.is_none(), has_extents = !extents.is_none();
+    if (has_blocks && has_extents) {
+        throw StatusError(Status::invalidArgument(std::string(which) + ": give blocks or extents, not both"));
+    }
+    if (has_blocks) {
+        BlockSide b;
+        b.block_ids = h.ids_of(blocks, which);
+        if (auto r = layerRange(layers, which)) {
+            b.layer_begin = r->first;
+            b.layer_end = r->second;
+        }
+        return b;
+    }
+    if (has_extents) return ExtentSide{h.extents_of(extents, which)};
+    throw StatusError(Status::invalidArgument(std::string(which) + ": give blocks or extents"));
+}
+
+// A part from Python: (local Region, remote region id, local_blocks, remote_blocks,
+// local_extents, remote_extents, layers, remote_layers); the remote side defaults to the
+// local block ids and the local layer range.
+TransferPart makePart(Holder& h, const py::handle& item) {
+    auto t = item.cast<py::tuple>();
+    if (py::len(t) != 8) throw StatusError(Status::internal("a part is an 8-tuple"));
+    TransferPart p;
+    p.local = t[0].cast<std::shared_ptr<Region>>();
+    if (!p.local) throw StatusError(Status::invalidArgument("local region is None"));
+    p.remote_region = regionId(t[1]);
+    py::object local_blocks = t[2], remote_blocks = t[3], local_extents = t[4], remote_extents = t[5];
+    py::object layers = t[6], remote_layers = t[7];
+    if (remote_blocks.is_none() && remote_extents.is_none() && !local_blocks.is_none())
+        remote_blocks = local_blocks;
+    if (remote_layers.is_none()) remote_layers = layers;
+    p.local_side = makeSide(h, local_blocks, local_extents, layers, "local");
+    p.remote_side = makeSide(h, remote_blocks, remote_extents, remote_layers, "remote");
+    return p;
+}
+
+TransferRequest makeRequest(Holder& h, Op op, const std::shared_ptr<Peer>& peer, const py::sequence& parts,
+                            const py::bytes& notify, std::optional<double> timeout, bool coalesce) {
+    if (!peer) throw StatusError(Status::invalidArgument("peer is None"));
+    TransferRequest r;
+    r.op = op;
+    r.peer = peer;
+    r.parts.reserve(py::len(parts));
+    for (const auto& item : parts) r.parts.push_back(makePart(h, item));
+    const std::string_view payload = notify;
+    r.notify.assign(payload.begin(), payload.end());
+    r.timeout = toMillis(timeout);
+    r.coalesce = coalesce;
+    return r;
+}
+
+py::dict planDict(const PlanSummary& p) {
+    py::dict d;
+    d["bytes"] = p.bytes;
+    d["pieces"] = p.pieces;
+    d["runs"] = p.runs;
+    d["planes"] = p.planes;
+    d["parts"] = p.parts;
+    d["coalescing_ratio"] = p.coalescingRatio();
+    return d;
+}
+
+double secondsSince(Clock::time_point from, Clock::time_point to) {
+    if (from == Clock::time_point{} || to == Clock::time_point{}) return -1.0;
+    return std::chrono::duration<double>(to - from).count();
+}
+
+}  // namespace
+
+void registerTransfer(py::module_& m) {
+    py::enum_<Op>(m, "Op").value("WRITE", Op::kWrite).value("READ", Op::kRead);
+    py::enum_<TransferState>(m, "TransferState")
+        .value("PENDING", TransferState::kPending)
+        .value("DONE", TransferState::kDone)
+        .value("FAILED", TransferState::kFailed);
+
+    py::class_<Transfer>(m, "Transfer")
+        .def_property_readonly("id", &Transfer::id)
+        .def_property_readonly("op", &Transfer::op)
+        .def_property_readonly("state", &Transfer::state)
+        .def("poll", &Transfer::state, "Current state; applies the deadline (never blocks).")
+        .def(
+            "wait",
+            [](const Transfer& t, std::optional<double> timeout) {
+                const auto ms = toMillis(timeout, "wait timeout");
+                TransferState s;
+                {
+                    py::gil_scoped_release nogil;
+                    const auto now = Clock::now();
+                    const auto room = Clock::time_point::max() - now;
+                    const auto until = !timeout || ms >= room ? Clock::time_point::max() : now + ms;
+                    s = t.wait(until);
+                }
+                if (s == TransferState::kFailed) throw StatusError(t.status());
+                if (s == TransferState::kPending) {
+                    // Only a caller's own timeout can end a wait early: the transfer's
+                    // deadline always makes it terminal first.
+                    throw StatusError(Status::timeout("wait() gave up after its own timeout of " +
+                                                      std::to_string(*timeout) + " s; transfer " +
+                                                      std::to_string(t.id()) +
+                                                      " is still pending (its deadline has not passed)"));
+                }
+                return s;
+            },
+            py::arg("timeout") = py::none(),
+            "Blocks until DONE (returned) or FAILED (raises its error). Without a timeout it waits until "
+            "the transfer ends, which its deadline bounds.")
+        .def("cancel",
+             [](const Transfer& t) {
+                 py::gil_scoped_release nogil;
+                 return t.cancel();
+             })
+        .def_property_readonly("error",
+                               [](const Transfer& t) -> py::object {
+                                   const Status st = t.status();
+                                   return st.isOk() ? py::none() : makeError(st);
+                               })
+        .def_property_readonly("quiesced", &Transfer::quiesced,
+                               "True once no backend touches the transfer's memory any more.")
+        .def_property_readonly("bytes", [](const Transfer& t) { return t.job()->total_bytes; })
+        .def_property_readonly("plan", [](const Transfer& t) { return planDict(t.plan()); })
+        .def_property_readonly("telemetry",
+                               [](const Transfer& t) {
+                                   const TransferTelemetry x = t.telemetry();
+                                   py::dict d;
+                                   d["bytes"] = x.bytes;
+                                   d["runs"] = x.runs;
+                                   d["pieces"] = x.pieces;
+                                   d["parts"] = x.parts;
+                                   d["post_cpu_us"] = x.post_cpu_us;
+                                   d["data_s"] = secondsSince(x.posted, x.data_done);
+                                   d["total_s"] = secondsSince(x.posted, x.finished);
+                                   return d;
+                               })
+        .def("__repr__", [](const Transfer& t) {
+            static const char* names[] = {"PENDING", "DONE", "FAILED"};
+            return "<kvxfer.Transfer " + std::to_string(t.id()) + " " + opName(t.op()) + " " +
+                   names[static_cast<int>(t.state())] + ">";
+        });
+
+    m.def(
+        "post",
+        [](Engine& e, Op op, const std::shared_ptr<Peer>& peer, const py::sequence& parts, py::bytes notify,
+           std::optional<double> timeout, bool coalesce) {
+            Holder h;
+            TransferRequest r = makeRequest(h, op, peer, parts, notify, timeout, coalesce);
+            py::gil_scoped_release nogil;
+            return unwrap(e.post(r));
+        },
+        py::arg("engine"), py::arg("op"), py::arg("peer"), py::arg("parts"),
+        py::arg("notify") = py::bytes(""), py::arg("timeout") = py::none(), py::arg("coalesce") = true,
+        "Posts one transfer of any number of parts (see kvxfer.Engine.post).");
+    m.def(
+        "plan",
+        [](const Engine& e, Op op, const std::shared_ptr<Peer>& peer, const py::sequence& parts,
+           bool coalesce) {
+            Holder h;
+            TransferRequest r = makeRequest(h, op, peer, parts, py::bytes(""), std::nullopt, coalesce);
+            PlanSummary s;
+            {
+                py::gil_scoped_release nogil;
+                s = unwrap(e.plan(r));
+            }
+            return planDict(s);
+        },
+        py::arg("engine"), py::arg("op"), py::arg("peer"), py::arg("parts"), py::arg("coalesce") = true);
+    m.def(
+        "watch", [](Engine& e, const Transfer& t) { e.watch(t); }, py::arg("engine"), py::arg("transfer"),
+        "Reports the transfer's end on the engine's completion fd.");
+}
+
+}  // namespace kvxfer::py_bindings
