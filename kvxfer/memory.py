@@ -33,9 +33,11 @@ class MemorySpan:
 
 
 def _root_base(arr: np.ndarray) -> Any:
-    base = arr
+    base: Any = arr
     while isinstance(base, np.ndarray) and base.base is not None:
         base = base.base
+    if isinstance(base, memoryview):  # np.frombuffer keeps a view of the exporter
+        base = base.obj
     return base
 
 

@@ -121,6 +121,7 @@ bool TransferJob::abandoned() const {
 bool TransferJob::commitNow() {
     std::lock_guard<std::mutex> lock(mutex_);
     if (state_.load(std::memory_order_acquire) != kRunning || Clock::now() >= deadline) return false;
+    if (telemetry_.data_done == Clock::time_point{}) telemetry_.data_done = Clock::now();
     state_.store(kCommitting, std::memory_order_release);
     return true;
 }
@@ -157,6 +158,8 @@ void TransferJob::finish(Status status) {
     expireIfDue();
     {
         std::lock_guard<std::mutex> lock(mutex_);
+        // Backends that never report their data phase separately (an ACK ends both).
+        if (telemetry_.data_done == Clock::time_point{}) telemetry_.data_done = Clock::now();
         finished_.store(true, std::memory_order_release);
     }
     if (status.isOk()) {
