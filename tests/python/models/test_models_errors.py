@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from models_testlib import one_thread  # noqa: F401 (autouse fixture)
 
 import kvxfer
 from kvxfer.models import (

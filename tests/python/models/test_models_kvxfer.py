@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from models_testlib import one_thread  # noqa: F401 (autouse fixture)
 
 import kvxfer
 from kvxfer.models import Model, PagedKVPool, Sequence, tiny_config

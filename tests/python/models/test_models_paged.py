@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import DEVICE
+from models_testlib import DEVICE, one_thread  # noqa: F401 (autouse fixture)
 
 from kvxfer.models import Model, PagedKVPool, Sequence, tiny_config
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DEVICE, hf_greedy, hf_llama
+from models_testlib import DEVICE, hf_greedy, hf_llama, one_thread  # noqa: F401 (autouse fixture)
 
 from kvxfer.models import Model, random_state_dict, tiny_config
 

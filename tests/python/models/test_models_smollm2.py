@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from conftest import hf_greedy
+from models_testlib import hf_greedy, one_thread  # noqa: F401 (autouse fixture)
 
 from kvxfer.models import PagedKVPool, Sequence, load_smollm2
 from kvxfer.models.smollm2 import chat_ids, convert, default_cache_dir, smollm2_config

@@ -1,21 +1,25 @@
-"""Fixtures of the model-runtime tests: tiny seeded Llama models and the transformers reference."""
+"""Helpers of the model-runtime tests: the device under test and transformers' reference model.
+
+No conftest.py in this folder: with the suite's rootdir-relative imports, a second module named
+``conftest`` would shadow tests/python/conftest.py for ``from conftest import ...``. Each test
+module imports :func:`one_thread` (an autouse fixture) from here instead.
+"""
 
 from __future__ import annotations
 
 import os
 
 import pytest
-
-torch = pytest.importorskip("torch", reason="the model runtime needs torch (pip install kvxfer[serve])")
+import torch
 
 # Device of the tiny-model tests: cpu here; KVXFER_TEST_DEVICE=cuda runs them on a GPU.
 DEVICE = os.environ.get("KVXFER_TEST_DEVICE", "cpu")
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _one_thread():
-    # 2 cores shared by several processes: one torch thread (two threads spin against each other).
-    # Session scope, so module-scoped model fixtures run under it too.
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread per test module (2 cores shared by several processes: two threads spin
+    against each other). Module scope: set before the modules' own model fixtures, restored after."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
