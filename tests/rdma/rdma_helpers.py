@@ -38,12 +38,15 @@ def require_rdma() -> None:
         )
 
 
-def make_engine(name: str, **kw: Any):
+def make_engine(name: str, device: str = "", **kw: Any):
+    """An ibverbs engine; ``device`` is the IbverbsConfig device selector ("rxe0", "rxe0:1")."""
     import kvxfer
 
     kw.setdefault("timeout", TIMEOUT)
     kw.setdefault("connect_timeout", 30.0)
-    return kvxfer.Engine(name, backends=[IB], **kw)
+    cfg = kvxfer.EngineConfig()
+    cfg.backend.ibverbs.device = device
+    return kvxfer.Engine(name, backends=[IB], config=cfg, **kw)
 
 
 def layout(num_layers: int, num_kv: int, num_blocks: int, block_bytes: int):

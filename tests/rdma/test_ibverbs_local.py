@@ -134,8 +134,8 @@ def test_standalone_notify_and_payload_limits(pair):
 def test_several_qps_tiny_send_queue_and_a_1000_block_request(monkeypatch):
     # 4 QPs per peer and a 16-deep send queue: a 1000-block request (2000 runs, since no two
     # shuffled blocks are adjacent) needs many rounds of flow control over every QP.
-    monkeypatch.setenv("KVXFER_IB_QPS", "4")
-    monkeypatch.setenv("KVXFER_IB_SQ_DEPTH", "16")
+    monkeypatch.setenv("KVXFER_IBVERBS_QPS_PER_PEER", "4")
+    monkeypatch.setenv("KVXFER_IBVERBS_SQ_DEPTH", "16")
     p = Pair(h.layout(1, 2, 1200, 512))
     try:
         assert "4 RC QPs/peer" in p.a.describe_backends()

@@ -127,7 +127,7 @@ ctr=("$runtime" run --rm -i)
 ctr+=(--net=host)
 for d in "${devices[@]}"; do ctr+=(--device "$d"); done
 ctr+=(--ulimit memlock=-1:-1 --cap-add IPC_LOCK)
-ctr+=(-e "KVXFER_IB_DEVICE=$name" -e "KVXFER_IB_GID=${KVXFER_IB_GID:-1}")
+ctr+=(-e "KVXFER_IBVERBS_DEVICE=$name" -e "KVXFER_IBVERBS_GID_INDEX=${KVXFER_IBVERBS_GID_INDEX:-1}")
 ctr+=(-v "$workdir:$workdir" -w "$workdir")
 ctr+=("$image" "${cmd[@]}")
 
