@@ -1,0 +1,107 @@
+// TCP backend, initiator side: the hand-offs of a job between the sender and the receiver
+// of a connection (who finishes it), killing a session, and the teardown of a connection
+// when its TcpPeer goes.
+#include <sys/socket.h>
+
+#include "backends/tcp/tcp_internal.h"
+
+namespace kvxfer::tcp {
+
+void finishAll(std::vector<std::pair<std::shared_ptr<TransferJob>, Status>>& list) {
+    for (auto& [job, st] : list) job->finish(std::move(st));
+    list.clear();  // drops the references outside any lock
+}
+
+namespace {
+
+// Aborts a connection with a RST: what is still queued in our send buffer is dropped
+// instead of reaching the peer after we gave up on it (connect(AF_UNSPEC) disconnects a
+// TCP socket without closing the descriptor other threads may be using).
+void resetConnection(int fd) {
+    sockaddr sa{};
+    sa.sa_family = AF_UNSPEC;
+    ::connect(fd, &sa, sizeof(sa));
+    ::shutdown(fd, SHUT_RDWR);
+}
+
+}  // namespace
+
+// Marks the session dead and breaks the socket; the receiver then fails what it owns.
+void killSession(PeerConn& c, Session& s, Status why) {
+    {
+        std::lock_guard<std::mutex> lock(c.mutex);
+        if (s.dead.load()) return;
+        if (why.isOk()) why = Status::peerUnreachable(c.label() + ": connection closed");
+        s.death = std::move(why);
+        s.dead.store(true);
+    }
+    resetConnection(s.fd.fd);
+    c.cv.notify_all();
+}
+
+// Decides the end of a READ whose requests are all sent and answered. Under c.mutex;
+// fills `finish` or queues the notification.
+void completeRead(PeerConn& c, const std::shared_ptr<Session>& s, std::map<uint64_t, Pending>::iterator it,
+                  std::vector<std::pair<std::shared_ptr<TransferJob>, Status>>& finish) {
+    Pending& p = it->second;
+    auto job = p.job;
+    Status finish_with;
+    if (job->decideAfterData(p.error, !p.stopped_early, &finish_with) == TransferJob::AfterData::kFinished) {
+        finish.emplace_back(job, std::move(finish_with));
+    } else {
+        p.committed = true;
+        p.awaiting_ack = true;
+        c.commits.push_back({SendItem::kCommit, job, s, nullptr});
+        c.cv.notify_all();
+        return;
+    }
+    s->pending.erase(it);
+}
+
+// The sender lets go of a job it was streaming.
+void releaseStreaming(PeerConn& c, const std::shared_ptr<Session>& s, uint64_t id, bool stopped_early,
+                      Status error) {
+    std::vector<std::pair<std::shared_ptr<TransferJob>, Status>> finish;
+    {
+        std::lock_guard<std::mutex> lock(c.mutex);
+        auto it = s->pending.find(id);
+        if (it == s->pending.end()) return;
+        Pending& p = it->second;
+        p.streaming = false;
+        if (!error.isOk() && p.error.isOk()) p.error = std::move(error);
+        p.stopped_early = stopped_early;
+        if (s->rx_done) {
+            finish.emplace_back(p.job, s->death);
+            s->pending.erase(it);
+        } else if (p.job->op == Op::kWrite) {
+            p.awaiting_ack = !stopped_early;
+            if (stopped_early) {
+                finish.emplace_back(p.job, Status::canceled("tcp: write abandoned"));
+                s->pending.erase(it);
+            }
+        } else if (p.reads_outstanding == 0) {
+            completeRead(c, s, it, finish);
+        }
+    }
+    finishAll(finish);
+}
+
+// The connection's threads are told to stop and detached, never joined. The destructor
+// may run under the Python GIL (the user dropped the last Peer) while one of these
+// threads is still releasing its last reference to a finished job, whose Region may in
+// turn release a Python buffer and wait for the GIL: a join would deadlock. The threads
+// hold the PeerConn (never the backend) and exit within one poll slice.
+TcpPeer::~TcpPeer() {
+    std::vector<std::thread> receivers;
+    {
+        std::lock_guard<std::mutex> lock(conn->mutex);
+        conn->stopping.store(true);
+        if (conn->session) ::shutdown(conn->session->fd.fd, SHUT_RDWR);
+        receivers.swap(conn->receivers);
+    }
+    conn->cv.notify_all();
+    if (conn->sender.joinable()) conn->sender.detach();
+    for (auto& r : receivers) r.detach();
+}
+
+}  // namespace kvxfer::tcp

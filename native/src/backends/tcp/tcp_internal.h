@@ -1,0 +1,258 @@
+// TCP backend: types and functions shared by the files of native/src/backends/tcp.
+// Private to this directory. The design summary is at the top of tcp_backend.cc; which
+// file does what is in README.md.
+//
+// Target side (server.cc): Shared (listener, inbound threads, region table, fences).
+// Initiator side, per peer connection (PeerConn): a Session per live socket, its Pending
+// jobs and NotifyWaiters; dialer.cc opens sessions, sender.cc is the only writer of a
+// socket, receiver.cc reads ACKs and READ data, session.cc holds the hand-offs between them.
+#pragma once
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <list>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "backends/tcp/region_table.h"
+#include "backends/tcp/tcp_wire.h"
+#include "kvxfer/backend.h"
+
+namespace kvxfer::tcp {
+
+using namespace std::chrono_literals;
+
+constexpr uint64_t kReadWindowBytes = 64ull << 20;  // outstanding READ bytes per connection
+constexpr auto kStallGrace = 1000ms;                // see "kills the connection" in tcp_backend.cc
+constexpr auto kHandshakeTimeout = 10s;             // target side: HELLO must arrive by then
+constexpr auto kScanInterval = 100ms;
+constexpr int kSocketBufferBytes = 8 << 20;
+constexpr size_t kScratchBytes = 256 * 1024;
+
+// ---- small helpers (socket_util.cc) -----------------------------------------------------
+
+std::string ipString(uint32_t addr_be);
+std::string errnoText(int err);
+// Large socket buffers where autotuning would stay below kSocketBufferBytes.
+void setBuffers(int fd);
+// TCP_NODELAY, keepalive and TCP_USER_TIMEOUT of a connected socket.
+void tuneConnection(int fd);
+// True once `now` is more than `grace` past `deadline` (overflow-safe for time_point::max()).
+bool pastDeadline(Clock::time_point deadline, Clock::time_point now, Clock::duration grace = {});
+// The Status a peer reported as (code, message) on the wire.
+Status statusFromWire(uint32_t code, const std::string& message);
+
+// ---- bind address and endpoint info (endpoint.cc) --------------------------------------
+
+struct BindSpec {
+    uint32_t host = htonl(INADDR_ANY);  // network order
+    uint16_t port = 0;
+};
+
+// Parses "HOST:PORT", ":PORT", "HOST:" (and "HOST" when allow_bare_host).
+std::optional<BindSpec> parseBind(const std::string& spec, bool allow_bare_host);
+// This host's IPv4 addresses (network order): non-loopback first, then loopback.
+std::vector<uint32_t> localAddresses();
+// Endpoint info: u8 version (1), u8 address count n (1..32), u16 port (LE), n x IPv4 (network order).
+Bytes encodeEndpoint(uint16_t port, const std::vector<uint32_t>& addrs);
+bool decodeEndpoint(ByteView info, uint16_t* port, std::vector<uint32_t>* addrs);
+
+// ---- target side (server.cc) -------------------------------------------------------------
+
+// Orders an inbound connection against the later ones of the same initiator instance.
+// When a dead connection is replaced (reconnect), bytes of abandoned jobs may still sit
+// in the old socket's receive queue; they must never land after the new connection has
+// delivered newer data. A new HELLO therefore marks every older connection of that
+// initiator superseded and waits until none is inside a memory section; a superseded
+// connection moves no more bytes and closes.
+struct InboundFence {
+    std::mutex section;  // held while bytes move to or from registered memory
+    std::atomic<bool> superseded{false};
+};
+
+// State shared by the backend, its listener and its inbound connection threads.
+struct Shared {
+    NotificationSink* sink = nullptr;
+    std::string name;
+    uint64_t instance = 0;
+    RegionTable regions;
+    std::atomic<bool> stopping{false};
+    Fd listen_fd;
+    Fd wake_fd;
+
+    struct Inbound {
+        Fd fd;
+        std::thread thread;
+        std::shared_ptr<std::atomic<bool>> done;
+    };
+    std::mutex mutex;
+    std::list<Inbound> inbound;
+
+    std::mutex fence_mutex;
+    std::multimap<uint64_t, std::weak_ptr<InboundFence>> fences;  // by initiator instance
+
+    // Registers a new connection of `initiator`, fencing off its older ones (server.cc).
+    std::shared_ptr<InboundFence> newFence(uint64_t initiator);
+};
+
+// The listener thread: accepts connections and serves each on its own thread until
+// `sh->stopping`.
+void listenLoop(const std::shared_ptr<Shared>& sh);
+
+// ---- initiator side ------------------------------------------------------------------------
+
+struct NotifyWaiter {
+    Bytes payload;
+    Clock::time_point deadline;
+    std::mutex mutex;
+    std::condition_variable cv;
+    bool done = false;
+    Status status;
+
+    void complete(Status st) {
+        {
+            std::lock_guard<std::mutex> lock(mutex);
+            if (done) return;
+            done = true;
+            status = std::move(st);
+        }
+        cv.notify_all();
+    }
+};
+
+// A job on a connection. Ownership of finishing it: the sender while `streaming` (it is
+// reading local memory or issuing READ requests); afterwards the receiver (ACK, READ data,
+// abandonment scan, connection loss). If the receiver is already gone (rx_done) when the
+// sender lets go, the sender finishes it.
+struct Pending {
+    std::shared_ptr<TransferJob> job;
+    bool streaming = true;
+    bool awaiting_ack = false;
+    bool committed = false;          // commitNow() succeeded: ends only on ACK or connection loss
+    bool stopped_early = false;      // READ: abandoned before every request was sent
+    uint32_t reads_outstanding = 0;  // READ_REQ frames not answered yet
+    Status error;                    // READ: first failure
+};
+
+struct ReadBatch {
+    uint64_t job;
+    uint64_t first, end, bytes;
+};
+
+struct Session {
+    Fd fd;
+    std::atomic<bool> dead{false};
+    // Guarded by PeerConn::mutex.
+    bool rx_done = false;
+    Status death;
+    std::map<uint64_t, Pending> pending;
+    std::deque<ReadBatch> batches;
+    uint64_t window = 0;
+    std::map<uint64_t, std::shared_ptr<NotifyWaiter>> waiters;
+};
+
+struct SendItem {
+    enum Kind : uint8_t { kJob, kCommit, kNotifyItem } kind = kJob;
+    std::shared_ptr<TransferJob> job;
+    std::shared_ptr<Session> session;  // kCommit
+    std::shared_ptr<NotifyWaiter> waiter;
+};
+
+struct PeerConn {
+    // Immutable after connect().
+    std::string peer_name;
+    uint64_t peer_instance = 0;
+    uint16_t port = 0;
+    std::vector<uint32_t> addrs;
+    std::string self_name;
+    uint64_t self_instance = 0;
+
+    std::atomic<bool> stopping{false};
+    std::mutex mutex;
+    std::condition_variable cv;  // queue, read window, stop
+    std::deque<SendItem> queue;
+    std::deque<SendItem> commits;  // READ notifications whose data arrived: sent first
+    std::shared_ptr<Session> session;
+    uint64_t next_notify_seq = 1;
+
+    std::thread sender;
+    std::vector<std::thread> receivers;  // guarded by mutex; one per live session
+
+    std::string label() const { return "tcp peer '" + peer_name + "'"; }
+    ~PeerConn() {  // normally detached by ~TcpPeer already; the last owner may be one of them
+        if (sender.joinable()) sender.detach();
+        for (auto& r : receivers) {
+            if (r.joinable()) r.detach();
+        }
+    }
+};
+
+struct TcpPeer final : BackendPeer {
+    std::shared_ptr<PeerConn> conn;
+    ~TcpPeer() override;
+};
+
+// ---- hand-offs between sender and receiver (session.cc) ----------------------------------
+
+// Finishes every (job, status) of `list` and clears it; call outside c.mutex.
+void finishAll(std::vector<std::pair<std::shared_ptr<TransferJob>, Status>>& list);
+// Marks the session dead and breaks the socket; the receiver then fails what it owns.
+void killSession(PeerConn& c, Session& s, Status why);
+// Decides the end of a READ whose requests are all sent and answered. Under c.mutex;
+// fills `finish` or queues the notification.
+void completeRead(PeerConn& c, const std::shared_ptr<Session>& s, std::map<uint64_t, Pending>::iterator it,
+                  std::vector<std::pair<std::shared_ptr<TransferJob>, Status>>& finish);
+// The sender lets go of a job it was streaming.
+void releaseStreaming(PeerConn& c, const std::shared_ptr<Session>& s, uint64_t id, bool stopped_early,
+                      Status error = {});
+
+// ---- receiver.cc -------------------------------------------------------------------------
+
+// Makes `fd` the connection's live session and starts its receiver thread.
+void startSession(const std::shared_ptr<PeerConn>& c, Fd fd);
+
+// ---- dialer.cc ---------------------------------------------------------------------------
+
+// Opens and handshakes a connection to the peer, trying its addresses in order, until
+// `deadline` or until `give_up()` (the job or notification it is for was abandoned).
+Result<Fd> dial(const PeerConn& c, Clock::time_point deadline, const std::function<bool()>& give_up = {});
+
+// A live session with `reg` applied under the lock, reconnecting once if needed.
+template <typename Register>
+Result<std::shared_ptr<Session>> acquire(const std::shared_ptr<PeerConn>& c, Clock::time_point deadline,
+                                         const std::function<bool()>& give_up, Register&& reg) {
+    for (int attempt = 0;; ++attempt) {
+        {
+            std::lock_guard<std::mutex> lock(c->mutex);
+            if (c->stopping.load()) return Status::canceled(c->label() + ": connection closed");
+            if (c->session && !c->session->dead.load()) {
+                reg(*c->session);
+                return c->session;
+            }
+        }
+        if (attempt == 2) return Status::peerUnreachable(c->label() + ": connection lost while reconnecting");
+        KVXFER_ASSIGN_OR_RETURN(Fd fd, dial(*c, deadline, give_up));
+        startSession(c, std::move(fd));
+    }
+}
+
+// ---- sender.cc ---------------------------------------------------------------------------
+
+// The sender thread of a connection: runs queued jobs, READ commits and notifications in
+// order (commits first) until c->stopping.
+void senderLoop(const std::shared_ptr<PeerConn>& c);
+
+}  // namespace kvxfer::tcp
