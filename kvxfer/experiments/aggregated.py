@@ -32,7 +32,6 @@ import asyncio
 import json
 import statistics
 import sys
-import time
 from typing import Any
 
 
@@ -65,12 +64,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 async def _measure(url: str, replay: Any, users: int, duration: float) -> dict[str, Any]:
+    """Closed loop: users ramp up over ``duration / 4`` s, then ``duration`` s are measured.
+    Throughput counts the requests that complete inside the measured window."""
     from kvxfer.serve import loadgen
 
-    t0 = time.monotonic()
-    res = await loadgen.closed_loop(url, replay, users, ttft_slo_s=600.0, duration_s=duration)
-    # throughput over the window in which users were sending: completions / time to the last one
-    return loadgen.summarize(res, wall_s=time.monotonic() - t0)
+    ramp = duration / 4
+    res = await loadgen.closed_loop(
+        url, replay, users, ttft_slo_s=600.0, duration_s=ramp + duration, ramp_s=ramp
+    )
+    st = loadgen.summarize([r for r in res if r.start_s >= ramp])
+    done = [r for r in res if r.error is None and ramp <= r.start_s + r.e2e_s < ramp + duration]
+    st["throughput_rps"] = len(done) / duration
+    st["tokens_per_s"] = sum(r.completion_tokens for r in done) / duration
+    return st
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -242,9 +242,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         **common,
                     }
                     rows.append(row)
-                    log(f"{pol:>12} load {load:g} ({users} users): success {st['success_rate']:.3f}, "
-                        f"TTFT p50 {st['ttft_p50_s']:.3f} p99 {st['ttft_p99_s']:.3f} s, "
-                        f"retries p99 {st['retries_p99']}, {st['requests']} requests")  # fmt: skip
+                    log(f"{pol:>12} load {load:g} ({users} users): success {_f(st['success_rate'])}, "
+                        f"TTFT p50 {_f(st['ttft_p50_s'])} p99 {_f(st['ttft_p99_s'])} s, retries p99 "
+                        f"{_f(st['retries_p99'])}, {st['requests']} requests, "
+                        f"errors {st['errors']}")  # fmt: skip
         finally:
             for g in gws.values():
                 g.stop()
@@ -262,8 +263,8 @@ def find_a(url: str, workload: Any, slo: Any, ramp: float, duration: float, args
     def ok(users: int) -> bool:
         st = asyncio.run(_point(url, workload, users, slo, ramp, duration))
         log(
-            f"A search: local-queue, {users} users: success {st['success_rate']:.3f} "
-            f"({st['requests']} requests)"
+            f"A search: local-queue, {users} users: success {_f(st['success_rate'])} "
+            f"({st['requests']} requests, errors {st['errors']})"
         )
         return st["success_rate"] == 1.0
 
@@ -277,6 +278,10 @@ def find_a(url: str, workload: Any, slo: Any, ramp: float, duration: float, args
         if ok(users):
             return users
     raise RuntimeError("local-queue misses the SLO even with one user: raise --slack or --slo-floor")
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 class _Len:
@@ -335,8 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         head = ("policy", "load", "users", "success", "ttft p50", "ttft p99", "retries p99")
         print("{:>13} {:>5} {:>5} {:>8} {:>9} {:>9} {:>11}".format(*head))
         for r in rows:
-            print(f"{r['policy']:>13} {r['load']:>5g} {r['users']:>5} {r['success_rate'] * 100:>7.1f}% "
-                  f"{r['ttft_p50_s']:>9.3f} {r['ttft_p99_s']:>9.3f} {r['retries_p99']!s:>11}")  # fmt: skip
+            print(f"{r['policy']:>13} {r['load']:>5g} {r['users']:>5} {_f(r['success_rate']):>8} "
+                  f"{_f(r['ttft_p50_s']):>9} {_f(r['ttft_p99_s']):>9} "
+                  f"{_f(r['retries_p99']):>11}")  # fmt: skip
     if args.plot and rows:
         plot(rows, args.plot)
         log(f"plot written to {args.plot}")

@@ -230,6 +230,7 @@ class GatewayConfig:
     down_for_s: float = 1.0
     stream_idle_timeout_s: float = 60.0  # longest gap allowed between two tokens once accepted
     enforce_first_token_deadline: bool = True
+    early_drop: bool = True  # reject-retry: end a request that can no longer make its deadline
     records_kept: int = 100_000
 
     def __post_init__(self) -> None:
@@ -264,6 +265,35 @@ class RequestRecord:
     @property
     def ttft_s(self) -> float | None:
         return None if self.first_token is None else self.first_token - self.arrival
+
+
+class PrefillTimes:
+    """What this gateway has seen a prefill take (accept to first token), per scenario and
+    prompt-length bucket (powers of two): an exponentially weighted mean, trusted after
+    ``min_samples`` observations. Early intervention [paper] uses it to end a request whose
+    remaining time is shorter than its prefill would take, instead of spending a prefill slot
+    on a certain timeout [inferred: the paper does not say how it decides]."""
+
+    def __init__(self, alpha: float = 0.2, min_samples: int = 3) -> None:
+        self.alpha, self.min_samples = alpha, min_samples
+        self._mean: dict[tuple[str, int], float] = {}
+        self._n: dict[tuple[str, int], int] = {}
+
+    @staticmethod
+    def _key(scenario: str, tokens: int) -> tuple[str, int]:
+        return scenario, max(1, int(tokens)).bit_length()
+
+    def observe(self, rec: RequestRecord) -> None:
+        if rec.accept is None or rec.first_token is None:
+            return
+        k = self._key(rec.scenario, rec.prompt_tokens)
+        x = rec.first_token - rec.accept
+        self._n[k] = self._n.get(k, 0) + 1
+        self._mean[k] = x if k not in self._mean else (1 - self.alpha) * self._mean[k] + self.alpha * x
+
+    def estimate(self, scenario: str, tokens: int) -> float | None:
+        k = self._key(scenario, tokens)
+        return self._mean[k] if self._n.get(k, 0) >= self.min_samples else None
 
 
 class _FifoGate:
@@ -345,6 +375,7 @@ class Gateway:
         self._rr = itertools.count()
         self._jitter = random.Random(0)
         self._gates: dict[str, _FifoGate] = {}
+        self.prefill_times = PrefillTimes()
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self.url: str | None = None
@@ -461,7 +492,10 @@ class Gateway:
         if self.config.policy != "reject-retry":
             return await self._forward_loop(req, rec)
         gate = self._gates.setdefault(rec.scenario, _FifoGate())
-        if not await gate.enter(req.deadline - time.time()):
+        need = (
+            self.prefill_times.estimate(rec.scenario, rec.prompt_tokens) if self.config.early_drop else None
+        )
+        if not await gate.enter(req.deadline - time.time() - (need or 0.0)):
             raise _Terminal(
                 "deadline", "TTFT deadline passed while waiting at the gateway for a prefill", 504
             )
@@ -472,11 +506,21 @@ class Gateway:
 
     async def _forward_loop(self, req: protocol.PrefillRequest, rec: RequestRecord) -> aiohttp.ClientResponse:
         rounds = 0
+        drop = self.config.early_drop and self.config.policy == "reject-retry"
         while True:
             tried = False
             for url in self.candidates(rec.scenario):
                 if time.time() >= req.deadline:
                     break
+                if drop:
+                    need = self.prefill_times.estimate(rec.scenario, rec.prompt_tokens)
+                    if need is not None and time.time() + need > req.deadline:
+                        raise _Terminal(
+                            "deadline",
+                            f"TTFT deadline cannot be met: {req.deadline - time.time():.3f} s left, a "
+                            f"prefill of {rec.prompt_tokens} tokens takes about {need:.3f} s here",
+                            504,
+                        )
                 tried = True
                 try:
                     resp = await self._try(url, req, rec)
@@ -655,6 +699,7 @@ class Gateway:
                 if kind == "token":
                     if rec.first_token is None:
                         rec.first_token = time.time()
+                        self.prefill_times.observe(rec)
                     rec.completion_tokens += 1
                     tid = int(ev["token_id"])
                     await resp.write(_sse(fmt.chunk(detok.add(tid), None, tid)))
@@ -688,6 +733,7 @@ class Gateway:
                 if kind == "token":
                     if rec.first_token is None:
                         rec.first_token = time.time()
+                        self.prefill_times.observe(rec)
                     rec.completion_tokens += 1
                     text.append(detok.add(int(ev["token_id"])))
                 elif kind == "done":

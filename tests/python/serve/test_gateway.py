@@ -371,6 +371,44 @@ def test_waiting_requests_take_turns_in_arrival_order_and_one_probes_at_a_time()
     run(body())
 
 
+def test_early_drop_ends_a_request_that_cannot_make_its_deadline():
+    """After three prefills of ~0.3 s, a request with 0.2 s left is ended at once (no prefill
+    slot spent on it); with early_drop off, it is forwarded and misses its deadline later."""
+
+    async def body():
+        a = StubPrefill("a", slots=4, first_delay=0.3)
+        gw = await _setup([a])
+        client = _client(gw)
+        try:
+            for _ in range(3):
+                await client.completions.create(model="k", prompt="abcd", max_tokens=1)
+            est = gw.prefill_times.estimate("default", 4)
+            assert est is not None and 0.3 <= est < 0.6
+            n = len(a.log)
+            t0 = time.time()
+            with pytest.raises(openai.APIStatusError) as info:
+                await client.completions.create(
+                    model="k", prompt="wxyz", max_tokens=1, extra_body={"ttft_slo_s": 0.2}
+                )
+            assert info.value.body["code"] == "deadline" and "cannot be met" in info.value.body["message"]
+            assert time.time() - t0 < 0.15 and len(a.log) == n  # ended before any prefill saw it
+            # another prompt-length bucket has no estimate yet: forwarded as usual
+            r = await client.completions.create(model="k", prompt="a" * 40, max_tokens=1)
+            assert r.choices[0].text == "a"
+            gw.config.early_drop = False
+            with pytest.raises(openai.APIStatusError):
+                await client.completions.create(
+                    model="k", prompt="wxyz", max_tokens=1, extra_body={"ttft_slo_s": 0.2}
+                )
+            assert len(a.log) == n + 2
+        finally:
+            await client.close()
+            await gw.stop()
+            await a.stop()
+
+    run(body())
+
+
 def test_two_gateways_share_prefills_without_coordination():
     """Two gateways, two one-slot prefills, eight concurrent requests: every one is served,
     no prefill ever runs two at once, and the gateways learn of full prefills only by 429."""
