@@ -136,12 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     ):
         addr = f"127.0.0.1:{link.port}"
 
-        def run(method, ids, s, q, n=1, rho=1.0, **kw):
+        def run(method, ids, s, q, n=1, rho=1.0, g=None, **kw):
             j = Job(
                 f"{method}-{len(ids)}-{rng.random():.6f}",
                 method,
                 ids,
-                G,
+                g or G,
                 n=n,
                 rho=rho,
                 system_len=s,
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         # (CUDA context, cuBLAS) that would otherwise poison the first calibration
         for L in sorted({min(buckets), max(buckets)}):
             w_ids, w_s, w_q = _prompt(rng, vocab, L)
-            run(CLOUD_ONLY, w_ids, w_s, w_q)
-            run(PD, w_ids, w_s, w_q, n=4, rho=0.5)
+            run(CLOUD_ONLY, w_ids, w_s, w_q, g=16)
+            run(PD, w_ids, w_s, w_q, n=4, rho=0.5, g=16)
         for L in buckets:
             ids, s, q = _prompt(rng, vocab, L)
             ref = ref_lm.greedy(ids, G)
