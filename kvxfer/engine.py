@@ -57,7 +57,8 @@ def empty(shape: Any, dtype: Any = np.uint8) -> np.ndarray:
     count = int(np.prod(dims, dtype=np.int64))
     nbytes = count * dt.itemsize
     buf = _native.HostBuffer(max(1, nbytes))
-    return np.frombuffer(buf, dtype=np.uint8, count=nbytes).view(dt).reshape(dims)
+    view = memoryview(buf)  # type: ignore[arg-type]  # HostBuffer exports the buffer protocol
+    return np.frombuffer(view, dtype=np.uint8, count=nbytes).view(dt).reshape(dims)
 
 
 class RegionGroup(tuple):

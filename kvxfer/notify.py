@@ -60,7 +60,8 @@ class Mailbox:
             if key is None:
                 n = len(self._order) if max <= 0 else min(max, len(self._order))
                 return [self._order.popleft() for _ in range(n)]
-            out, keep = [], deque()
+            out: list[Notification] = []
+            keep: deque[Notification] = deque()
             for note in self._order:
                 if self._key_fn(note) == key and (max <= 0 or len(out) < max):
                     out.append(note)
