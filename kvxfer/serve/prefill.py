@@ -333,6 +333,7 @@ class PrefillWorker(WorkerBase):
             decodes=sorted(self.decodes),
             buffer_bytes=self.buf_bytes,
             reject_decision_max_s=max(self.reject_s, default=None),
+            reject_decision_p50_s=sorted(self.reject_s)[len(self.reject_s) // 2] if self.reject_s else None,
         )
         return st
 

@@ -93,7 +93,7 @@ def test_prefix_reuse_inside_a_scenario_keeps_tokens(dep, tiny_model):
 
 def test_full_prefill_rejects_at_once_and_local_queue_waits(dep, tiny_model):
     """Decode full (b_d=2, no pending queue) -> the prefill's 2 slots stay held by prompts
-    waiting for a decode -> the next request is refused in well under a millisecond."""
+    waiting for a decode -> the next requests are refused in well under a millisecond (median of 20)."""
     url = dep.prefill_urls[0]
     longs, waits = _prompts(2, seed=3), _prompts(2, seed=4)
 
@@ -110,9 +110,13 @@ def test_full_prefill_rejects_at_once_and_local_queue_waits(dep, tiny_model):
             await poll("decode-0", "running", 2)
             wait_jobs = [asyncio.create_task(client.prefill(s, url, p, 5)) for p in waits]
             await poll("prefill-0", "busy", 2)
-            t0 = time.perf_counter()
-            refused = await client.prefill(s, url, [1, 2, 3], 5)
-            rtt = time.perf_counter() - t0
+            rtts = []
+            for _ in range(20):  # the median of 20: one slow wake-up on a loaded host is not the policy's
+                t0 = time.perf_counter()
+                refused = await client.prefill(s, url, [1, 2, 3], 5)
+                rtts.append(time.perf_counter() - t0)
+                assert refused.status == 429, refused
+            rtt = sorted(rtts)[len(rtts) // 2]
             queued = asyncio.create_task(client.prefill(s, url, [4, 5, 6], 5, policy="local-queue"))
             await poll("prefill-0", "queued", 1)
             return (
@@ -125,9 +129,9 @@ def test_full_prefill_rejects_at_once_and_local_queue_waits(dep, tiny_model):
 
     refused, rtt, long_res, wait_res, queued = run(go(), timeout=240)
     assert refused.status == 429 and refused.error["error"] == "busy"
-    decision = dep.status("prefill-0")["reject_decision_max_s"]
-    assert decision < 1e-3, f"reject decided in {decision * 1e3:.3f} ms"
-    assert rtt < 0.1, f"429 round trip {rtt * 1e3:.1f} ms"
+    decision = dep.status("prefill-0")["reject_decision_p50_s"]
+    assert decision < 1e-3, f"reject decided in {decision * 1e3:.3f} ms (median)"
+    assert rtt < 0.05, f"429 round trip {rtt * 1e3:.1f} ms (median)"
     for ids, r, n in [
         *zip(longs, long_res, [500, 500], strict=True),
         *zip(waits, wait_res, [5, 5], strict=True),
