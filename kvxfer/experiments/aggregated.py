@@ -152,6 +152,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "b_p": args.b_p,
                     "b_d": args.b_d,
                     "duration_s": duration,
+                    "profile": args.profile
+                    or (f"{args.model} (default)" if args.mode == "profiled" else None),
                     "machine": machine(),
                 }
                 rows.append(row)

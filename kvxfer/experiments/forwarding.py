@@ -222,6 +222,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "slo_s": slos,
                 "duration_s": duration,
                 "ramp_s": ramp,
+                "profile": args.profile or (f"{args.model} (default)" if args.mode == "profiled" else None),
             }
             for load in loads:
                 users = max(1, round(load * a))

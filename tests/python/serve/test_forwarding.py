@@ -1,0 +1,66 @@
+"""The forwarding and aggregated experiments end to end, in small configurations: real worker
+processes (profiled tiny model), two gateway processes, the openai-client load generator.
+The figures themselves are in docs/pd-serve-forwarding.md; here the output contract is checked
+(fields, one row per policy and load, the same A and workers for both policies)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvxfer.experiments import aggregated, forwarding
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+FIELDS = ("experiment", "policy", "load", "users", "success_rate", "ttft_p50_s", "ttft_p99_s", "retries_p99")
+
+
+def test_forwarding_json_lines(capsys):
+    argv = ["--json", "--model", "tiny", "--prefills", "2", "--decodes", "1", "--a", "2", "--loads", "1,2"]
+    argv += ["--duration", "2", "--output-tokens", "8", "--scale", "0.0625", "--slo-floor", "1.0"]
+    assert forwarding.main(argv) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    rows, summary = lines[:-1], lines[-1]
+    assert [(r["policy"], r["load"]) for r in rows] == [
+        ("local-queue", 1.0),
+        ("reject-retry", 1.0),
+        ("local-queue", 2.0),
+        ("reject-retry", 2.0),
+    ]
+    for r in rows:
+        assert all(k in r for k in FIELDS), r
+        assert r["experiment"] == "forwarding" and r["A"] == 2 and r["users"] == round(r["load"] * 2)
+        assert r["requests"] > 0 and 0.0 <= r["success_rate"] <= 1.0
+        assert r["mode"] == "profiled" and r["machine"] and r["prefills"] == 2
+        if r["policy"] == "local-queue":
+            assert r["retries_p99"] == 0  # the prefill queues: it never rejects
+    # two users on two one-slot prefills never queue, and the SLO has a second of slack
+    assert rows[0]["success_rate"] == 1.0 and rows[1]["success_rate"] == 1.0
+    assert summary["summary"] is True and set(summary["success_gap"]) == {"1.0", "2.0"}
+
+
+def test_aggregated_json_lines(capsys):
+    argv = [
+        "--json",
+        "--model",
+        "tiny",
+        "--users",
+        "4",
+        "--duration",
+        "2",
+        "--repeats",
+        "1",
+        "--max-prompt",
+        "128",
+    ]
+    assert aggregated.main(argv) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    rows, summary = lines[:-1], lines[-1]
+    assert [r["mode"] for r in rows] == ["disaggregated", "aggregated"]
+    assert [r["layout"] for r in rows] == ["1P+1D", "2A"]
+    for r in rows:
+        assert r["experiment"] == "aggregated" and r["instances"] == 2 and r["errors"] == {}
+        assert r["throughput_rps"] > 0 and r["tokens_per_s"] > 0
+    ratio = rows[0]["throughput_rps"] / rows[1]["throughput_rps"]
+    assert summary["throughput_ratio"] == pytest.approx(ratio)
