@@ -165,12 +165,42 @@ def load_curve(path: Path | str = CURVE, metric: str = "accuracy"):
     return quality
 
 
+def plot_curve(data: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, metric, style in (
+        ("mass", "accuracy", "o-"),
+        ("mass", "agreement", "s--"),
+        ("random", "accuracy", "x:"),
+        ("random", "agreement", "+:"),
+    ):
+        pts = sorted((r["rho"], r[metric]) for r in data["curve"] if r["kind"] == kind)
+        if kind == "random":
+            full = [(r["rho"], r[metric]) for r in data["curve"] if r["kind"] == "mass" and r["rho"] >= 1]
+            pts = sorted(pts + full)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{metric}, keep by {kind}")
+    n = data["curve"][0]["prompts"]
+    ax.set(xlabel="rho (kept share of the prompt)", ylabel="share of prompts", ylim=(0, 1.05),
+           title=f"refined prompt quality, SmolLM2-135M, {n} prompts")  # fmt: skip
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kvxfer.device.quality")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--filler", type=int, default=20)
     ap.add_argument("--out", default=str(CURVE))
+    ap.add_argument("--plot", default=None, help="PNG of the curve in --out (no measurement)")
     a = ap.parse_args(argv)
+    if a.plot:
+        plot_curve(json.loads(Path(a.out).read_text()), a.plot)
+        return 0
     torch.set_num_threads(1)
     lm = smollm2_lm()
     res = measure(lm, make_prompts(lm.tokenizer, a.prompts, a.filler))

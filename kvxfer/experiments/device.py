@@ -47,7 +47,7 @@ def _prompt(rng: random.Random, vocab: int, length: int) -> tuple[list[int], int
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kvxfer experiment device", description=__doc__.split("\n")[0])
     ap.add_argument(
-        "--quick", action="store_true", help="two buckets, 128-token answers, one repeat (< 60 s)"
+        "--quick", action="store_true", help="two buckets, 96-token answers, one repeat (< 60 s)"
     )
     ap.add_argument("--json", action="store_true", help="JSON lines on stdout")
     ap.add_argument("--plot", default=None, help="PNG: timeline of one request, TTFT and max TPOT vs length")
@@ -91,9 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.buckets
         else ([512, 2048] if a.quick else [256, 1024, 2048, 4096])
     )
-    G = a.answer or (128 if a.quick else 256)
+    G = a.answer or (96 if a.quick else 256)
     repeats = a.repeats or (1 if a.quick else 3)
-    regret_rows = a.regret_rows if a.regret_rows is not None else (150 if a.quick else 2000)
+    regret_rows = a.regret_rows if a.regret_rows is not None else (100 if a.quick else 2000)
     prof = load_profiles()[a.profile]
     quality_curve = load_curve(metric=a.quality_metric) if CURVE.exists() else (lambda rho: float(rho >= 1))
     agreement_curve = load_curve(metric="agreement") if CURVE.exists() else (lambda rho: float(rho >= 1))
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
             timelines[L] = per[PD][0]
 
         # link cut mid-stream: the device completes alone; the gap is reported
-        L = buckets[-1]
+        L = buckets[0] if a.quick else buckets[-1]
         ids, s, q = _prompt(rng, vocab, L)
         ref = ref_lm.greedy(ids, G)
         cond, pre, busy = est.conditions(a.profile, L, G, s, q)
