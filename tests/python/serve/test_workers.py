@@ -10,12 +10,28 @@ import time
 
 import aiohttp
 import pytest
-from conftest import run
 
 from kvxfer.serve import client
 from kvxfer.serve.deployment import start_local
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+
+def run(coro, timeout: float = 120.0):
+    """Runs ``coro`` with a deadline: a hang fails the test instead of stalling the suite."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """The seeded tiny model every ``model="tiny"`` worker loads (the aggregated reference)."""
+    import torch
+
+    from kvxfer.models import Model
+    from kvxfer.serve.runtime import tiny_model_config
+
+    torch.set_num_threads(1)
+    return Model(tiny_model_config(0))
 
 
 @pytest.fixture(scope="module", params=["shm", "tcp"])

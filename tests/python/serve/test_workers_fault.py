@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
 import aiohttp
 import pytest
-from conftest import run
 
 from kvxfer.serve import client, protocol
 from kvxfer.serve.deployment import start_local
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
+
+
+def run(coro, timeout: float = 120.0):
+    """Runs ``coro`` with a deadline: a hang fails the test instead of stalling the suite."""
+    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 def test_killed_decode_ends_streams_with_error_event():
