@@ -74,7 +74,7 @@ class DecodeWorker(WorkerBase):
         self.xfer_pool = ThreadPoolExecutor(cfg.b_d, thread_name_prefix="retrieve")
         self.batcher: DecodeBatcher | None = None
         self.accepted = self.rejected = self.transfer_failures = 0
-        self.transfer_s: list[float] = []
+        self.transfer_s: deque[float] = deque(maxlen=1000)  # recent retrieval times (s)
         self.app.router.add_post("/v1/decode", self._decode)
         self.app.on_startup.append(self._startup)
 
@@ -263,7 +263,7 @@ class DecodeWorker(WorkerBase):
         st = protocol.worker_status(
             "decode", self.name, self.cfg.b_d, self._load(), len(self.pending), self.open_streams
         )
-        ts = sorted(self.transfer_s[-1000:])
+        ts = sorted(self.transfer_s)
         st.update(
             running=len(self.batcher.running),
             retrieving=self.retrieving,
