@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import statistics
 import sys
 from typing import Any
@@ -127,7 +128,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             log(f"starting {mode} ({layout}), {args.model} {args.mode}")
             deps[mode] = start_local(**counts, **opts)
             fronts = deps[mode].prefill_urls + deps[mode].aggregated_urls
-            gws[mode] = GatewayProcess(fronts, policy="reject-retry", ttft_slo_s=600.0, tokenizer=tok)
+            log_path = str(deps[mode].log_dir / "gateway.log")
+            gws[mode] = GatewayProcess(
+                fronts, policy="reject-retry", ttft_slo_s=600.0, tokenizer=tok, log_path=log_path
+            )
+            log(f"{mode}: worker and gateway logs in {deps[mode].log_dir}")
             gws[mode].start()
         for i in range(repeats):
             for mode, (layout, _) in layouts.items():
@@ -206,6 +211,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(list(sys.argv[1:] if argv is None else argv))
+    # SIGTERM unwinds like Ctrl-C, so the workers and gateways are stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = run(args)
     s = summary(rows)
     if args.json:

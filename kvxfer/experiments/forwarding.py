@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import statistics
 import sys
 import time
@@ -48,8 +49,8 @@ QUICK = {
     "model": "tiny",
     "prefills": 4,
     "scale": 1 / 4,
-    "output_tokens": 192,
-    "duration": 5.0,
+    "output_tokens": 128,
+    "duration": 4.0,
     "loads": "1,4",
 }
 
@@ -71,10 +72,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--b-p", type=int, default=1, help="prefill slots (the paper's example: 1)")
     p.add_argument("--b-d", type=int, default=16, help="decode batch per decode worker")
     p.add_argument("--scale", type=float, help="prompt lengths 8192/2048 times this (1/16; --quick 1/4)")
-    p.add_argument("--output-tokens", type=int, help="tokens per answer (16; --quick 192)")
+    p.add_argument("--output-tokens", type=int, help="tokens per answer (16; --quick 128)")
     p.add_argument("--slack", type=float, default=0.5, help="SLO = alone TTFT + slack x long TTFT")
     p.add_argument("--slo-floor", type=float, default=0.05, help="seconds added to every SLO (noise)")
-    p.add_argument("--duration", type=float, help="seconds per (policy, load) point (60; --quick 5)")
+    p.add_argument("--duration", type=float, help="seconds per (policy, load) point (60; --quick 4)")
     p.add_argument("--max-a", type=int, default=64, help="largest user count tried for A")
     p.add_argument("--a", type=int, default=0, help="use this A instead of searching for it")
     p.add_argument("--loads", help="loads to run (1,2,3,4,5; --quick 1,4)")
@@ -181,8 +182,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         seed=args.seed,
         **opts,
     ) as dep:
-        gws = {pol: GatewayProcess(dep.prefill_urls, policy=pol, ttft_slo_s=300.0, tokenizer=tok) for pol in
-               ("reject-retry", "local-queue")}  # fmt: skip
+        gws = {pol: GatewayProcess(dep.prefill_urls, policy=pol, ttft_slo_s=300.0, tokenizer=tok,
+                                   log_path=str(dep.log_dir / f"gateway-{pol}.log"))
+               for pol in ("reject-retry", "local-queue")}  # fmt: skip
+        log(f"worker and gateway logs in {dep.log_dir}")
         try:
             for g in gws.values():
                 g.start()
@@ -332,6 +335,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(list(sys.argv[1:] if argv is None else argv))
+    # SIGTERM unwinds like Ctrl-C, so the workers and gateways are stopped on the way out
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     rows = run(args)
     if args.json:
         for r in rows:

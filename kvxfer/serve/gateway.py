@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
+import heapq
 import itertools
 import json
 import random
@@ -296,21 +297,41 @@ class PrefillTimes:
         return self._mean[k] if self._n.get(k, 0) >= self.min_samples else None
 
 
-class _FifoGate:
-    """One holder at a time, the others in arrival order; ``enter`` gives up after ``timeout``."""
+class _DeadlineGate:
+    """One holder at a time; the waiters get their turn earliest deadline first (arrival order
+    among equal deadlines); ``enter`` gives up after ``timeout``."""
 
     def __init__(self) -> None:
         self.held = False
-        self.waiters: deque[asyncio.Future] = deque()
+        self.waiters: list[tuple[float, int, asyncio.Future]] = []  # a heap
+        self._seq = itertools.count()
 
-    async def enter(self, timeout: float) -> bool:
+    async def enter(self, deadline: float, timeout: float) -> bool:
         if not self.held and not self.waiters:
             self.held = True
             return True
+        return await self._wait(deadline, timeout)
+
+    async def yield_to_earlier(self, deadline: float, timeout: float) -> bool:
+        """The holder steps aside if a waiter has an earlier deadline, and waits its turn again."""
+        while self.waiters and self.waiters[0][2].done():
+            heapq.heappop(self.waiters)
+        if not self.waiters or self.waiters[0][0] >= deadline:
+            return True
+        self.leave()
+        return await self._wait(deadline, timeout)
+
+    async def _wait(self, deadline: float, timeout: float) -> bool:
         if timeout <= 0:
+            if not self.held:  # nobody to hand over to us: take it back
+                self.held = True
+                return True
             return False
         fut = asyncio.get_running_loop().create_future()
-        self.waiters.append(fut)
+        heapq.heappush(self.waiters, (deadline, next(self._seq), fut))
+        if not self.held:  # the gate is free (we just stepped aside and nobody took it)
+            self.held = True
+            self.leave()
         try:
             await asyncio.wait_for(asyncio.shield(fut), timeout)
             return True
@@ -318,15 +339,14 @@ class _FifoGate:
             if fut.done():  # handed to us as we gave up: pass it on
                 self.leave()
             else:
-                fut.cancel()
-                self.waiters.remove(fut)
+                fut.cancel()  # stays in the heap; leave() skips it
             if isinstance(e, asyncio.TimeoutError):
                 return False
             raise
 
     def leave(self) -> None:
         while self.waiters:
-            fut = self.waiters.popleft()
+            _, _, fut = heapq.heappop(self.waiters)
             if not fut.done():
                 fut.set_result(None)  # stays held: handed over
                 return
@@ -374,7 +394,7 @@ class Gateway:
         self._down_until: dict[str, float] = {}
         self._rr = itertools.count()
         self._jitter = random.Random(0)
-        self._gates: dict[str, _FifoGate] = {}
+        self._gates: dict[str, _DeadlineGate] = {}
         self.prefill_times = PrefillTimes()
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
@@ -485,26 +505,35 @@ class Gateway:
     async def _forward(self, req: protocol.PrefillRequest, rec: RequestRecord) -> aiohttp.ClientResponse:
         """Find a prefill that accepts, or raise :class:`_Terminal` at the deadline.
 
-        Reject-retry: the requests of one scenario take turns in arrival order (a FIFO gate), so
-        one request at a time probes the prefills and the others wait at the gateway [paper:
+        Reject-retry: the requests of one scenario take turns, earliest deadline first (a gate),
+        so one request at a time probes the prefills and the others wait at the gateway [paper:
         requests sit at the gateway]; without the gate, every waiting request would poll every
-        prefill [inferred]. Local-queue needs no gate: the prefill queues the request."""
+        prefill, and in arrival order a short prompt with a tight SLO would wait behind a long
+        one [inferred]. Local-queue needs no gate: the prefill queues the request."""
         if self.config.policy != "reject-retry":
             return await self._forward_loop(req, rec)
-        gate = self._gates.setdefault(rec.scenario, _FifoGate())
+        gate = self._gates.setdefault(rec.scenario, _DeadlineGate())
         need = (
             self.prefill_times.estimate(rec.scenario, rec.prompt_tokens) if self.config.early_drop else None
         )
-        if not await gate.enter(req.deadline - time.time() - (need or 0.0)):
+        if not await gate.enter(req.deadline, req.deadline - time.time() - (need or 0.0)):
             raise _Terminal(
                 "deadline", "TTFT deadline passed while waiting at the gateway for a prefill", 504
             )
+        held = [True]
         try:
-            return await self._forward_loop(req, rec)
+            return await self._forward_loop(req, rec, gate, held)
         finally:
-            gate.leave()
+            if held[0]:
+                gate.leave()
 
-    async def _forward_loop(self, req: protocol.PrefillRequest, rec: RequestRecord) -> aiohttp.ClientResponse:
+    async def _forward_loop(
+        self,
+        req: protocol.PrefillRequest,
+        rec: RequestRecord,
+        gate: _DeadlineGate | None = None,
+        held: list[bool] | None = None,
+    ) -> aiohttp.ClientResponse:
         rounds = 0
         drop = self.config.early_drop and self.config.policy == "reject-retry"
         while True:
@@ -545,6 +574,11 @@ class Gateway:
             rounds += 1
             pause = min(self.config.retry_max_interval_s, self.config.retry_interval_s * 2 ** (rounds - 1))
             await asyncio.sleep(min(pause * (0.5 + 0.5 * self._jitter.random()), remaining))
+            if gate is not None and held is not None:
+                held[0] = False  # while stepping aside, we do not hold the gate
+                if not await gate.yield_to_earlier(req.deadline, req.deadline - time.time()):
+                    raise _Terminal("deadline", "TTFT deadline passed while waiting at the gateway", 504)
+                held[0] = True
 
     async def _events(self, resp: aiohttp.ClientResponse, rec: RequestRecord):
         """Yield NDJSON events of an accepted stream, enforcing the first-token deadline."""
@@ -843,15 +877,34 @@ def single_route(prefill_urls: Iterable[str]) -> dict[str, list[str]]:
 
 
 async def serve_forever(
-    config: GatewayConfig, tokenizer: Tokenizer, host: str, port: int, ready=None
+    config: GatewayConfig,
+    tokenizer: Tokenizer,
+    host: str,
+    port: int,
+    ready=None,
+    until_stdin_eof: bool = False,
 ) -> None:
-    """Serve until cancelled. ``ready(url)`` is called once the socket listens."""
+    """Serve until cancelled (or, with ``until_stdin_eof``, until standard input closes: the
+    parent that holds its other end has exited). ``ready(url)`` is called once it listens."""
+    import sys
+    import threading
+
     gw = Gateway(config, tokenizer)
     url = await gw.start(host, port)
     if ready is not None:
         ready(url)
+    done = asyncio.Event()
+    if until_stdin_eof:
+        loop = asyncio.get_running_loop()
+
+        def watch() -> None:
+            for _ in sys.stdin:
+                pass
+            loop.call_soon_threadsafe(done.set)
+
+        threading.Thread(target=watch, daemon=True).start()
     try:
-        await asyncio.Event().wait()
+        await done.wait()
     finally:
         await gw.stop()
 
@@ -867,7 +920,10 @@ class GatewayProcess:
         ttft_slo_s: float = 5.0,
         tokenizer: str = "bytes",
         model: str = "kvxfer",
+        log_path: str | None = None,
     ) -> None:
+        """``log_path``: append the gateway's standard error there (default: discard it)."""
+        self.log_path = log_path
         if policy not in POLICIES:
             raise GatewayError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
         self.args = [
@@ -899,8 +955,10 @@ class GatewayProcess:
         env = dict(os.environ)
         root = str(Path(kvxfer.__file__).resolve().parent.parent)  # import the same kvxfer as this process
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        cmd = [sys.executable, "-m", "kvxfer.serve.gateway", "--port", "0", *self.args]
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+        cmd = [sys.executable, "-m", "kvxfer.serve.gateway", "--port", "0", "--until-stdin-eof", *self.args]
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env
+        )
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stderr, selectors.EVENT_READ)
         deadline, seen = time.monotonic() + timeout_s, b""
@@ -919,14 +977,27 @@ class GatewayProcess:
                         self.url = line.decode().split()[-1]
         finally:
             sel.close()
-        stderr = self.proc.stderr
-        self._drain = threading.Thread(target=lambda: [None for _ in stderr], daemon=True)  # keep it drained
+        stderr, log = self.proc.stderr, self.log_path
+
+        def drain() -> None:  # keep the pipe drained; keep the text when asked to
+            if log is None:
+                for _ in stderr:
+                    pass
+                return
+            with open(log, "ab") as f:
+                for line in stderr:
+                    f.write(line)
+                    f.flush()
+
+        self._drain = threading.Thread(target=drain, daemon=True)
         self._drain.start()
         return self.url
 
     def stop(self) -> None:
         import subprocess
 
+        if self.proc is not None and self.proc.stdin is not None and not self.proc.stdin.closed:
+            self.proc.stdin.close()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -961,6 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ttft-slo", type=float, default=5.0)
     p.add_argument("--tokenizer", default="bytes", help="bytes | bytes:VOCAB | smollm2 | a tokenizer dir")
     p.add_argument("--model", default="kvxfer")
+    p.add_argument("--until-stdin-eof", action="store_true", help="exit when standard input closes")
     args = p.parse_args(argv)
     routes: dict[str, list[str]] = {}
     if args.prefill:
@@ -981,7 +1053,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway listening on {url}", file=sys.stderr, flush=True)
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_forever(cfg, tok, args.host, args.port, ready))
+        asyncio.run(serve_forever(cfg, tok, args.host, args.port, ready, args.until_stdin_eof))
     return 0
 
 

@@ -331,7 +331,7 @@ def test_local_queue_counts_queued_streams_and_ends_them_at_the_deadline():
     run(body())
 
 
-def test_waiting_requests_take_turns_in_arrival_order_and_one_probes_at_a_time():
+def test_waiting_requests_take_turns_by_deadline_and_one_probes_at_a_time():
     async def body():
         a = StubPrefill("a", slots=1, token_delay=0.1)
         gw = await _setup([a])
@@ -349,6 +349,21 @@ def test_waiting_requests_take_turns_in_arrival_order_and_one_probes_at_a_time()
             accepted = [rid for (_, rid, _, st) in a.log if st == 200]
             arrival = [r.request_id for r in gw.records]
             assert accepted == arrival  # FIFO at the gateway
+            # a later request with an earlier deadline goes first (earliest deadline first)
+            hold = asyncio.create_task(client.completions.create(model="k", prompt="hold", max_tokens=3))
+            await asyncio.sleep(0.05)
+            loose = asyncio.create_task(
+                client.completions.create(model="k", prompt="L", max_tokens=1, extra_body={"ttft_slo_s": 5})
+            )
+            await asyncio.sleep(0.02)
+            tight = asyncio.create_task(
+                client.completions.create(model="k", prompt="T", max_tokens=1, extra_body={"ttft_slo_s": 2})
+            )
+            await asyncio.gather(hold, loose, tight)
+            order = [rid for (_, rid, _, st) in a.log if st == 200][-2:]
+            by_prompt = {r.request_id: r.prompt_tokens for r in gw.records}
+            assert [by_prompt[rid] for rid in order] == [1, 1]
+            assert order == [gw.records[-1].request_id, gw.records[-2].request_id]  # tight, then loose
             # ten requests waiting together for 0.5 s: one probes at a time, not ten
             a.token_delay = 1.0
             hold = asyncio.create_task(client.completions.create(model="k", prompt="ab", max_tokens=2))
