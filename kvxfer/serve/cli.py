@@ -44,6 +44,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="gateway port (0 = any free port)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--log-dir", help="keep the workers' logs here (default: a temporary folder, removed)")
     return p.parse_args(argv)
 
 
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             max_new_tokens=args.max_new_tokens,
             ttft_slo_s=args.ttft_slo,
             torch_threads=args.threads,
+            log_dir=args.log_dir,
         )
         starting = False
         if stop.is_set():

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,8 +99,9 @@ def _get(url: str, timeout: float = 10.0) -> dict[str, Any]:
 class Deployment:
     """Worker processes started by :func:`start_local`; a context manager that stops them."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, remove_logs: bool = False) -> None:
         self.log_dir = log_dir
+        self.remove_logs = remove_logs  # a temporary log folder goes away with the processes
         self.procs: dict[str, WorkerProcess] = {}
         self.gateway_url: str | None = None
 
@@ -166,6 +168,8 @@ class Deployment:
                         f.close()
                     except OSError:
                         pass
+        if self.remove_logs:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def __enter__(self) -> Deployment:
         return self
@@ -195,15 +199,17 @@ def start_local(
     """Starts ``n_prefill`` prefill + ``n_decode`` decode (+ ``n_aggregated`` aggregated)
     worker processes and a gateway; returns once all of them answer. ``worker_options`` are
     further :class:`WorkerConfig` fields (``transfer_mode``, ``max_prompt_tokens``, ``pending``,
-    ``ttft_slo_s``, ...). Raises :class:`WorkerStartError` (after stopping what started) when a
-    process fails or is not ready by ``start_timeout``."""
+    ``ttft_slo_s``, ...). Worker logs go to ``log_dir`` (kept), else to a temporary folder
+    removed by ``stop()`` unless ``KVXFER_SERVE_KEEP_LOGS=1``. Raises :class:`WorkerStartError`
+    (after stopping what started) when a process fails or is not ready by ``start_timeout``."""
     if n_prefill < 0 or n_decode < 0 or n_aggregated < 0 or (n_prefill + n_aggregated) == 0:
         raise ConfigError("need at least one prefill or aggregated worker, and no negative counts")
     if n_prefill and not n_decode:
         raise ConfigError("prefill workers need at least one decode worker")
     base = WorkerConfig(backend=backend, model=model, mode=mode, policy=policy, b_p=b_p, b_d=b_d, host=host,
                         **worker_options)  # fmt: skip
-    dep = Deployment(Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="kvxfer-serve-")))
+    keep = bool(log_dir) or os.environ.get("KVXFER_SERVE_KEEP_LOGS", "") not in ("", "0")
+    dep = Deployment(Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="kvxfer-serve-")), not keep)
     deadline = time.monotonic() + start_timeout
     try:
         for role, count in (("prefill", n_prefill), ("decode", n_decode), ("aggregated", n_aggregated)):
