@@ -3,17 +3,17 @@
 Task (written here and shipped, no download): a needle in filler, as a chat prompt. The system
 part asks for a one-word answer; the user part has ``filler`` everyday sentences with one
 "<name> moved to <city> last spring." among them, then asks which city that person moved to.
-For each prompt, the cloud's prefill (chunked, last
-chunk = the question, returning attention mass) gives the full-prompt greedy answer; then each
-rho keeps the system part, the question and the top attention-mass tokens in between, and the
-refined prompt is answered greedily.
+For each prompt, the cloud's prefill (chunked; the last chunk is the question and returns the
+attention mass) gives the full prompt's greedy answer; then each rho keeps the system part, the
+question and the top attention-mass tokens in between, and the refined prompt is answered
+greedily.
 
 Per rho: ``agreement`` = share of prompts whose refined answer equals the full prompt's answer
 token for token (up to ``max_tokens`` or the end-of-turn token); ``accuracy`` = share whose
-answer names the right city; ``accuracy_full`` the same for the full prompt. ``random`` rows keep
-random middle tokens instead (same count), the control for attention mass.
+answer names the right city (the rho = 1 row: the full prompt). ``random`` rows keep random middle
+tokens instead (same count), the control for attention mass.
 
-``python -m kvxfer.device.quality [--prompts 16] [--out kvxfer/device/quality_curve.json]``
+``python -m kvxfer.device.quality [--prompts 40] [--filler 24] [--out FILE] [--plot PNG]``
 """
 
 from __future__ import annotations
