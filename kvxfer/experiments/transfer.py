@@ -5,7 +5,8 @@ buffer and (b) a paged KV pool, and this process as the "decode", holding a page
 which it pulls a prompt's KV with each of the three paths of :mod:`kvxfer.serve.kv_transfer`.
 KV sizes are those of a real model geometry (default SmolLM2-135M: 30 layers, 3 KV heads,
 64 dims, float32 as the CPU runtime keeps them). Block ids on both paged sides are random
-(fragmented pools). Every (tokens, block size, mode) is verified byte for byte once, then
+(fragmented pools; ``--placement contiguous``: ascending runs, as from a fresh pool).
+Every (tokens, block size, mode) is verified byte for byte once, then
 timed ``--repeats`` times, modes interleaved; the median is reported.
 
 JSON lines: ``{"experiment":"transfer","mode":..,"tokens":..,"block_tokens":..,"seconds":..}``
@@ -145,8 +146,12 @@ def run(args: argparse.Namespace, out) -> list[dict]:
             for tokens in args.tokens:
                 tp = kt.padded_tokens(tokens, bt)
                 nb = tp // bt
-                ids = rng.permutation(n_pool)[:nb].astype(np.int64)
-                rids = rng.permutation(n_pool)[:nb].astype(np.int64)
+                if args.placement == "random":  # fragmented pools: nothing coalesces
+                    ids = rng.permutation(n_pool)[:nb].astype(np.int64)
+                    rids = rng.permutation(n_pool)[:nb].astype(np.int64)
+                else:  # fresh pools: ascending runs, as a new pool's free list hands them out
+                    ids = np.arange(nb, dtype=np.int64)
+                    rids = np.arange(n_pool - nb, n_pool, dtype=np.int64)
 
                 def pull(mode: str, tag: str, c=(peer, local, paged_region, ids, rids, tp)) -> int:
                     peer_, local_, paged_, ids_, rids_, tp_ = c
@@ -193,6 +198,7 @@ def run(args: argparse.Namespace, out) -> list[dict]:
                         "repeats": args.repeats,
                         "backend": args.backend,
                         "verified": True,
+                        "placement": args.placement,
                         "machine": machine(),
                         "load_average_1min": round(os.getloadavg()[0], 2),  # others' jobs on this host
                     }
@@ -270,6 +276,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype-bytes", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--placement",
+        choices=["random", "contiguous"],
+        default="random",
+        help="paged block ids: random (fragmented pools, the default) or ascending runs",
+    )
     a = p.parse_args(argv)
     if a.quick:
         a.tokens, a.block_tokens, a.repeats = [1024, 8192], [16, 128], 3

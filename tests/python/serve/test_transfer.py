@@ -53,3 +53,13 @@ def test_verification_detects_a_wrong_byte():
     assert transfer._check_block_free(pool, ids, tokens, tw)
     pool[1, 1, 2, 3] ^= 1
     assert not transfer._check_block_free(pool, ids, tokens, tw)
+
+
+def test_contiguous_placement_moves_exact_bytes_in_every_mode():
+    args = transfer.parse(
+        ["--tokens", "256", "--block-tokens", "16", "--repeats", "1", "--placement", "contiguous",
+         "--layers", "4", "--kv-heads", "2", "--head-dim", "16"]
+    )  # fmt: skip
+    rows = {r["mode"]: r for r in transfer.run(args, lambda row: None) if "mode" in r}
+    assert all(r["verified"] and r["placement"] == "contiguous" for r in rows.values())
+    assert rows["block-free"]["transfers"] == 1 and rows["block-by-block"]["transfers"] == 16
