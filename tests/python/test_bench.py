@@ -422,7 +422,7 @@ def test_cli_ibverbs():
         "--iters",
         "3",
         "--json",
-        *(["--device", os.environ["KVXFER_IBVERBS_DEVICE"]] if os.environ.get("KVXFER_IBVERBS_DEVICE") else []),
+        *(["--device", dev] if (dev := os.environ.get("KVXFER_IBVERBS_DEVICE")) else []),
     )
     assert r.returncode == 0, r.stderr
     for x in json_lines(r.stdout):

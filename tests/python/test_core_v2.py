@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import IN_PROCESS
+from kvxfer_testlib import IN_PROCESS
 
 import kvxfer
 from kvxfer import MemoryKind, Op, Part, TransferState, errors

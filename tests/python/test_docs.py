@@ -60,7 +60,12 @@ def test_readme_example_runs_as_written(tmp_path):
         (tmp_path / name).write_text(textwrap.dedent(body))
     env = dict(os.environ, PYTHONSAFEPATH="1")
     decode = subprocess.Popen(
-        [sys.executable, "decode.py"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "decode.py"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         prefill = subprocess.run(

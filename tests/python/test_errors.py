@@ -7,7 +7,7 @@ import builtins
 
 import numpy as np
 import pytest
-from conftest import dense_layout
+from kvxfer_testlib import dense_layout
 
 import kvxfer
 from kvxfer import Op, TransferState, errors
@@ -172,7 +172,7 @@ def test_closed_engine_rejects_work(pair):
 
 
 def test_cancel_is_terminal_and_fenced(backend):
-    from conftest import Pair
+    from kvxfer_testlib import Pair
 
     p = Pair(backend, dense_layout(1, 1, 4096, 4096))
     try:
@@ -189,7 +189,7 @@ def test_cancel_is_terminal_and_fenced(backend):
 
 
 def test_wait_timeout_does_not_fail_the_transfer(backend):
-    from conftest import Pair
+    from kvxfer_testlib import Pair
 
     p = Pair(backend, dense_layout(1, 1, 4096, 16384), seed=1)
     try:

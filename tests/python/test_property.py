@@ -5,9 +5,9 @@ semantics; coalescing never adds operations."""
 from __future__ import annotations
 
 import numpy as np
-from conftest import pool_bytes, stream
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from kvxfer_testlib import pool_bytes, stream
 
 import kvxfer
 from kvxfer import Op

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import Pair, dense_layout, stream
+from kvxfer_testlib import Pair, dense_layout, stream
 
 import kvxfer
 from kvxfer import Op, TransferState

@@ -89,9 +89,11 @@ private:
     uint64_t instance_id_ = 0;
     size_t backend_index_ = 0;
     std::string backend_name_;
+    mutable std::mutex mutex_;    // guards connection_, imports_, descriptor_, removed_, in_flight_
+    std::mutex reconnect_mutex_;  // one reconnect at a time
+    // Replaced as a whole by a reconnect; jobs hold the ones they use.
     std::shared_ptr<BackendPeer> connection_;
-    std::map<uint32_t, std::unique_ptr<BackendRemoteRegion>> imports_;
-    mutable std::mutex mutex_;  // guards descriptor_, imports_, removed_, in_flight_
+    std::map<uint32_t, std::shared_ptr<BackendRemoteRegion>> imports_;
     std::shared_ptr<const PeerDescriptor> descriptor_;
     bool removed_ = false;
     std::vector<std::weak_ptr<TransferJob>> in_flight_;
@@ -194,6 +196,14 @@ private:
     };
     Status planParts(const TransferRequest& request, const PeerDescriptor& snapshot,
                      std::vector<PlannedPart>& out) const;
+    Result<std::shared_ptr<TransferJob>> makeJob(const TransferRequest& request,
+                                                 const std::vector<PlannedPart>& planned,
+                                                 Clock::time_point posted);
+    // The one reconnect policy, for every backend: when a backend refuses a post because
+    // its connection to the peer is dead (kPeerUnreachable from submit), the core
+    // connects again to the same peer instance (its own connect_timeout), re-imports the
+    // peer's regions, and posts once more. Jobs in flight keep the old connection alive.
+    Status reconnect(Peer& peer, const BackendPeer* dead);
     void signalCompletion();
     void onTerminal(TransferJob& job, bool done);
 

@@ -283,7 +283,7 @@ Result<std::shared_ptr<Peer>> Engine::addPeer(ByteView bytes) {
         KVXFER_ASSIGN_OR_RETURN(auto import, backend.importRemoteRegion(*peer->connection_, region,
                                                                         region.remote_keys[key_index]));
         std::lock_guard<std::mutex> plock(peer->mutex_);
-        peer->imports_[region.id] = std::move(import);
+        peer->imports_[region.id] = std::shared_ptr<BackendRemoteRegion>(std::move(import));
     }
     {
         std::lock_guard<std::mutex> plock(peer->mutex_);
@@ -471,32 +471,61 @@ Result<Transfer> Engine::post(const TransferRequest& req) {
     KVXFER_RETURN_IF_ERROR(planParts(req, *snapshot, planned));
 
     Backend& backend = *backends_[peer.backend_index_];
+    KVXFER_ASSIGN_OR_RETURN(auto job, makeJob(req, planned, t0));
+    Status st = backend.submit(job);
+    if (st.code() == StatusCode::kPeerUnreachable) {
+        // The backend's connection is dead and nothing was started: reconnect once.
+        Status again = reconnect(peer, job->peer);
+        if (!again.isOk()) {
+            return Status(StatusCode::kPeerUnreachable,
+                          st.message() + "; reconnecting failed: " + again.message());
+        }
+        KVXFER_ASSIGN_OR_RETURN(job, makeJob(req, planned, t0));
+        st = backend.submit(job);
+    }
+    if (!st.isOk()) return st;  // nothing was started: the job is dropped unfinished
+    {
+        std::lock_guard<std::mutex> lock(stats_mutex_);
+        ++stats_.transfers_posted;
+        stats_.runs_posted += job->num_runs;
+    }
+    timer_->watch(job);
+    job->telemetry_.post_cpu_us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
+    return Transfer(std::move(job));
+}
+
+Result<std::shared_ptr<TransferJob>> Engine::makeJob(const TransferRequest& req,
+                                                     const std::vector<PlannedPart>& planned,
+                                                     Clock::time_point posted) {
+    Peer& peer = *req.peer;
     auto job = std::make_shared<TransferJob>();
     job->id = next_transfer_id_.fetch_add(1, std::memory_order_relaxed);
     job->op = req.op;
-    job->peer = peer.connection_.get();
-    job->backend = &backend;
+    job->backend = backends_[peer.backend_index_].get();
     job->notify = req.notify;
     job->deadline = deadlineAfter(req.timeout.count() > 0 ? req.timeout : config_.default_timeout);
-    struct Keep {
-        std::vector<std::shared_ptr<Region>> regions;
-        std::shared_ptr<Peer> peer;
-    };
+    // What the job keeps alive until it is released: the local regions, the peer (and so
+    // the engine), the connection and the remote imports it was built on.
+    using Keep = std::pair<std::vector<std::shared_ptr<void>>, std::shared_ptr<BackendPeer>>;
     auto keep = std::make_shared<Keep>();
-    keep->peer = req.peer;
-    keep->regions.reserve(req.parts.size());
+    keep->first.reserve(req.parts.size() + 1);
+    keep->first.push_back(req.peer);
     job->parts.resize(planned.size());
     uint64_t runs = 0, bytes = 0, pieces = 0;
     {
         std::lock_guard<std::mutex> plock(peer.mutex_);
         if (peer.removed_) return Status::notFound("peer '" + peer.name() + "' was removed");
+        keep->second = peer.connection_;
+        job->peer = peer.connection_.get();
+        const void* last_local = nullptr;
+        const void* last_import = nullptr;
         for (size_t i = 0; i < planned.size(); ++i) {
             const TransferPart& part = req.parts[i];
             const RegionDescriptor& remote = *planned[i].remote;
             auto import = peer.imports_.find(remote.id);
             if (import == peer.imports_.end()) return Status::internal("remote region not imported");
             JobPart& jp = job->parts[i];
-            jp.plan = std::move(planned[i].plan);
+            jp.plan = planned[i].plan;
             jp.local = {part.local->id(),     part.local->base(),
                         part.local->length(), part.local->kind(),
                         part.local->device(), part.local->backendRegion(peer.backend_index_)};
@@ -506,8 +535,10 @@ Result<Transfer> Engine::post(const TransferRequest& req) {
             runs += jp.plan->numRuns();
             bytes += jp.plan->total_bytes;
             pieces += jp.plan->num_pieces;
-            if (keep->regions.empty() || keep->regions.back() != part.local)
-                keep->regions.push_back(part.local);
+            if (part.local.get() != last_local) keep->first.push_back(part.local);
+            if (import->second.get() != last_import) keep->first.push_back(import->second);
+            last_local = part.local.get();
+            last_import = import->second.get();
         }
         if (peer.in_flight_.size() >= 64 && (peer.in_flight_.size() & 63) == 0) {
             std::erase_if(peer.in_flight_, [](const auto& w) { return w.expired(); });
@@ -522,20 +553,38 @@ Result<Transfer> Engine::post(const TransferRequest& req) {
     job->telemetry_.runs = runs;
     job->telemetry_.pieces = pieces;
     job->telemetry_.parts = static_cast<uint32_t>(job->parts.size());
-    job->telemetry_.posted = t0;
+    job->telemetry_.posted = posted;
+    return job;
+}
+
+Status Engine::reconnect(Peer& peer, const BackendPeer* dead) {
+    std::lock_guard<std::mutex> serial(peer.reconnect_mutex_);
+    std::shared_ptr<const PeerDescriptor> desc;
     {
-        std::lock_guard<std::mutex> lock(stats_mutex_);
-        ++stats_.transfers_posted;
-        stats_.runs_posted += runs;
+        std::lock_guard<std::mutex> plock(peer.mutex_);
+        if (peer.removed_) return Status::notFound("peer '" + peer.name() + "' was removed");
+        if (peer.connection_.get() != dead) return Status::ok();  // another post reconnected meanwhile
+        desc = peer.descriptor_;
     }
-    timer_->watch(job);
-    job->telemetry_.post_cpu_us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
-    Status st = backend.submit(job);
-    if (!st.isOk()) {
-        job->finish(st);
-        return st;
+    Backend& backend = *backends_[peer.backend_index_];
+    size_t key_index = 0;
+    while (key_index < desc->backends.size() && desc->backends[key_index].name != peer.backend_name_)
+        ++key_index;
+    if (key_index == desc->backends.size()) return Status::internal("peer descriptor lost its backend");
+    PeerIdentity identity{desc->engine_name, desc->instance_id, desc->pid, desc->host_id == host_id_};
+    KVXFER_ASSIGN_OR_RETURN(auto conn, backend.connect(identity, desc->backends[key_index].info,
+                                                       deadlineAfter(config_.connect_timeout)));
+    std::map<uint32_t, std::shared_ptr<BackendRemoteRegion>> imports;
+    for (const auto& region : desc->regions) {
+        if (!backend.caps().supports(region.kind)) continue;
+        KVXFER_ASSIGN_OR_RETURN(auto import,
+                                backend.importRemoteRegion(*conn, region, region.remote_keys[key_index]));
+        imports[region.id] = std::shared_ptr<BackendRemoteRegion>(std::move(import));
     }
-    return Transfer(std::move(job));
+    std::lock_guard<std::mutex> plock(peer.mutex_);
+    peer.connection_ = std::move(conn);
+    peer.imports_ = std::move(imports);
+    return Status::ok();
 }
 
 Status Engine::notify(Peer& peer, ByteView payload, std::chrono::milliseconds timeout) {
@@ -544,8 +593,13 @@ Status Engine::notify(Peer& peer, ByteView payload, std::chrono::milliseconds ti
     if (payload.size() > PeerDescriptor::kMaxBlob) {
         return Status::invalidArgument("notification payload is larger than 64 KiB");
     }
+    std::shared_ptr<BackendPeer> conn;
+    {
+        std::lock_guard<std::mutex> plock(peer.mutex_);
+        conn = peer.connection_;
+    }
     return backends_[peer.backend_index_]->notify(
-        *peer.connection_, payload, deadlineAfter(timeout.count() > 0 ? timeout : config_.default_timeout));
+        *conn, payload, deadlineAfter(timeout.count() > 0 ? timeout : config_.default_timeout));
 }
 
 void Engine::signalCompletion() {

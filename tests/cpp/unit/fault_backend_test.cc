@@ -124,6 +124,21 @@ TEST(FaultBackend, DelayPastTheDeadlineEndsTimeoutAndMovesNothing) {
     EXPECT_EQ(p.dst, std::vector<uint8_t>(p.dst.size(), 0));
 }
 
+// The core's one reconnect policy: a post refused because the connection died is posted
+// again on a fresh connection to the same peer instance, transparently; the stats count it
+// once.
+TEST(FaultBackend, DeadConnectionIsReconnectedByTheCore) {
+    FaultPair p("drop@2");
+    EXPECT_EQ(p.post(10s).wait(Clock::now() + 10s), TransferState::kDone);
+    std::fill(p.dst.begin(), p.dst.end(), 0);
+    Transfer t = p.post(10s, "after-drop");  // job 2 kills the connection; the core reconnects
+    EXPECT_EQ(t.wait(Clock::now() + 10s), TransferState::kDone) << t.status().toString();
+    EXPECT_EQ(p.src, p.dst);
+    EXPECT_EQ(p.a->stats().transfers_posted, 2u);
+    // Standalone notifications use the new connection too.
+    EXPECT_TRUE(p.a->notify(*p.peer, Bytes{1}, 5s).isOk());
+}
+
 TEST(FaultBackend, MalformedScriptIsRefused) {
     EngineConfig c;
     c.name = "bad";

@@ -9,9 +9,13 @@
 //   fail[@N|@*]=CODE     fail the job with CODE (REMOTE, SYSTEM, PEER_UNREACHABLE, ...)
 //   hang[@N|@*]          never move the job: it ends only by cancel or its deadline
 //   partial[@N|@*]       move the first half of its runs, then fail with SYSTEM
+//   drop[@N|@*]          the connection dies when job N is submitted: submit refuses it
+//                        (PEER_UNREACHABLE, nothing started), as a dead QP or socket does;
+//                        a new connect() gives a live connection (the core reconnects)
 // N is the 1-based index of the job in submission order on this backend; no '@' or '@*'
 // means every job. The first rule matching a job applies.
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <map>
@@ -25,7 +29,7 @@
 namespace kvxfer {
 namespace {
 
-enum class Action : uint8_t { kNone, kDelay, kFail, kHang, kPartial };
+enum class Action : uint8_t { kNone, kDelay, kFail, kHang, kPartial, kDrop };
 
 struct Rule {
     Action action = Action::kNone;
@@ -81,14 +85,24 @@ Result<std::vector<Rule>> parseScript(const std::string& script) {
             r.action = Action::kHang;
         } else if (action == "partial" && value.empty()) {
             r.action = Action::kPartial;
+        } else if (action == "drop" && value.empty()) {
+            r.action = Action::kDrop;
         } else {
             return Status::invalidArgument("fault script: cannot parse '" + item +
-                                           "' (delay=MS, fail=CODE, hang, partial; optional @N or @*)");
+                                           "' (delay=MS, fail=CODE, hang, partial, drop; optional @N or @*)");
         }
         rules.push_back(r);
     }
     return rules;
 }
+
+// A connection that the script can kill; wraps loopback's.
+struct FaultPeer final : BackendPeer {
+    std::shared_ptr<BackendPeer> inner;
+    std::atomic<bool> dead{false};
+};
+
+BackendPeer& innerOf(BackendPeer& p) { return *static_cast<FaultPeer&>(p).inner; }
 
 struct Item {
     Clock::time_point due;
@@ -166,7 +180,7 @@ struct FaultState {
         }
         Status st = copyInProcess(job, 0, job.num_runs);
         if (job.dataDone(std::move(st), true) == TransferJob::AfterData::kSendNotification) {
-            job.finish(inner->notify(*job.peer, job.notify, job.deadline));
+            job.finish(inner->notify(innerOf(*job.peer), job.notify, job.deadline));
         }
     }
 };
@@ -206,21 +220,29 @@ public:
     }
     Result<std::shared_ptr<BackendPeer>> connect(const PeerIdentity& peer, ByteView info,
                                                  Clock::time_point deadline) override {
-        return state_->inner->connect(peer, info, deadline);
+        KVXFER_ASSIGN_OR_RETURN(auto inner, state_->inner->connect(peer, info, deadline));
+        auto conn = std::make_shared<FaultPeer>();
+        conn->inner = std::move(inner);
+        return std::shared_ptr<BackendPeer>(std::move(conn));
     }
     Result<std::unique_ptr<BackendRemoteRegion>> importRemoteRegion(BackendPeer& peer,
                                                                     const RegionDescriptor& r,
                                                                     ByteView key) override {
-        return state_->inner->importRemoteRegion(peer, r, key);
+        return state_->inner->importRemoteRegion(innerOf(peer), r, key);
     }
     Status notify(BackendPeer& peer, ByteView payload, Clock::time_point deadline) override {
-        return state_->inner->notify(peer, payload, deadline);
+        if (static_cast<FaultPeer&>(peer).dead.load()) {
+            return Status::peerUnreachable("fault backend: connection dropped");
+        }
+        return state_->inner->notify(innerOf(peer), payload, deadline);
     }
 
     Status submit(const std::shared_ptr<TransferJob>& job) override {
         FaultState& s = *state_;
         std::lock_guard<std::mutex> lock(s.mutex);
         if (s.stop) return Status::canceled("fault backend is shutting down");
+        auto& conn = static_cast<FaultPeer&>(*job->peer);
+        if (conn.dead.load()) return Status::peerUnreachable("fault backend: connection dropped");
         const uint64_t n = ++s.submitted;
         Rule rule;
         for (const auto& r : s.rules) {
@@ -228,6 +250,11 @@ public:
                 rule = r;
                 break;
             }
+        }
+        if (rule.action == Action::kDrop) {
+            conn.dead.store(true);
+            return Status::peerUnreachable("fault backend: connection dropped at transfer " +
+                                           std::to_string(n));
         }
         const auto due =
             Clock::now() + std::chrono::milliseconds(rule.action == Action::kDelay ? rule.millis : 0);

@@ -152,9 +152,9 @@ public:
         auto& peer = static_cast<IbPeer&>(*job->peer);
         if (shared_->deviceDead()) return shared_->deviceDeadStatus();
         if (peer.conn->dead.load(std::memory_order_acquire)) {
+            // kPeerUnreachable with nothing started: the core reconnects and posts again.
             Status why = peer.conn->deadStatus();
-            return Status(why.code(),
-                          why.message() + "; add the peer again (remove_peer + add_peer) to reconnect");
+            return Status::peerUnreachable(why.message());
         }
         shared_->enqueue({Command::Kind::kSubmit, job, peer.conn, nullptr, {}, {}});
         return Status::ok();
