@@ -45,6 +45,7 @@ import contextlib
 import heapq
 import itertools
 import json
+import logging
 import random
 import time
 import uuid
@@ -60,6 +61,7 @@ from kvxfer.errors import KvxferError
 from kvxfer.serve import protocol
 
 POLICIES = ("reject-retry", "local-queue")
+log = logging.getLogger("kvxfer.serve.gateway")
 
 
 class GatewayError(KvxferError):
@@ -572,7 +574,9 @@ class Gateway:
                     "deadline", f"TTFT deadline passed at the gateway: {why} ({rec.attempts} attempts)", 504
                 )
             rounds += 1
-            pause = min(self.config.retry_max_interval_s, self.config.retry_interval_s * 2 ** (rounds - 1))
+            pause = min(
+                self.config.retry_max_interval_s, self.config.retry_interval_s * 2 ** min(rounds - 1, 30)
+            )
             await asyncio.sleep(min(pause * (0.5 + 0.5 * self._jitter.random()), remaining))
             if gate is not None and held is not None:
                 held[0] = False  # while stepping aside, we do not hold the gate
@@ -691,6 +695,10 @@ class Gateway:
             upstream = await self._forward(preq, rec)
         except _Terminal as t:
             return await self._fail_early(request, rec, t, stream, fmt)
+        except Exception as e:  # a bug here must still end the request with a typed error, logged
+            log.exception("gateway: forwarding %s failed", rid)
+            t = _Terminal("internal", f"gateway error: {type(e).__name__}: {e}", 500)
+            return await self._fail_early(request, rec, t, stream, fmt)
         try:  # _try counted the stream in open_streams[rec.prefill]
             if stream:
                 return await self._stream(request, upstream, rec, fmt, include_usage)
@@ -754,6 +762,12 @@ class Gateway:
                 await resp.write(b"data: [DONE]\n\n")
         except ConnectionError:
             rec.outcome, rec.message = "client_gone", "the client closed the connection"
+        except Exception as e:  # a malformed event or a bug: end the stream with a typed error, logged
+            log.exception("gateway: streaming %s failed", rec.request_id)
+            rec.outcome, rec.message, rec.finish = "internal", f"{type(e).__name__}: {e}", time.time()
+            with contextlib.suppress(ConnectionError):
+                await resp.write(_sse(fmt.error("internal", f"gateway error: {rec.message}")))
+                await resp.write(b"data: [DONE]\n\n")
         return resp
 
     async def _collect(
@@ -782,6 +796,10 @@ class Gateway:
         except _Terminal as t:
             rec.outcome, rec.message, rec.finish = t.code, t.message, time.time()
             return _error_response(t.http_status, t.code, t.message, fmt.meta())
+        except Exception as e:  # a malformed event or a bug: a typed error, logged
+            log.exception("gateway: collecting %s failed", rec.request_id)
+            rec.outcome, rec.message, rec.finish = "internal", f"{type(e).__name__}: {e}", time.time()
+            return _error_response(500, "internal", f"gateway error: {rec.message}", fmt.meta())
         raise AssertionError("unreachable: _events ends with done, error or _Terminal")
 
 
@@ -886,6 +904,7 @@ async def serve_forever(
 ) -> None:
     """Serve until cancelled (or, with ``until_stdin_eof``, until standard input closes: the
     parent that holds its other end has exited). ``ready(url)`` is called once it listens."""
+    import os
     import sys
     import threading
 
@@ -897,9 +916,10 @@ async def serve_forever(
     if until_stdin_eof:
         loop = asyncio.get_running_loop()
 
-        def watch() -> None:
-            for _ in sys.stdin:
-                pass
+        def watch() -> None:  # unbuffered reads: no lock left held at interpreter shutdown
+            with contextlib.suppress(OSError):
+                while os.read(sys.stdin.fileno(), 4096):
+                    pass
             loop.call_soon_threadsafe(done.set)
 
         threading.Thread(target=watch, daemon=True).start()
@@ -977,14 +997,14 @@ class GatewayProcess:
                         self.url = line.decode().split()[-1]
         finally:
             sel.close()
-        stderr, log = self.proc.stderr, self.log_path
+        stderr, log_file = self.proc.stderr, self.log_path
 
         def drain() -> None:  # keep the pipe drained; keep the text when asked to
-            if log is None:
+            if log_file is None:
                 for _ in stderr:
                     pass
                 return
-            with open(log, "ab") as f:
+            with open(log_file, "ab") as f:
                 for line in stderr:
                     f.write(line)
                     f.flush()

@@ -62,6 +62,9 @@ class StubPrefill:
             resp = web.StreamResponse(headers={"Content-Type": protocol.NDJSON})
             await resp.prepare(request)
             await asyncio.sleep(self.first_delay)
+            if self.fail_with == "malformed":  # a token event without its token id
+                await resp.write(_line({"v": 1, "type": "token", "index": 0}))
+                return resp
             if self.fail_with:
                 await resp.write(_line(protocol.error_event(self.fail_with, "stub failure")))
                 return resp
@@ -237,6 +240,16 @@ def test_first_token_deadline_and_upstream_error_are_error_events():
                     pass
             assert info.value.body["code"] == "decode_failed"
             assert gw.open_streams[slow.url] == 0
+            slow.fail_with = "malformed"  # a bad upstream event is a typed error, not a 500 or a hang
+            stream = await client.completions.create(model="kvxfer", prompt="x", stream=True)
+            with pytest.raises(openai.APIError) as info:
+                async for _ in stream:
+                    pass
+            assert info.value.body["code"] == "internal" and "KeyError" in info.value.body["message"]
+            with pytest.raises(openai.APIStatusError) as info:
+                await client.completions.create(model="kvxfer", prompt="x")
+            assert info.value.status_code == 500 and info.value.body["code"] == "internal"
+            assert gw.records[-1].outcome == "internal"
         finally:
             await client.close()
             await gw.stop()
