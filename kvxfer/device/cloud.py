@@ -67,6 +67,7 @@ class CloudHelper:
     def __init__(self, lm: LM, host: str = "127.0.0.1", port: int = 0, gateway: str | None = None) -> None:
         self.lm = lm
         self.gateway = gateway.rstrip("/") if gateway else None
+        self._t_first: float | None = None  # gateway path: first token of the current stream
         self.host, self.port = host, port
         self.identity = lm.identity()
         self.accounts: dict[str, Account] = {}
@@ -133,6 +134,11 @@ class CloudHelper:
         except (BadSettingsError, asyncio.TimeoutError) as e:
             with contextlib.suppress(Exception):
                 writer.write(wire.encode({"type": "error", "code": "bad_request", "message": str(e)}))
+                await writer.drain()
+        except Exception as e:  # noqa: BLE001 - e.g. the P/D-Serve gateway went away: tell the device
+            with contextlib.suppress(Exception):
+                msg = f"{type(e).__name__}: {e}"
+                writer.write(wire.encode({"type": "error", "code": "cloud_failed", "message": msg}))
                 await writer.drain()
         finally:
             with contextlib.suppress(Exception):
@@ -201,9 +207,10 @@ class CloudHelper:
                 acc.refine_s = time.perf_counter() - t0
                 acc.refined_len = len(kept)
                 first["refined"] = kept
+            sent, last = 1, cp.first_token
+            acc.tokens = 1
             writer.write(wire.encode(first))
             await writer.drain()
-            sent, last = 1, cp.first_token
             while True:
                 if last in stops:
                     reason = "stop"
@@ -224,9 +231,10 @@ class CloudHelper:
                     continue
                 last, dt = await self._compute(self.lm.decode, cp.state, g)
                 acc.decode_s += dt
-                writer.write(wire.encode({"type": "token", "index": sent, "token_id": last}))
-                await writer.drain()
                 sent += 1
+                acc.tokens = sent  # kept current: a broken link ends the session without "done"
+                writer.write(wire.encode({"type": "token", "index": sent - 1, "token_id": last}))
+                await writer.drain()
             acc.tokens, acc.reason = sent, reason
             writer.write(
                 wire.encode(
@@ -241,10 +249,37 @@ class CloudHelper:
             )
             await writer.drain()
         finally:
-            acc.tokens = max(acc.tokens, 0)
             ctl_task.cancel()
             with contextlib.suppress(BaseException):
                 await ctl_task
+
+    async def _gateway_stream(self, http, body, writer, acc: Account, out, stops, ctl) -> bool:
+        """One gateway streaming completion; True when a stop token ended the answer."""
+        async with http.post(f"{self.gateway}/v1/completions", json=body) as r:
+            if r.status != 200:
+                raise BadSettingsError(f"P/D-Serve gateway answered {r.status}: {await r.text()}")
+            async for raw in r.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if "error" in chunk:
+                    raise BadSettingsError(f"P/D-Serve stream error: {chunk['error']}")
+                tid = chunk.get("kvxfer", {}).get("token_id")
+                if tid is None:
+                    continue
+                msg = {"type": "token", "index": len(out), "token_id": int(tid)}
+                if self._t_first is None:
+                    self._t_first = time.perf_counter()
+                out.append(int(tid))
+                acc.tokens = len(out)
+                writer.write(wire.encode(msg))
+                await writer.drain()
+                if tid in stops:
+                    return True
+                if ctl["stop"]:
+                    return False  # leaving the block closes the stream: the deployment stops decoding
+        return False
 
     async def _serve_gateway(self, writer, acc: Account, ids, g, stops, ctl, changed) -> None:
         """Tokens from the P/D-Serve gateway: one streaming completion with max_tokens = quota;
@@ -271,31 +306,24 @@ class CloudHelper:
                     continue
                 body = {"model": "tiny", "prompt": ids + out, "max_tokens": want, "stream": True}
                 t0 = time.perf_counter()
+                self._t_first = None
                 ended = False
-                async with http.post(f"{self.gateway}/v1/completions", json=body) as r:
-                    if r.status != 200:
-                        raise BadSettingsError(f"P/D-Serve gateway answered {r.status}: {await r.text()}")
-                    async for raw in r.content:
-                        line = raw.decode().strip()
-                        if not line.startswith("data:") or line == "data: [DONE]":
-                            continue
-                        chunk = json.loads(line[5:])
-                        if "error" in chunk:
-                            raise BadSettingsError(f"P/D-Serve stream error: {chunk['error']}")
-                        tid = chunk.get("kvxfer", {}).get("token_id")
-                        if tid is None:
-                            continue
-                        msg = {"type": "token", "index": len(out), "token_id": int(tid)}
-                        out.append(int(tid))
-                        writer.write(wire.encode(msg))
-                        await writer.drain()
-                        if tid in stops:
-                            ended, reason = True, "stop"
-                            break
-                        if ctl["stop"]:
-                            break  # leaving the block closes the stream: the deployment stops decoding
-                if not acc.prefill_s:
-                    acc.prefill_s = time.perf_counter() - t0  # the first stream: prefill and its tokens
+                try:
+                    ended = await self._gateway_stream(http, body, writer, acc, out, stops, ctl)
+                except BadSettingsError:
+                    if not out:
+                        raise
+                    # a continuation failed: end the cloud's part; the device goes on alone
+                    acc.decode_s += time.perf_counter() - t0
+                    reason = "gateway_error"
+                    break
+                if ended:
+                    reason = "stop"
+                first_stream = not acc.prefill_s
+                if first_stream and self._t_first is not None:
+                    # up to the first token: the prefill; after it: decoding
+                    acc.prefill_s = self._t_first - t0
+                    acc.decode_s += time.perf_counter() - self._t_first
                 else:
                     acc.decode_s += time.perf_counter() - t0
                 if ended:

@@ -17,6 +17,7 @@ model (1.0 means identical); ``quality_curve``: SmolLM2-135M agreement at the ch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -46,9 +47,7 @@ def _prompt(rng: random.Random, vocab: int, length: int) -> tuple[list[int], int
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kvxfer experiment device", description=__doc__.split("\n")[0])
-    ap.add_argument(
-        "--quick", action="store_true", help="two buckets, 96-token answers, one repeat (< 60 s)"
-    )
+    ap.add_argument("--quick", action="store_true", help="two buckets, 96-token answers, one repeat (< 60 s)")
     ap.add_argument("--json", action="store_true", help="JSON lines on stdout")
     ap.add_argument("--plot", default=None, help="PNG: timeline of one request, TTFT and max TPOT vs length")
     ap.add_argument("--model", default="tiny:0")
@@ -58,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--ttft-slo", type=float, default=1.0)
     ap.add_argument("--cloud-device", default="cpu", help="torch device of the cloud's model")
+    ap.add_argument(
+        "--cloud",
+        default="local",
+        choices=("local", "serve"),
+        help="local: the cloud helper runs the model (refinement available); serve: tokens from a local "
+        "P/D-Serve deployment (1 prefill + 1 decode worker, shm) through its gateway, rho = 1",
+    )
     ap.add_argument("--regret-rows", type=int, default=None)
     ap.add_argument("--quality-metric", default="accuracy", choices=("accuracy", "agreement"))
     ap.add_argument("--q-min", type=float, default=0.95)
@@ -78,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     from kvxfer.device.cloud import CloudHelper
     from kvxfer.device.device import DeviceProcess, Job
+    from kvxfer.device.errors import DeviceError
     from kvxfer.device.link import Cut, LinkProxy, LinkSpec
     from kvxfer.device.lm import load_lm
     from kvxfer.device.profiles import load_profiles
@@ -97,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     prof = load_profiles()[a.profile]
     quality_curve = load_curve(metric=a.quality_metric) if CURVE.exists() else (lambda rho: float(rho >= 1))
     agreement_curve = load_curve(metric="agreement") if CURVE.exists() else (lambda rho: float(rho >= 1))
+    stops: list[int] = []
+    if a.cloud == "serve":
+        # P/D-Serve runs its own tiny model; the gateway returns no attention mass (rho = 1 only)
+        a.model = "serve-tiny:0"
+        stops = [256]  # the byte tokenizer's end of sequence, on which the gateway stops
+        quality_curve = agreement_curve = lambda rho: float(rho >= 1)  # noqa: E731
+        if max(buckets) + G > 4096:
+            ap.error("--cloud serve: the P/D-Serve tiny model has 4096 positions (prompt + answer)")
     policy = Policy(ttft_slo=a.ttft_slo, theta=THETA, q_min=a.q_min)
     machine = (
         f"{platform.node()} {platform.machine()} cpus={os.cpu_count()} python {platform.python_version()}"
@@ -116,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     cloud_lm = load_lm(a.model, device=a.cloud_device)
     ref_lm = load_lm(a.model)
-    vocab = ref_lm.model.config.vocab_size
+    vocab = min(256, ref_lm.model.config.vocab_size)  # byte ids: never the serve model's EOS (256)
     rng = random.Random(0)
     link_up = LinkSpec(delay=0.02, jitter=0.002, rate=12.5e6)
     link_down = LinkSpec(delay=0.02, jitter=0.002, rate=12.5e6)
@@ -129,11 +144,21 @@ def main(argv: list[str] | None = None) -> int:
     }
     est = Estimates({a.profile: prof}, cloud_prior)
 
-    with (
-        CloudHelper(cloud_lm) as cloud,
-        LinkProxy(cloud.port, up=link_up, down=link_down) as link,
-        DeviceProcess(a.model, prof) as dev,
-    ):
+    with contextlib.ExitStack() as stack:
+        gateway = None
+        if a.cloud == "serve":
+            from kvxfer.serve.deployment import start_local
+
+            _log("starting a local P/D-Serve deployment (1 prefill + 1 decode worker, shm)")
+            dep = stack.enter_context(
+                start_local(
+                    n_prefill=1, n_decode=1, backend="shm", model="tiny", max_prompt_tokens=max(buckets)
+                )
+            )
+            gateway = dep.gateway_url
+        cloud = stack.enter_context(CloudHelper(cloud_lm, gateway=gateway))
+        link = stack.enter_context(LinkProxy(cloud.port, up=link_up, down=link_down))
+        dev = stack.enter_context(DeviceProcess(a.model, prof))
         addr = f"127.0.0.1:{link.port}"
 
         def run(method, ids, s, q, n=1, rho=1.0, g=None, **kw):
@@ -148,9 +173,17 @@ def main(argv: list[str] | None = None) -> int:
                 query_len=q,
                 theta=THETA,
                 cloud=addr,
+                stop_token_ids=stops,
                 **kw,
             )
-            r = dev.run(j)
+            try:
+                r = dev.run(j)
+            except DeviceError as e:
+                _log(f"  {method}: request failed: {type(e).__name__}: {e}")
+                return None
+            if r["ttft_s"] is None:
+                _log(f"  {method}: no token was shown ({r['stream_end']})")
+                return None
             acc = cloud.accounts.get(j.request_id)
             r["cloud_busy_s"] = acc.busy_s if acc else 0.0
             r["cloud_tokens"] = acc.tokens if acc else 0
@@ -166,29 +199,31 @@ def main(argv: list[str] | None = None) -> int:
             run(PD, w_ids, w_s, w_q, n=4, rho=0.5, g=16)
         for L in buckets:
             ids, s, q = _prompt(rng, vocab, L)
-            ref = ref_lm.greedy(ids, G)
+            ref = ref_lm.model.generate(ids, G, stop_token_ids=stops)
             # calibration: one short cloud-only request measures A1, cloud prefill and token interval
             cal = run(CLOUD_ONLY, ids, s, q)
-            arr = cal["arrived_s"]
-            tau_c = (
-                statistics.median([arr[i] - arr[i - 1] for i in range(1, len(arr))])
-                if len(arr) > 1
-                else 0.005
-            )
-            busy_tok = cal["cloud_decode_s"] / max(1, cal["cloud_tokens"] - 1)
-            est.observe(
-                a.profile,
-                L,
-                a1=cal["ttft_s"],
-                tau_c=tau_c,
-                cloud_prefill_s=cal["cloud_prefill_s"],
-                tau_busy=busy_tok,
-            )
+            if cal is not None:
+                arr = cal["arrived_s"]
+                tau_c = (
+                    statistics.median([arr[i] - arr[i - 1] for i in range(1, len(arr))])
+                    if len(arr) > 1
+                    else 0.005
+                )
+                busy_tok = cal["cloud_decode_s"] / max(1, cal["cloud_tokens"] - 1)
+                est.observe(
+                    a.profile,
+                    L,
+                    a1=cal["ttft_s"],
+                    tau_c=tau_c,
+                    cloud_prefill_s=cal["cloud_prefill_s"],
+                    tau_busy=busy_tok,
+                )
             cond, pre, busy = est.conditions(a.profile, L, G, s, q)
             st = choose(cond, pre, busy, policy, quality_curve)
             n_naive = n_star(cond, 1.0, THETA, policy.safety)
             _log(f"L={L}: settings {st.method} n={st.n} rho={st.rho} ({st.reason}); naive n={n_naive}")
             per: dict[str, list[dict]] = {}
+            failed: dict[str, int] = {}
             for _rep in range(repeats):
                 for method in ("device-only", "cloud-only", "naive-hybrid", "pd-device"):
                     if method == PD:
@@ -198,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                         r = run(method, ids, s, q, n=max(1, n_naive))
                     else:
                         r = run(method, ids, s, q)
+                    if r is None:
+                        failed[method] = failed.get(method, 0) + 1
+                        continue
                     r["quality"] = _agreement(r["tokens"], ref)
                     per.setdefault(method, []).append(r)
                     _log(
@@ -224,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                     "device_class": a.profile,
                     "theta_s": THETA,
                     "overrun_s": max(x["overrun_s"] for x in rs),
+                    "failed": failed.get(method, 0),
                 }
                 if method == PD:
                     d.update(
@@ -239,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
                     d.update(n=n_naive)
                 med[method] = d
                 emit(d)
+            if not all(m in med for m in (PD, DEVICE_ONLY, CLOUD_ONLY, "naive-hybrid")):
+                _log(f"L={L}: no summary, failed requests {failed}")
+                continue
             pd, do, co = med[PD], med[DEVICE_ONLY], med[CLOUD_ONLY]
             emit(
                 {
@@ -259,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         # link cut mid-stream: the device completes alone; the gap is reported
         L = buckets[0] if a.quick else buckets[-1]
         ids, s, q = _prompt(rng, vocab, L)
-        ref = ref_lm.greedy(ids, G)
+        ref = ref_lm.model.generate(ids, G, stop_token_ids=stops)
         cond, pre, busy = est.conditions(a.profile, L, G, s, q)
         n_cut = max(8, n_star(cond, 1.0, THETA, policy.safety))
         with LinkProxy(cloud.port, up=link_up, down=link_down, cut=Cut(after_down_bytes=400)) as cut_link:
@@ -273,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                 query_len=q,
                 theta=THETA,
                 cloud=f"127.0.0.1:{cut_link.port}",
+                stop_token_ids=stops,
             )
             r = dev.run(j)
         emit(
@@ -321,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             "machine": machine,
             "wall_s": time.time() - t_start,
             "command": "kvxfer experiment device " + " ".join(argv or []),
+            "cloud": a.cloud,
         }
     )
     if not a.json:
@@ -329,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         keep = ("shown_s", "arrived_s", "sources", "handoff", "tokens")
         tl = {L: {k: v[k] for k in keep} for L, v in timelines.items()}
         Path(a.save).write_text(json.dumps({"rows": rows, "timelines": tl}))
-    if a.plot:
+    if a.plot and timelines:
         _plot(rows, timelines, a.plot, THETA)
         _log(f"plot written to {a.plot}")
     return 0
