@@ -35,6 +35,9 @@ import statistics
 import sys
 from typing import Any
 
+FULL = {"model": "smollm2", "prefills": 2, "decodes": 2, "users": 32, "duration": 60.0, "repeats": 3}
+QUICK = {"model": "tiny", "prefills": 1, "decodes": 1, "users": 24, "duration": 6.0, "repeats": 1}
+
 
 def log(msg: str) -> None:
     print(f"[aggregated] {msg}", file=sys.stderr, flush=True)
@@ -46,22 +49,26 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="JSON lines on stdout (else a table)")
     p.add_argument("--plot", metavar="FILE", help="bar chart of throughput to FILE")
     p.add_argument("--mode", choices=("profiled", "real"), default="profiled", help="compute mode")
-    p.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
+    p.add_argument("--model", choices=("smollm2", "tiny"), help="smollm2 (--quick: tiny)")
     p.add_argument("--profile", default="", help="profiled mode: profile JSON (default: the model's)")
-    p.add_argument("--prefills", type=int, default=1)
-    p.add_argument("--decodes", type=int, default=1)
+    p.add_argument("--prefills", type=int, help="prefill workers (2; --quick 1)")
+    p.add_argument("--decodes", type=int, help="decode workers (2; --quick 1); aggregated: the sum")
     p.add_argument("--b-p", type=int, default=4)
     p.add_argument("--b-d", type=int, default=16)
-    p.add_argument("--users", type=int, default=24)
+    p.add_argument("--users", type=int, help="closed-loop users (32; --quick 24)")
     p.add_argument("--prompt-factor", type=float, default=1 / 8)
     p.add_argument("--max-prompt", type=int, default=512)
     p.add_argument("--output-factor", type=float, default=1 / 4)
     p.add_argument("--max-output", type=int, default=64)
-    p.add_argument("--duration", type=float, default=None, help="seconds per measurement")
-    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--duration", type=float, help="seconds per measurement (60; --quick 6)")
+    p.add_argument("--repeats", type=int, help="interleaved repeats (3; --quick 1)")
     p.add_argument("--backend", choices=("shm", "tcp"), default="shm")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for k, v in (QUICK if args.quick else FULL).items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return args
 
 
 async def _measure(url: str, replay: Any, users: int, duration: float) -> dict[str, Any]:
@@ -87,8 +94,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     from kvxfer.serve.machine import machine
     from kvxfer.serve.workload import LengthScale, Replay, azure_trace_workload
 
-    duration = args.duration or (6.0 if args.quick else 20.0)
-    repeats = args.repeats or (1 if args.quick else 3)
+    duration, repeats = args.duration, args.repeats
     tok, unit, _ = tokenizer_spec(args.model, args.mode)
     scale = LengthScale(
         prompt_factor=args.prompt_factor,

@@ -45,15 +45,16 @@ def test_aggregated_json_lines(capsys):
         "--json",
         "--model",
         "tiny",
+        "--prefills",
+        "1",
+        "--decodes",
+        "1",
         "--users",
         "4",
         "--duration",
         "2",
-        "--repeats",
-        "1",
-        "--max-prompt",
-        "128",
     ]
+    argv += ["--repeats", "1", "--max-prompt", "128"]
     assert aggregated.main(argv) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     rows, summary = lines[:-1], lines[-1]
