@@ -50,7 +50,7 @@ QUICK = {
     "prefills": 4,
     "scale": 1 / 4,
     "output_tokens": 128,
-    "duration": 4.0,
+    "duration": 3.0,
     "loads": "1,4",
 }
 
@@ -75,7 +75,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--output-tokens", type=int, help="tokens per answer (16; --quick 128)")
     p.add_argument("--slack", type=float, default=0.5, help="SLO = alone TTFT + slack x long TTFT")
     p.add_argument("--slo-floor", type=float, default=0.05, help="seconds added to every SLO (noise)")
-    p.add_argument("--duration", type=float, help="seconds per (policy, load) point (60; --quick 4)")
+    p.add_argument("--duration", type=float, help="seconds per (policy, load) point (60; --quick 3)")
     p.add_argument("--max-a", type=int, default=64, help="largest user count tried for A")
     p.add_argument("--a", type=int, default=0, help="use this A instead of searching for it")
     p.add_argument("--loads", help="loads to run (1,2,3,4,5; --quick 1,4)")
