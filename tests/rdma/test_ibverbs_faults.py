@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import gc
 
-import kvxfer._native as native
 import numpy as np
 import pytest
 import rdma_helpers as h
 
 import kvxfer
+import kvxfer._native as native
 
 pytestmark = pytest.mark.rdma
 h.require_rdma()
