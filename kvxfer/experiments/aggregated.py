@@ -88,7 +88,7 @@ async def _measure(url: str, replay: Any, users: int, duration: float) -> dict[s
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from kvxfer.experiments.forwarding import tokenizer_spec
+    from kvxfer.experiments.forwarding import default_profile, tokenizer_spec
     from kvxfer.serve.deployment import start_local
     from kvxfer.serve.gateway import GatewayProcess
     from kvxfer.serve.machine import machine
@@ -116,6 +116,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         "pending": 4,
         "torch_threads": 1,
     }
+    args.profile = args.profile or default_profile(args.model, args.mode)
     if args.profile:
         opts["profile"] = args.profile
     n = args.prefills + args.decodes

@@ -89,6 +89,20 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def default_profile(model: str, mode: str) -> str:
+    """``""`` (the serving layer's own profile of ``model``) when it exists; else, for SmolLM2
+    in profiled mode, the contended-machine profile behind docs/pd-serve-forwarding.md."""
+    from pathlib import Path
+
+    import kvxfer.serve
+
+    serve = Path(kvxfer.serve.__file__).parent
+    if mode != "profiled" or model != "smollm2" or (serve / "profiles" / "smollm2.json").exists():
+        return ""
+    log("no kvxfer/serve/profiles/smollm2.json: using data/profiles/smollm2-2core-contended.json")
+    return str(serve / "data" / "profiles" / "smollm2-2core-contended.json")
+
+
 def tokenizer_spec(model: str, mode: str) -> tuple[str, str, int]:
     """(tokenizer spec for the gateways, workload token unit, vocab size).
 
@@ -163,6 +177,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         "pending": 4,
         "ttft_slo_s": 300.0,
     }
+    args.profile = args.profile or default_profile(args.model, args.mode)
     if args.profile:
         opts["profile"] = args.profile
     log(
