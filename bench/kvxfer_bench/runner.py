@@ -162,7 +162,8 @@ class Bench:
                             "(is `kvxfer-bench --listen PORT` running there?)"
                         ) from e
                     time.sleep(0.2)
-        elif o.backend == "loopback":
+        elif self.engine.backend_caps()[o.backend]["same_process_only"]:
+            # loopback, fault: engines of one process only, so the target runs in a thread.
             self.mode = "in-process"
             sock, theirs = socket.socketpair()
             from .target import TargetSession
