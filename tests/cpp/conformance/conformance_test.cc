@@ -446,6 +446,7 @@ TEST_P(Conformance, AdvertisedCapabilitiesWork) {
     const BackendCaps caps = a_.engine->backendCaps()[0];
     ASSERT_EQ(names[0], GetParam());
     EXPECT_TRUE(caps.supports(MemoryKind::kHost));
+    EXPECT_GE(caps.lanes, 1u);
     for (Op op : {Op::kWrite, Op::kRead}) {
         if (!caps.supports(op)) continue;
         waitDone(must(post(blocks(op, {1, 2}, {5, 6}))));

@@ -183,6 +183,7 @@ public:
 private:
     explicit IbverbsBackend(std::shared_ptr<Shared> shared) : shared_(std::move(shared)) {
         caps_.max_run_bytes = std::min<uint64_t>(shared_->maxMessage(), shared_->tunables().max_wr_bytes);
+        caps_.lanes = shared_->tunables().qps_per_peer;  // RC QPs per peer
         thread_ = std::thread([s = shared_] { s->run(); });
     }
 

@@ -63,6 +63,7 @@ public:
           pool_(std::max(1u, ctx.config->loopback.threads), 1024, 8 << 20, copyRuns, [](TransferJob& job) {
               return deliverTo(static_cast<LoopbackPeer&>(*job.peer), job.notify);
           }) {
+        caps_.lanes = pool_.threads();
         endpoint_->sink = ctx.sink;
         endpoint_->name = ctx.engine_name;
         endpoint_->instance = ctx.instance_id;

@@ -428,6 +428,7 @@ private:
                                         : std::min(4u, std::max(1u, std::thread::hardware_concurrency())),
                 kMaxIov, 64 << 20, copyChunk,
                 [](TransferJob& job) { return static_cast<ShmPeer&>(*job.peer).send(job.notify); }) {
+        caps_.lanes = pool_.threads();  // copy threads share a job
         thread_ = std::thread([l = listener_] { l->run(); });
     }
 
