@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <functional>
 #include <numeric>
 #include <random>
 #include <string>
@@ -57,6 +58,24 @@ int main(int argc, char** argv) {
     auto rb = must(b->registerMemory({dst.data(), dst.size(), MemoryKind::kHost, -1}, layout));
     auto peer = must(a->addPeer(b->descriptor()));
 
+    // Thread CPU time of Engine::post for `reps` posts of what `build` fills in, sorted.
+    auto timePosts = [&](const std::function<void(TransferRequest&)>& build) {
+        std::vector<double> cpu;
+        for (int r = 0; r < reps; ++r) {
+            TransferRequest req;
+            req.op = Op::kWrite;
+            req.peer = peer;
+            build(req);
+            const double t0 = threadCpuMicros();
+            auto job = must(a->post(req));
+            const double t1 = threadCpuMicros();
+            cpu.push_back(t1 - t0);
+            job.wait(Clock::now() + std::chrono::seconds(60));
+        }
+        std::sort(cpu.begin(), cpu.end());
+        return cpu;
+    };
+
     std::mt19937_64 rng(1);
     std::vector<int64_t> random_ids(blocks), sequential_ids(blocks);
     std::iota(sequential_ids.begin(), sequential_ids.end(), 0);
@@ -66,20 +85,10 @@ int main(int argc, char** argv) {
     for (const auto& [name, ids] : {std::pair<const char*, std::vector<int64_t>&>{"random", random_ids},
                                     {"sequential", sequential_ids}}) {
         for (bool coalesce : {true, false}) {
-            std::vector<double> cpu;
-            for (int r = 0; r < reps; ++r) {
-                TransferRequest req;
-                req.op = Op::kWrite;
-                req.peer = peer;
+            const auto cpu = timePosts([&](TransferRequest& req) {
                 req.parts.push_back({ra, BlockSide{{}, ids}, rb->id(), BlockSide{{}, ids}});
                 req.coalesce = coalesce;
-                const double t0 = threadCpuMicros();
-                auto job = must(a->post(req));
-                const double t1 = threadCpuMicros();
-                cpu.push_back(t1 - t0);
-                job.wait(Clock::now() + std::chrono::seconds(60));
-            }
-            std::sort(cpu.begin(), cpu.end());
+            });
             std::printf(
                 "{\"bench\":\"post_cost\",\"backend\":\"%s\",\"blocks\":%llu,\"ids\":\"%s\",\"coalesce\":%s,"
                 "\"reps\":%d,\"cpu_us_median\":%.1f,\"cpu_us_p90\":%.1f,\"cpu_us_min\":%.1f}\n",
@@ -111,21 +120,11 @@ int main(int argc, char** argv) {
         std::iota(ids.begin(), ids.end(), 0);
         std::shuffle(ids.begin(), ids.end(), rng);
         ids.resize(moved);
-        std::vector<double> cpu;
-        for (int r = 0; r < reps; ++r) {
-            TransferRequest req;
-            req.op = Op::kWrite;
-            req.peer = peer;
+        const auto cpu = timePosts([&](TransferRequest& req) {
             for (uint64_t i = 0; i < regions; ++i) {
                 req.parts.push_back({aregs[i], BlockSide{{}, ids}, bregs[i]->id(), BlockSide{{}, ids}});
             }
-            const double t0 = threadCpuMicros();
-            auto job = must(a->post(req));
-            const double t1 = threadCpuMicros();
-            cpu.push_back(t1 - t0);
-            job.wait(Clock::now() + std::chrono::seconds(60));
-        }
-        std::sort(cpu.begin(), cpu.end());
+        });
         std::printf(
             "{\"bench\":\"post_cost_multi_region\",\"backend\":\"%s\",\"regions\":%llu,\"blocks\":%llu,"
             "\"ids\":\"random\",\"reps\":%d,\"cpu_us_median\":%.1f,\"cpu_us_p90\":%.1f,\"cpu_us_min\":%.1f}"

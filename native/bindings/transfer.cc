@@ -18,20 +18,27 @@ namespace {
 using IdArray = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 using ExtentArray = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;
 
-IdArray asIds(const py::object& obj, const char* what) {
-    auto a = py::array::ensure(obj);
-    if (!a) throw StatusError(Status::invalidArgument(std::string(what) + " must be an integer array"));
+// Checks that `a` holds integers (fractions are not ids or byte positions) and converts it
+// to the 64-bit array type T in place when it already is one (no copy) or by a cast.
+template <typename T>
+T integerArray(const py::array& a, const char* what, const char* as) {
     const char kind = a.dtype().kind();
     if (a.size() > 0 && kind != 'i' && kind != 'u') {
         throw StatusError(Status::invalidArgument(std::string(what) + " must be integers, got dtype " +
                                                   std::string(py::str(a.dtype()))));
     }
-    auto out = IdArray::ensure(a);
+    auto out = T::ensure(a);
     if (!out) {
         PyErr_Clear();
-        throw StatusError(Status::invalidArgument(std::string(what) + " cannot be read as 64-bit block ids"));
+        throw StatusError(Status::invalidArgument(std::string(what) + " cannot be read as " + as));
     }
     return out;
+}
+
+IdArray asIds(const py::object& obj, const char* what) {
+    auto a = py::array::ensure(obj);
+    if (!a) throw StatusError(Status::invalidArgument(std::string(what) + " must be an integer array"));
+    return integerArray<IdArray>(a, what, "64-bit block ids");
 }
 
 ExtentArray asExtents(const py::object& obj, const char* what) {
@@ -42,25 +49,11 @@ ExtentArray asExtents(const py::object& obj, const char* what) {
         throw StatusError(
             Status::invalidArgument(std::string(what) + " must be an (N, 2) array of [offset, length]"));
     }
-    const char kind = a.dtype().kind();
-    if (a.size() > 0 && kind != 'i' && kind != 'u') {
-        throw StatusError(Status::invalidArgument(std::string(what) + " must be integers, got dtype " +
-                                                  std::string(py::str(a.dtype())) +
-                                                  " (a fractional offset or length is not a byte position)"));
+    if (a.size() > 0 && a.dtype().kind() == 'i' && a.attr("__lt__")(0).attr("any")().cast<bool>()) {
+        throw StatusError(
+            Status::invalidArgument(std::string(what) + " contains a negative offset or length"));
     }
-    if (a.size() > 0 && kind == 'i') {
-        py::object any_neg = a.attr("__lt__")(0).attr("any")();
-        if (any_neg.cast<bool>()) {
-            throw StatusError(
-                Status::invalidArgument(std::string(what) + " contains a negative offset or length"));
-        }
-    }
-    auto out = ExtentArray::ensure(a);
-    if (!out) {
-        PyErr_Clear();
-        throw StatusError(Status::invalidArgument(std::string(what) + " cannot be read as 64-bit extents"));
-    }
-    return out;
+    return integerArray<ExtentArray>(a, what, "64-bit [offset, length] extents");
 }
 
 std::span<const int64_t> idSpan(const IdArray& a, const char* what) {

@@ -13,17 +13,14 @@
 #include <thread>
 
 #include "kvxfer/engine.h"
+#include "support/must.h"
 
 namespace kvxfer {
 namespace {
 
 using namespace std::chrono_literals;
 
-template <typename T>
-T must(Result<T> r) {
-    if (!r.isOk()) throw std::runtime_error(r.status().toString());
-    return std::move(r).value();
-}
+using testing::must;
 
 std::vector<std::string> allBackendNames() {
     std::vector<std::string> names;

@@ -7,17 +7,14 @@
 #include <numeric>
 
 #include "kvxfer/engine.h"
+#include "support/must.h"
 
 namespace kvxfer {
 namespace {
 
 using namespace std::chrono_literals;
 
-template <typename T>
-T must(Result<T> r) {
-    if (!r.isOk()) throw std::runtime_error(r.status().toString());
-    return std::move(r).value();
-}
+using testing::must;
 
 struct FaultPair {
     std::shared_ptr<Engine> a, b;
