@@ -62,12 +62,13 @@ def probe_cross_process(timeout: float = 10.0) -> dict[str, object]:
     child = subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+    image = os.path.realpath(cmd[0])  # what /proc/PID/exe shows once exec has happened
     try:
         deadline = time.monotonic() + timeout
         base = None
         while base is None and time.monotonic() < deadline:  # until exec has replaced the image
             try:
-                base = _elf_base(child.pid) if os.readlink(f"/proc/{child.pid}/exe") == cmd[0] else None
+                base = _elf_base(child.pid) if os.readlink(f"/proc/{child.pid}/exe") == image else None
             except OSError:
                 base = None
             if base is None:

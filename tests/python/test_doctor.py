@@ -321,3 +321,15 @@ def test_sysfs_parser_infiniband_and_missing_root(tmp_path):
     assert not dev.soft and port.state == "DOWN" and port.lid == 0x12 and not port.ethernet
     assert port.best_gid().index == 0 and port.active_mtu is None
     assert sysfs.read_devices(os.path.join(str(tmp_path), "absent")) == []
+
+
+def test_cross_process_probe_through_symlinked_path(tmp_path):
+    """PATH entries that are symlinks (as in scripts/wheel.sh's compiler-free PATH) must not
+    break the probe: /proc/PID/exe names the resolved binary."""
+    real = shutil.which("sleep")
+    if real is None:
+        pytest.skip("no sleep binary on PATH")
+    (tmp_path / "sleep").symlink_to(real)
+    rc, _, checks = run_json(env={"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"})
+    c = checks["shm.cross_process"]
+    assert c["status"] == "ok" and c["data"]["cma"] is True and c["data"]["pidfd_getfd"] is True, c
