@@ -49,6 +49,9 @@ set -e
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi
 [ "$rc" -eq 0 ] || exit "$rc"
 
+step "wheel: manylinux build, auditwheel, install without a compiler, smoke test"
+KVXFER_WHEEL_OUT=build/wheel bash scripts/wheel.sh
+
 if [ "${KVXFER_SKIP_RDMA:-0}" = "1" ]; then
   step "RDMA suite on soft-RoCE: SKIPPED because KVXFER_SKIP_RDMA=1"
 else
