@@ -30,7 +30,7 @@ def test_serve_answers_openai_stream_and_stops_on_sigint(tmp_path):
     import openai
 
     err = open(tmp_path / "serve.err", "w+")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ, PYTHONSAFEPATH="1")  # the installed package, not the checkout's kvxfer/
     proc = subprocess.Popen(
         [sys.executable, "-m", "kvxfer.cli", "serve", "--port", "0"],
         stdout=subprocess.PIPE,
