@@ -178,17 +178,12 @@ class Bench:
             srv.bind(("127.0.0.1", 0))
             srv.listen(1)
             port = srv.getsockname()[1]
-            env = dict(os.environ)
-            paths = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-            import kvxfer
+            from kvxfer.child_env import child_env
 
-            paths.append(os.path.dirname(os.path.dirname(os.path.abspath(kvxfer.__file__))))
-            if env.get("PYTHONPATH"):
-                paths.append(env["PYTHONPATH"])
-            env["PYTHONPATH"] = os.pathsep.join(paths)
-            # `-m` would put the working directory first on sys.path; from a source
-            # checkout that is the unbuilt kvxfer/ package. Import what this process did.
-            env["PYTHONSAFEPATH"] = "1"
+            # The child imports the kvxfer and kvxfer_bench this process imported.
+            env = child_env()
+            bench_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            env["PYTHONPATH"] = bench_root + os.pathsep + env["PYTHONPATH"]
             cmd = [sys.executable, "-m", "kvxfer_bench.target", "--connect", f"127.0.0.1:{port}"]
             if o.device:
                 cmd += ["--device", o.device]

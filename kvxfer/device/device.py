@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 
+from kvxfer.child_env import child_env
 from kvxfer.device import wire
 from kvxfer.device.errors import (
     BadSettingsError,
@@ -497,9 +497,7 @@ class DeviceProcess:
         self, model: str = "tiny:0", prof: DeviceProfile | str = "phone-npu-1b", chunk: int = 256
     ) -> None:
         prof = profile(prof) if isinstance(prof, str) else prof
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        env = child_env(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         cmd = [sys.executable, "-m", "kvxfer.device.device", "--model", model, "--chunk", str(chunk)]
         cmd += ["--profile-json", json.dumps(prof.to_json())]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)

@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..child_env import child_env
 from .config import WorkerConfig
 from .errors import ConfigError, WorkerStartError
-
-_PKG_PARENT = str(Path(__file__).resolve().parents[2])  # children import this same kvxfer
 
 
 @dataclass
@@ -122,8 +121,7 @@ class Deployment:
 
     def spawn(self, cfg: WorkerConfig) -> WorkerProcess:
         log = self.log_dir / f"{cfg.name}.log"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = _PKG_PARENT + os.pathsep + env.get("PYTHONPATH", "")
+        env = child_env()
         with open(log, "wb") as err:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "kvxfer.serve.worker", cfg.to_json()],

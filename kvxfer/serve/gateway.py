@@ -963,18 +963,14 @@ class GatewayProcess:
         self._drain: Any = None
 
     def start(self, timeout_s: float = 60.0) -> str:
-        import os
         import selectors
         import subprocess
         import sys
         import threading
-        from pathlib import Path
 
-        import kvxfer
+        from kvxfer.child_env import child_env
 
-        env = dict(os.environ)
-        root = str(Path(kvxfer.__file__).resolve().parent.parent)  # import the same kvxfer as this process
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env = child_env()
         cmd = [sys.executable, "-m", "kvxfer.serve.gateway", "--port", "0", "--until-stdin-eof", *self.args]
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env
