@@ -15,6 +15,13 @@ struct PlanSummary {
     uint64_t runs = 0;    // contiguous operations after coalescing, over every part
     uint64_t planes = 0;  // over every part
     uint32_t parts = 0;
+    void add(const Plan& p) {
+        bytes += p.total_bytes;
+        pieces += p.num_pieces;
+        runs += p.numRuns();
+        planes += p.planes.size();
+        ++parts;
+    }
     double coalescingRatio() const {
         return runs ? static_cast<double>(pieces) / static_cast<double>(runs) : 1.0;
     }

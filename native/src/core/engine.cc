@@ -423,13 +423,7 @@ Result<PlanSummary> Engine::plan(const TransferRequest& req) const {
     std::vector<PlannedPart> planned;
     KVXFER_RETURN_IF_ERROR(planParts(req, *snapshot, planned));
     PlanSummary s;
-    s.parts = static_cast<uint32_t>(planned.size());
-    for (const auto& p : planned) {
-        s.bytes += p.plan->total_bytes;
-        s.pieces += p.plan->num_pieces;
-        s.runs += p.plan->numRuns();
-        s.planes += p.plan->planes.size();
-    }
+    for (const auto& p : planned) s.add(*p.plan);
     return s;
 }
 

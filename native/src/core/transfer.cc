@@ -230,13 +230,7 @@ bool Transfer::cancel() const { return job_->abandon(Status::canceled("canceled 
 
 PlanSummary Transfer::plan() const {
     PlanSummary s;
-    s.parts = static_cast<uint32_t>(job_->parts.size());
-    for (const auto& p : job_->parts) {
-        s.bytes += p.plan->total_bytes;
-        s.pieces += p.plan->num_pieces;
-        s.runs += p.plan->numRuns();
-        s.planes += p.plan->planes.size();
-    }
+    for (const auto& p : job_->parts) s.add(*p.plan);
     return s;
 }
 
