@@ -97,7 +97,14 @@ bool TransferJob::toTerminal(Internal to, Status status, bool from_backend) {
         std::lock_guard<std::mutex> lock(mutex_);
         const uint8_t cur = state_.load(std::memory_order_acquire);
         if (cur == kOk || cur == kFail) return false;
-        if (cur == kCommitting && !from_backend) return false;
+        // A committing job ends by its backend, or by its deadline: a hung peer must not
+        // hold a transfer past it (the notification may then have reached the peer).
+        if (cur == kCommitting && !from_backend) {
+            if (Clock::now() < deadline) return false;
+            status = Status::timeout("transfer " + std::to_string(id) +
+                                     " missed its deadline while its notification was being delivered "
+                                     "(the peer may have received it)");
+        }
         status_ = std::move(status);
         telemetry_.finished = Clock::now();
         if (on_terminal) on_terminal(*this, to == kOk);
@@ -108,14 +115,15 @@ bool TransferJob::toTerminal(Internal to, Status status, bool from_backend) {
 }
 
 void TransferJob::expireIfDue() {
-    if (state_.load(std::memory_order_acquire) == kRunning && Clock::now() >= deadline) {
+    const uint8_t s = state_.load(std::memory_order_acquire);
+    if ((s == kRunning || s == kCommitting) && Clock::now() >= deadline) {
         abandon(Status::timeout("transfer " + std::to_string(id) + " missed its deadline"));
     }
 }
 
 bool TransferJob::abandoned() const {
     const uint8_t s = state_.load(std::memory_order_acquire);
-    return s == kFail || (s == kRunning && Clock::now() >= deadline);
+    return s == kFail || ((s == kRunning || s == kCommitting) && Clock::now() >= deadline);
 }
 
 bool TransferJob::commitNow() {

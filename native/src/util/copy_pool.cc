@@ -42,7 +42,7 @@ struct CopyPool::State {
     void finalize(ActiveJob& a) {
         TransferJob& job = *a.job;
         if (job.dataDone(a.error, a.next_run == a.total_runs) == TransferJob::AfterData::kSendNotification) {
-            job.finish(commit(job));
+            if (std::optional<Status> st = commit(a.job)) job.finish(std::move(*st));
         }
     }
 

@@ -24,8 +24,11 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <optional>
 #include <sstream>
@@ -73,21 +76,36 @@ sockaddr_un abstractAddress(const std::string& name, socklen_t* len) {
     return addr;
 }
 
-struct ShmPeer : BackendPeer {
+class Notifier;
+
+// One notification (of a job, or standalone) waiting for room in the peer's socket.
+struct Outgoing {
+    std::shared_ptr<TransferJob> job;  // null for a standalone notify()
+    Bytes msg;
+    Clock::time_point deadline;
+    // Standalone notify(): the caller waits for `done`.
+    std::shared_ptr<std::pair<std::mutex, std::condition_variable>> sync;
+    std::shared_ptr<std::optional<Status>> result;
+};
+
+struct ShmPeer : BackendPeer, std::enable_shared_from_this<ShmPeer> {
     std::string name;
     pid_t pid = 0;
     Fd pidfd;
-    std::mutex send_mutex;
-    Fd notify_socket;
+    Fd notify_socket;  // non-blocking
     std::string self_name;
     uint64_t self_instance = 0;
+    std::shared_ptr<Notifier> notifier;
+    // Notifications not sent yet, in order; while it is not empty, new ones queue behind.
+    std::mutex send_mutex;
+    std::deque<Outgoing> outbox;
 
     bool exited() const {
         pollfd p{pidfd.fd, POLLIN, 0};
         return ::poll(&p, 1, 0) > 0;
     }
 
-    Status send(ByteView payload) {
+    Bytes message(ByteView payload) const {
         Bytes msg;
         msg.resize(8 + 2 + self_name.size() + payload.size());
         std::memcpy(msg.data(), &self_instance, 8);
@@ -95,18 +113,169 @@ struct ShmPeer : BackendPeer {
         std::memcpy(msg.data() + 8, &n, 2);
         std::memcpy(msg.data() + 10, self_name.data(), self_name.size());
         if (!payload.empty()) std::memcpy(msg.data() + 10 + self_name.size(), payload.data(), payload.size());
-        std::lock_guard<std::mutex> lock(send_mutex);
+        return msg;
+    }
+
+    // One non-blocking attempt: OK, kUnavailable (no room now: EAGAIN) or an error.
+    enum class Sent : uint8_t { kOk, kNoRoom, kError };
+    Sent trySend(const Bytes& msg, Status* error) {
         for (;;) {
-            const ssize_t k = ::send(notify_socket.fd, msg.data(), msg.size(), MSG_NOSIGNAL);
-            if (k == static_cast<ssize_t>(msg.size())) return Status::ok();
+            const ssize_t k = ::send(notify_socket.fd, msg.data(), msg.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (k == static_cast<ssize_t>(msg.size())) return Sent::kOk;
             if (k < 0 && errno == EINTR) continue;
+            if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return Sent::kNoRoom;
             if (k < 0 && (errno == EPIPE || errno == ECONNRESET || errno == ECONNREFUSED)) {
-                return Status::peerUnreachable("shm peer '" + name + "' closed its notification socket");
+                *error = Status::peerUnreachable("shm peer '" + name + "' closed its notification socket");
+            } else {
+                *error = Status::systemErrno("shm notification send to '" + name + "'", k < 0 ? errno : EIO);
             }
-            return Status::systemErrno("shm notification send to '" + name + "'", k < 0 ? errno : EIO);
+            return Sent::kError;
         }
     }
+
+    // Sends at once when the socket has room and nothing is queued; otherwise queues the
+    // message for the notifier thread and returns nullopt.
+    std::optional<Status> sendOrQueue(Outgoing out);
 };
+
+// The one thread per backend that sends queued notifications when their peer's socket has
+// room again, and ends each at its deadline if it never does. Copy workers never wait for
+// a peer: a stopped peer costs one queue entry per notification, not a worker.
+class Notifier {
+public:
+    Notifier() : wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
+
+    void start(const std::shared_ptr<Notifier>& self) {
+        thread_ = std::thread([self] { self->run(); });
+    }
+    void stop() {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            stopping_ = true;
+        }
+        wake();
+        if (thread_.get_id() == std::this_thread::get_id()) {
+            thread_.detach();
+        } else if (thread_.joinable()) {
+            thread_.join();
+        }
+    }
+    void watch(std::shared_ptr<ShmPeer> peer) {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            peers_.push_back(std::move(peer));
+        }
+        wake();
+    }
+
+private:
+    void wake() {
+        const uint64_t one = 1;
+        (void)!::write(wake_.fd, &one, sizeof(one));
+    }
+
+    // Sends what fits of `peer`'s outbox, ends expired entries. True when the outbox is empty.
+    static bool drain(ShmPeer& peer, Clock::time_point now, Clock::time_point* next_deadline) {
+        std::vector<std::pair<Outgoing, Status>> ended;
+        bool empty = false;
+        {
+            std::lock_guard<std::mutex> lock(peer.send_mutex);
+            while (!peer.outbox.empty()) {
+                Outgoing& head = peer.outbox.front();
+                Status error;
+                if (now >= head.deadline || (head.job && head.job->abandoned())) {
+                    error = Status::timeout("shm peer '" + peer.name +
+                                            "' did not take the notification by its deadline "
+                                            "(its socket stayed full: the peer is stopped or slow)");
+                } else {
+                    const auto sent = peer.trySend(head.msg, &error);
+                    if (sent == ShmPeer::Sent::kNoRoom) {
+                        *next_deadline = std::min(*next_deadline, head.deadline);
+                        break;
+                    }
+                }
+                ended.emplace_back(std::move(head), std::move(error));
+                peer.outbox.pop_front();
+            }
+            empty = peer.outbox.empty();
+        }
+        for (auto& [out, st] : ended) complete(out, std::move(st));
+        return empty;
+    }
+
+public:
+    static void complete(Outgoing& out, Status st) {
+        if (out.job) {
+            out.job->finish(std::move(st));
+            return;
+        }
+        {
+            std::lock_guard<std::mutex> lock(out.sync->first);
+            *out.result = std::move(st);
+        }
+        out.sync->second.notify_all();
+    }
+
+private:
+    void run() {
+        std::vector<std::shared_ptr<ShmPeer>> peers;
+        std::vector<pollfd> fds;
+        for (;;) {
+            {
+                std::lock_guard<std::mutex> lock(mutex_);
+                if (stopping_) break;
+                for (auto& p : peers_) {
+                    if (std::find(peers.begin(), peers.end(), p) == peers.end()) peers.push_back(std::move(p));
+                }
+                peers_.clear();
+            }
+            auto next = Clock::time_point::max();
+            const auto now = Clock::now();
+            std::erase_if(peers, [&](const auto& p) { return drain(*p, now, &next); });
+            fds.assign(1, pollfd{wake_.fd, POLLIN, 0});
+            for (const auto& p : peers) fds.push_back({p->notify_socket.fd, POLLOUT, 0});
+            int timeout_ms = -1;
+            if (next != Clock::time_point::max()) {
+                const auto left = std::chrono::ceil<std::chrono::milliseconds>(next - Clock::now()).count();
+                timeout_ms = static_cast<int>(std::clamp<int64_t>(left, 0, 60000));
+            }
+            ::poll(fds.data(), fds.size(), timeout_ms);
+            uint64_t v = 0;
+            (void)!::read(wake_.fd, &v, sizeof(v));
+        }
+        // Closing: end whatever is still queued.
+        for (auto& p : peers) {
+            std::deque<Outgoing> left;
+            {
+                std::lock_guard<std::mutex> lock(p->send_mutex);
+                left.swap(p->outbox);
+            }
+            for (auto& out : left) complete(out, Status::canceled("shm backend is closing"));
+        }
+    }
+
+    Fd wake_;
+    std::mutex mutex_;
+    bool stopping_ = false;
+    std::vector<std::shared_ptr<ShmPeer>> peers_;  // newly non-empty outboxes
+    std::thread thread_;
+};
+
+std::optional<Status> ShmPeer::sendOrQueue(Outgoing out) {
+    {
+        std::lock_guard<std::mutex> lock(send_mutex);
+        if (outbox.empty()) {
+            Status error;
+            const Sent sent = trySend(out.msg, &error);
+            if (sent == Sent::kOk) return Status::ok();
+            if (sent == Sent::kError) return error;
+        }
+        outbox.push_back(std::move(out));
+        if (outbox.size() > 1) return std::nullopt;  // the notifier already watches this peer
+    }
+    notifier->watch(shared_from_this());
+    return std::nullopt;
+}
 
 // Remote key: u8 kind (0 = reach by CMA, 1 = memfd) [i32 fd in the owner, u64 offset].
 constexpr uint8_t kKeyCma = 0;
@@ -305,6 +474,7 @@ public:
     }
 
     ~ShmBackend() override {
+        notifier_->stop();
         const uint64_t one = 1;
         (void)::write(listener_->stop_fd.fd, &one, sizeof(one));
         if (thread_.get_id() == std::this_thread::get_id()) {
@@ -366,6 +536,7 @@ public:
                                            " now belongs to another process");
         }
         const std::string sock(reinterpret_cast<const char*>(info.data() + 12), info.size() - 12);
+        peer->notifier = notifier_;
         peer->notify_socket = Fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
         socklen_t len = 0;
         sockaddr_un addr = abstractAddress(sock, &len);
@@ -413,8 +584,18 @@ public:
         return Status::ok();
     }
 
-    Status notify(BackendPeer& peer, ByteView payload, Clock::time_point) override {
-        return static_cast<ShmPeer&>(peer).send(payload);
+    Status notify(BackendPeer& backend_peer, ByteView payload, Clock::time_point deadline) override {
+        auto& peer = static_cast<ShmPeer&>(backend_peer);
+        Outgoing out{nullptr, peer.message(payload), deadline,
+                     std::make_shared<std::pair<std::mutex, std::condition_variable>>(),
+                     std::make_shared<std::optional<Status>>()};
+        auto sync = out.sync;
+        auto result = out.result;
+        if (std::optional<Status> now = peer.sendOrQueue(std::move(out))) return *now;
+        // Queued: the notifier ends it by its deadline.
+        std::unique_lock<std::mutex> lock(sync->first);
+        sync->second.wait(lock, [&] { return result->has_value(); });
+        return **result;
     }
 
 private:
@@ -427,8 +608,12 @@ private:
           pool_(ctx.config->shm.threads ? ctx.config->shm.threads
                                         : std::min(4u, std::max(1u, std::thread::hardware_concurrency())),
                 kMaxIov, 64 << 20, copyChunk,
-                [](TransferJob& job) { return static_cast<ShmPeer&>(*job.peer).send(job.notify); }) {
+                [](const std::shared_ptr<TransferJob>& job) {
+                    auto& peer = static_cast<ShmPeer&>(*job->peer);
+                    return peer.sendOrQueue({job, peer.message(job->notify), job->deadline, nullptr, nullptr});
+                }) {
         caps_.lanes = pool_.threads();  // copy threads share a job
+        notifier_->start(notifier_);
         thread_ = std::thread([l = listener_] { l->run(); });
     }
 
@@ -439,6 +624,7 @@ private:
     std::string self_name_;
     uint64_t self_instance_;
     uint64_t start_time_;
+    std::shared_ptr<Notifier> notifier_ = std::make_shared<Notifier>();
     CopyPool pool_;
     std::thread thread_;
 };
