@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "core/deadline_timer.h"
+#include "util/auth.h"
 
 namespace kvxfer {
 namespace {
@@ -94,6 +95,7 @@ Result<std::shared_ptr<Engine>> Engine::create(EngineConfig config) {
     }
     std::shared_ptr<Engine> engine(new Engine(std::move(config)));
     engine->instance_id_ = randomInstanceId();
+    KVXFER_ASSIGN_OR_RETURN(engine->secret_, auth::randomSecret());
     engine->host_id_ = readHostId();
     engine->completion_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (engine->completion_fd_ < 0) return Status::systemErrno("eventfd", errno);
@@ -108,6 +110,7 @@ Result<std::shared_ptr<Engine>> Engine::create(EngineConfig config) {
     BackendContext ctx;
     ctx.engine_name = engine->config_.name;
     ctx.instance_id = engine->instance_id_;
+    ctx.secret = engine->secret_;
     ctx.sink = engine.get();
     ctx.config = &engine->config_.backend;
     for (const auto& name : names) {
@@ -201,11 +204,21 @@ Result<std::shared_ptr<Region>> Engine::registerMemory(const MemorySpan& span, s
 }
 
 Status Engine::deregisterMemory(const Region& region) {
-    std::lock_guard<std::mutex> lock(control_mutex_);
-    if (region.engine_.get() != this || published_.erase(region.id_) == 0) {
-        return Status::notFound("region " + std::to_string(region.id_) + " is not registered here");
+    {
+        std::lock_guard<std::mutex> lock(control_mutex_);
+        if (region.engine_.get() != this || published_.erase(region.id_) == 0) {
+            return Status::notFound("region " + std::to_string(region.id_) + " is not registered here");
+        }
     }
+    revoke(const_cast<Region&>(region));
     return Status::ok();
+}
+
+void Engine::revoke(Region& region) {
+    if (region.deregistered_.exchange(true)) return;
+    for (size_t i = 0; i < backends_.size(); ++i) {
+        if (BackendRegion* r = region.backendRegion(i)) backends_[i]->revokeMemory(*r);
+    }
 }
 
 Bytes Engine::descriptor() const {
@@ -214,6 +227,7 @@ Bytes Engine::descriptor() const {
     d.instance_id = instance_id_;
     d.host_id = host_id_;
     d.pid = static_cast<uint32_t>(::getpid());
+    d.secret = secret_;
     for (const auto& b : backends_) d.backends.push_back({std::string(b->name()), b->endpointInfo()});
     {
         std::lock_guard<std::mutex> lock(control_mutex_);
@@ -239,7 +253,7 @@ Result<std::shared_ptr<Peer>> Engine::addPeer(ByteView bytes) {
         peer->engine_ = shared_from_this();
         peer->name_ = desc.engine_name;
         peer->instance_id_ = desc.instance_id;
-        PeerIdentity identity{desc.engine_name, desc.instance_id, desc.pid, desc.host_id == host_id_};
+        PeerIdentity identity{desc.engine_name, desc.instance_id, desc.pid, desc.host_id == host_id_, desc.secret};
         Status last = Status::unsupported("no common backend with peer '" + desc.engine_name + "'");
         for (size_t i = 0; i < backends_.size() && !peer->connection_; ++i) {
             for (const auto& ep : desc.backends) {
@@ -356,6 +370,10 @@ Status Engine::planParts(const TransferRequest& req, const PeerDescriptor& snaps
         if (part.local->engine_.get() != this) {
             return Status::notFound(where + "local region " + std::to_string(part.local->id()) +
                                     " is not registered with this engine");
+        }
+        if (part.local->deregistered()) {
+            return Status::notFound(where + "local region " + std::to_string(part.local->id()) +
+                                    " was deregistered");
         }
         if (part.local->backendRegion(req.peer->backend_index_) == nullptr) {
             return Status::unsupported(where + "local region " + std::to_string(part.local->id()) + " (" +
@@ -565,7 +583,8 @@ Status Engine::reconnect(Peer& peer, const BackendPeer* dead) {
     while (key_index < desc->backends.size() && desc->backends[key_index].name != peer.backend_name_)
         ++key_index;
     if (key_index == desc->backends.size()) return Status::internal("peer descriptor lost its backend");
-    PeerIdentity identity{desc->engine_name, desc->instance_id, desc->pid, desc->host_id == host_id_};
+    PeerIdentity identity{desc->engine_name, desc->instance_id, desc->pid, desc->host_id == host_id_,
+                          desc->secret};
     KVXFER_ASSIGN_OR_RETURN(auto conn, backend.connect(identity, desc->backends[key_index].info,
                                                        deadlineAfter(config_.connect_timeout)));
     std::map<uint32_t, std::shared_ptr<BackendRemoteRegion>> imports;
@@ -659,11 +678,19 @@ EngineStats Engine::stats() const {
 
 void Engine::close() {
     std::map<std::string, std::shared_ptr<Peer>> peers;
+    std::vector<std::shared_ptr<Region>> regions;
     {
         std::lock_guard<std::mutex> lock(control_mutex_);
         if (closed_.exchange(true)) return;
         peers.swap(peers_);
+        published_.clear();
+        for (auto& [id, w] : regions_) {
+            if (auto r = w.lock()) regions.push_back(std::move(r));
+        }
     }
+    // Peers reach none of this engine's memory any more.
+    for (auto& r : regions) revoke(*r);
+    regions.clear();
     for (auto& [name, peer] : peers) {
         std::vector<std::weak_ptr<TransferJob>> jobs;
         {
