@@ -51,6 +51,24 @@ bool sameSide(const TransferSide& a, const TransferSide& b) {
     return x.extents.data() == y.extents.data() && x.extents.size() == y.extents.size();
 }
 
+// Overlapping destination extents would make the result depend on the order the backend's
+// threads happen to copy in: refused.
+Status checkDestinationExtents(const TransferSide& side, const std::string& where) {
+    const auto* x = std::get_if<ExtentSide>(&side);
+    if (x == nullptr || x->extents.size() < 2) return Status::ok();
+    std::vector<std::pair<uint64_t, uint64_t>> spans;
+    spans.reserve(x->extents.size());
+    for (const auto& e : x->extents) spans.emplace_back(e.offset, e.offset + e.length);
+    std::sort(spans.begin(), spans.end());
+    for (size_t i = 1; i < spans.size(); ++i) {
+        if (spans[i].first < spans[i - 1].second) {
+            return Status::invalidArgument(where + "destination extents overlap at byte " +
+                                           std::to_string(spans[i].first));
+        }
+    }
+    return Status::ok();
+}
+
 }  // namespace
 
 Region::~Region() {
@@ -407,6 +425,8 @@ Status Engine::planParts(const TransferRequest& req, const PeerDescriptor& snaps
                 continue;
             }
         }
+        KVXFER_RETURN_IF_ERROR(
+            checkDestinationExtents(req.op == Op::kWrite ? part.remote_side : part.local_side, where));
         TransferSide local_side = part.local_side;
         TransferSide remote_side = part.remote_side;
         if (auto* b = std::get_if<BlockSide>(&local_side)) {

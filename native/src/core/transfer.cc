@@ -202,26 +202,23 @@ Status TransferJob::status() const {
 }
 
 TransferState TransferJob::waitUntil(Clock::time_point until) {
-    {
-        std::unique_lock<std::mutex> lock(mutex_);
-        cv_.wait_until(lock, std::min(until, deadline), [&] {
-            const uint8_t s = state_.load(std::memory_order_acquire);
-            return s == kOk || s == kFail;
-        });
+    // Waits in slices of at most a day: condition variables overflow on time points
+    // centuries away (a saturated timeout), and would then return at once.
+    constexpr auto kSlice = std::chrono::hours(24);
+    for (;;) {
+        {
+            std::unique_lock<std::mutex> lock(mutex_);
+            const auto now = Clock::now();
+            auto stop = std::min(until, deadline);  // at the deadline, state() ends the job
+            if (stop - now > kSlice) stop = now + kSlice;
+            cv_.wait_until(lock, stop, [&] {
+                const uint8_t s = state_.load(std::memory_order_acquire);
+                return s == kOk || s == kFail;
+            });
+        }
+        const TransferState s = state();
+        if (s != TransferState::kPending || Clock::now() >= until) return s;
     }
-    TransferState s = state();
-    // A committing job past its deadline ends only when its backend says so; the caller
-    // asked to wait until `until`, so keep waiting for that.
-    if (s == TransferState::kPending && until > Clock::now()) {
-        std::unique_lock<std::mutex> lock(mutex_);
-        cv_.wait_until(lock, until, [&] {
-            const uint8_t st = state_.load(std::memory_order_acquire);
-            return st == kOk || st == kFail;
-        });
-        lock.unlock();
-        s = state();
-    }
-    return s;
 }
 
 bool TransferJob::waitQuiesced(Clock::time_point until) {
