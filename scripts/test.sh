@@ -46,7 +46,7 @@ step "Python tests (host)"
 # whose kvxfer/ has no compiled module).
 export PYTHONSAFEPATH=1
 set +e
-"$py" -P -m pytest tests/python -p no:cacheprovider
+"$py" -P -m pytest tests/python tests/adversarial -p no:cacheprovider
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi

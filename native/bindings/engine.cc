@@ -235,7 +235,8 @@ void registerEngine(py::module_& m) {
             "wait_notification",
             [](Engine& e, double timeout) {
                 // Capped at a day per call: time points centuries away overflow (callers loop).
-                const auto ms = std::min<std::chrono::milliseconds>(toMillis(timeout), std::chrono::hours(24));
+                const auto ms =
+                    std::min<std::chrono::milliseconds>(toMillis(timeout), std::chrono::hours(24));
                 py::gil_scoped_release nogil;
                 return e.waitNotification(Clock::now() + ms);
             },

@@ -215,8 +215,8 @@ void registerTransfer(py::module_& m) {
                     py::gil_scoped_release nogil;
                     const auto now = Clock::now();
                     // In milliseconds: comparing in nanoseconds would overflow for ~300 years.
-                    const auto room = std::chrono::duration_cast<std::chrono::milliseconds>(
-                        Clock::time_point::max() - now);
+                    const auto room =
+                        std::chrono::duration_cast<std::chrono::milliseconds>(Clock::time_point::max() - now);
                     const auto until = !timeout || ms >= room ? Clock::time_point::max() : now + ms;
                     s = t.wait(until);
                 }

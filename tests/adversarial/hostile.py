@@ -88,7 +88,9 @@ class HostileClient:
         except (ConnectionResetError, TimeoutError, OSError):
             return out
 
-    def hello(self, initiator: int, target: int, name: bytes = b"mallory", link: int = 1, nonce=None) -> bytes:
+    def hello(
+        self, initiator: int, target: int, name: bytes = b"mallory", link: int = 1, nonce=None
+    ) -> bytes:
         self.nonce = nonce or os.urandom(32)
         self.initiator, self.link, self.name = initiator, link, name
         self.send(frame(HELLO, aux=len(name), job=initiator, a=target, b=link, body=name + self.nonce))

@@ -96,11 +96,13 @@ def test_stopped_peer_transfers_end_by_deadline_and_healthy_peer_is_unaffected(b
         healthy_elapsed = time.monotonic() - t0
         ends = end_times(hung_transfers, 10.0)
         assert all(e is not None for e in ends), "a transfer to the stopped peer never ended"
-        late = sorted(e - d for e, d in zip(ends, deadlines))
+        late = sorted(e - d for e, d in zip(ends, deadlines, strict=True))
         p99 = late[int(0.99 * (len(late) - 1))]
-        print(f"\n[figure] {backend}: lateness after deadline p50={late[len(late) // 2] * 1e3:.1f} ms "
-              f"p99={p99 * 1e3:.1f} ms max={late[-1] * 1e3:.1f} ms; healthy peer 32 transfers "
-              f"in {healthy_elapsed * 1e3:.0f} ms")
+        print(
+            f"\n[figure] {backend}: lateness after deadline p50={late[len(late) // 2] * 1e3:.1f} ms "
+            f"p99={p99 * 1e3:.1f} ms max={late[-1] * 1e3:.1f} ms; healthy peer 32 transfers "
+            f"in {healthy_elapsed * 1e3:.0f} ms"
+        )
         assert late[-1] <= LATE_BOUND, late
         for t in hung_transfers:
             assert t.poll() in (TransferState.DONE, TransferState.FAILED)
@@ -138,8 +140,9 @@ def test_killed_peer_fails_transfers_by_deadline(backend):
         outcomes = []
         for _ in range(8):
             try:
-                t = eng.post(Op.WRITE, peer, rs, rid, local_extents=ext, remote_extents=ext, notify=b"x",
-                             timeout=1.0)
+                t = eng.post(
+                    Op.WRITE, peer, rs, rid, local_extents=ext, remote_extents=ext, notify=b"x", timeout=1.0
+                )
                 t.wait()
                 outcomes.append("done")
             except (errors.PeerUnreachableError, errors.TimeoutError) as e:

@@ -223,4 +223,3 @@ def test_non_utf8_notification_never_hides_the_legitimate_ones():
     finally:
         a.close()
         b.close()
-

@@ -614,7 +614,12 @@ def test_wire_protocol_and_malformed_frames():
             # A run past the end: drained, not written, ACKed as REMOTE, no notification.
             s.sendall(
                 frame(
-                    WRITE, aux=1, job=2, a=tag, b=64, body=struct.pack("<QQ", base + size - 32, 64) + bytes(64)
+                    WRITE,
+                    aux=1,
+                    job=2,
+                    a=tag,
+                    b=64,
+                    body=struct.pack("<QQ", base + size - 32, 64) + bytes(64),
                 )
             )
             s.sendall(frame(END, aux=1, job=2, b=4, body=b"nope"))

@@ -271,7 +271,8 @@ Result<std::shared_ptr<Peer>> Engine::addPeer(ByteView bytes) {
         peer->engine_ = shared_from_this();
         peer->name_ = desc.engine_name;
         peer->instance_id_ = desc.instance_id;
-        PeerIdentity identity{desc.engine_name, desc.instance_id, desc.pid, desc.host_id == host_id_, desc.secret};
+        PeerIdentity identity{desc.engine_name, desc.instance_id, desc.pid, desc.host_id == host_id_,
+                              desc.secret};
         Status last = Status::unsupported("no common backend with peer '" + desc.engine_name + "'");
         for (size_t i = 0; i < backends_.size() && !peer->connection_; ++i) {
             for (const auto& ep : desc.backends) {

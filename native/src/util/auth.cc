@@ -30,14 +30,16 @@ Mac mac(ByteView secret, std::initializer_list<ByteView> parts) {
     Mac out{};
     unsigned len = 0;
     // On failure the all-zero MAC never equals a real proof of a random nonce.
-    if (HMAC(EVP_sha256(), secret.data(), static_cast<int>(secret.size()), data.data(), data.size(), out.data(),
-             &len) == nullptr ||
+    if (HMAC(EVP_sha256(), secret.data(), static_cast<int>(secret.size()), data.data(), data.size(),
+             out.data(), &len) == nullptr ||
         len != out.size()) {
         out.fill(0);
     }
     return out;
 }
 
-bool equal(ByteView a, ByteView b) { return a.size() == b.size() && CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0; }
+bool equal(ByteView a, ByteView b) {
+    return a.size() == b.size() && CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
+}
 
 }  // namespace kvxfer::auth

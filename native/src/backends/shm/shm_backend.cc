@@ -38,9 +38,9 @@
 
 #include "backends/factories.h"
 #include "backends/shm/exports.h"
-#include "util/auth.h"
 #include "kvxfer/config.h"
 #include "kvxfer/host_memory.h"
+#include "util/auth.h"
 #include "util/copy_pool.h"
 #include "util/fast_copy.h"
 #include "util/scoped_fd.h"
@@ -297,7 +297,8 @@ private:
                 std::lock_guard<std::mutex> lock(mutex_);
                 if (stopping_) break;
                 for (auto& p : peers_) {
-                    if (std::find(peers.begin(), peers.end(), p) == peers.end()) peers.push_back(std::move(p));
+                    if (std::find(peers.begin(), peers.end(), p) == peers.end())
+                        peers.push_back(std::move(p));
                 }
                 peers_.clear();
             }
@@ -412,7 +413,8 @@ Status copyPartRuns(TransferJob& job, uint64_t first, uint64_t end) {
     auto& import = *static_cast<ShmRemoteRegion*>(part.remote.backend);
     shm::SlotUse use(*import.slot, import.tag);
     if (!use.ok()) {
-        return Status::remote("shm peer '" + peer.name + "' no longer exports the region (deregistered or closed)");
+        return Status::remote("shm peer '" + peer.name +
+                              "' no longer exports the region (deregistered or closed)");
     }
     if (uint8_t* mapped = import.mapped) {
         // The mapping outlives the peer, so liveness is checked explicitly.
@@ -529,7 +531,8 @@ struct Listener {
         uint32_t magic = 0;
         switch (conn.state) {
             case Conn::kHello: {
-                if (k < 4 + 8 + auth::kNonceBytes + 1 || k > 4 + 8 + auth::kNonceBytes + PeerDescriptor::kMaxName)
+                if (k < 4 + 8 + auth::kNonceBytes + 1 ||
+                    k > 4 + 8 + auth::kNonceBytes + PeerDescriptor::kMaxName)
                     return false;
                 std::memcpy(&magic, m, 4);
                 if (magic != kMagic) return false;
@@ -714,13 +717,16 @@ public:
             return Status::peerUnreachable("shm peer '" + identity.name + "': malformed handshake");
         }
         const ByteView theirs(msg.data() + 4, auth::kNonceBytes);
-        const auth::Mac expected = auth::mac(identity.secret, {auth::view(kTargetLabel), auth::view(mine), theirs});
-        if (!auth::equal(auth::view(expected), ByteView(msg.data() + 4 + auth::kNonceBytes, auth::kMacBytes))) {
+        const auth::Mac expected =
+            auth::mac(identity.secret, {auth::view(kTargetLabel), auth::view(mine), theirs});
+        if (!auth::equal(auth::view(expected),
+                         ByteView(msg.data() + 4 + auth::kNonceBytes, auth::kMacBytes))) {
             return Status::peerUnreachable("shm peer '" + identity.name +
                                            "' could not prove its descriptor's secret");
         }
-        const auth::Mac proof = auth::mac(identity.secret, {auth::view(kInitiatorLabel), theirs, auth::view(mine),
-                                                           auth::view(self_instance_), auth::view(self_name_)});
+        const auth::Mac proof =
+            auth::mac(identity.secret, {auth::view(kInitiatorLabel), theirs, auth::view(mine),
+                                        auth::view(self_instance_), auth::view(self_name_)});
         Bytes out(4);
         std::memcpy(out.data(), &kMagic, 4);
         out.insert(out.end(), proof.begin(), proof.end());
@@ -785,7 +791,8 @@ public:
                                                                     ByteView key) override {
         auto& peer = static_cast<ShmPeer&>(backend_peer);
         const std::string what = "shm region " + std::to_string(region.id) + " of peer '" + peer.name + "'";
-        if (key.size() != kKeyBytes || key[0] != kKeyVersion) return Status::badDescriptor(what + ": malformed key");
+        if (key.size() != kKeyBytes || key[0] != kKeyVersion)
+            return Status::badDescriptor(what + ": malformed key");
         uint32_t index = 0;
         uint64_t tag = 0;
         std::memcpy(&index, key.data() + 1, 4);
@@ -798,7 +805,8 @@ public:
         const uint64_t base = slot.base, length = slot.length, ino = slot.ino, offset = slot.offset;
         const int32_t remote_fd = slot.fd;
         if (!use.ok() || base != region.base_address || length != region.length) {
-            return Status::badDescriptor(what + " does not match what the peer exports (stale or forged descriptor)");
+            return Status::badDescriptor(
+                what + " does not match what the peer exports (stale or forged descriptor)");
         }
         auto remote = std::make_unique<ShmRemoteRegion>();
         remote->exports = peer.exports;
@@ -810,7 +818,8 @@ public:
         Fd fd(static_cast<int>(::syscall(SYS_pidfd_getfd, peer.pidfd.fd, remote_fd, 0)));
         struct stat st {};
         if (fd.fd < 0 || ::fstat(fd.fd, &st) != 0 || static_cast<uint64_t>(st.st_ino) != ino ||
-            offset > static_cast<uint64_t>(st.st_size) || length > static_cast<uint64_t>(st.st_size) - offset) {
+            offset > static_cast<uint64_t>(st.st_size) ||
+            length > static_cast<uint64_t>(st.st_size) - offset) {
             return std::unique_ptr<BackendRemoteRegion>(std::move(remote));
         }
         const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
@@ -853,13 +862,13 @@ private:
           self_name_(ctx.engine_name),
           self_instance_(ctx.instance_id),
           start_time_(processStartTime(::getpid())),
-          pool_(ctx.config->shm.threads ? ctx.config->shm.threads
-                                        : std::min(4u, std::max(1u, std::thread::hardware_concurrency())),
-                kMaxIov, 64 << 20, copyChunk,
-                [](const std::shared_ptr<TransferJob>& job) {
-                    auto& peer = static_cast<ShmPeer&>(*job->peer);
-                    return peer.sendOrQueue({job, peer.message(job->notify), job->deadline, nullptr, nullptr});
-                }) {
+          pool_(
+              ctx.config->shm.threads ? ctx.config->shm.threads
+                                      : std::min(4u, std::max(1u, std::thread::hardware_concurrency())),
+              kMaxIov, 64 << 20, copyChunk, [](const std::shared_ptr<TransferJob>& job) {
+                  auto& peer = static_cast<ShmPeer&>(*job->peer);
+                  return peer.sendOrQueue({job, peer.message(job->notify), job->deadline, nullptr, nullptr});
+              }) {
         caps_.lanes = pool_.threads();  // copy threads share a job
         notifier_->start(notifier_);
         thread_ = std::thread([l = listener_] { l->run(); });

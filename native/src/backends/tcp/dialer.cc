@@ -38,7 +38,8 @@ Status handshake(const PeerConn& c, int fd, Check&& hs_check) {
     uint8_t hb[kHeaderBytes];
     Header h;
     auto readAck = [&]() -> Status {
-        if (h.b > kMaxMessageBytes) return Status::peerUnreachable("not a kvxfer tcp endpoint (bad HELLO reply)");
+        if (h.b > kMaxMessageBytes)
+            return Status::peerUnreachable("not a kvxfer tcp endpoint (bad HELLO reply)");
         std::string msg(h.b, '\0');
         if (h.b) KVXFER_RETURN_IF_ERROR(recvBytes(fd, msg.data(), msg.size(), hs_check, "hello"));
         if (h.aux != 0) return statusFromWire(h.aux, msg);
@@ -65,8 +66,9 @@ Status handshake(const PeerConn& c, int fd, Check&& hs_check) {
     }
     const uint64_t instance = c.self_instance;
     const uint64_t link = c.link;
-    const auth::Mac proof = auth::mac(c.peer_secret, {auth::view(kInitiatorLabel), theirs, auth::view(mine),
-                                                     auth::view(instance), auth::view(link), auth::view(c.self_name)});
+    const auth::Mac proof =
+        auth::mac(c.peer_secret, {auth::view(kInitiatorLabel), theirs, auth::view(mine), auth::view(instance),
+                                  auth::view(link), auth::view(c.self_name)});
     std::vector<uint8_t> out;
     appendFrame(out, {.type = kProof, .b = proof.size()}, proof.data(), proof.size());
     KVXFER_RETURN_IF_ERROR(sendBytes(fd, out.data(), out.size(), hs_check, "hello"));

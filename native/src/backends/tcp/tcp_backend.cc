@@ -150,7 +150,8 @@ public:
         auto r = std::make_unique<TcpRegion>();
         r->shared = shared_;
         uint64_t tag = 0;
-        while (tag == 0) KVXFER_RETURN_IF_ERROR(auth::randomBytes(reinterpret_cast<uint8_t*>(&tag), sizeof(tag)));
+        while (tag == 0)
+            KVXFER_RETURN_IF_ERROR(auth::randomBytes(reinterpret_cast<uint8_t*>(&tag), sizeof(tag)));
         r->entry = shared_->regions.add(tag, reinterpret_cast<uint64_t>(base), length);
         return std::unique_ptr<BackendRegion>(std::move(r));
     }
