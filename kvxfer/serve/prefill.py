@@ -91,6 +91,10 @@ class PrefillWorker(WorkerBase):
         if info.get("role") == "decode" and info.get("url"):
             self.decodes[name] = {"url": info["url"].rstrip("/"), "open": 0, "down_until": 0.0}
 
+    def on_peer_gone(self, name: str) -> None:
+        # streams already open to it keep their entry object; no new request picks it
+        self.decodes.pop(name, None)
+
     # -- slots ---------------------------------------------------------------------------------
     def _on_released(self, note: kvxfer.Notification) -> None:
         rid = note.payload.split(b":", 1)[1].decode()
@@ -261,7 +265,7 @@ class PrefillWorker(WorkerBase):
             await send_event(resp, protocol.error_event(e.code, str(e)))
             return
         timings["decode_pick_s"] = time.time() - t0
-        d = self.decodes[name]
+        d = self.decodes.get(name) or {"open": 0}  # removed by the control plane meanwhile
         d["open"] += 1
         finished = False
         try:

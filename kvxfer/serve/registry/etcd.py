@@ -50,6 +50,8 @@ class EtcdRegistry(Registry):
         self.url = f"etcd://{self.host}:{self.port}"
         self.timeout_s = timeout_s
         self._local = threading.local()
+        self._conns: list[http.client.HTTPConnection] = []  # every thread's, closed by close()
+        self._conns_lock = threading.Lock()
         self.revision()  # fail now, with a clear error, if etcd is not there
 
     # -- transport ---------------------------------------------------------------------------
@@ -58,6 +60,8 @@ class EtcdRegistry(Registry):
         if c is None:
             c = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
             self._local.conn = c
+            with self._conns_lock:
+                self._conns.append(c)
         return c
 
     def _call(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -71,6 +75,8 @@ class EtcdRegistry(Registry):
             except (OSError, http.client.HTTPException) as e:
                 c.close()
                 self._local.conn = None
+                with self._conns_lock:
+                    self._conns.remove(c)
                 if attempt:
                     raise RegistryError(f"etcd {self.url}{path}: {type(e).__name__}: {e}") from e
                 continue
@@ -190,6 +196,7 @@ class EtcdRegistry(Registry):
             c.close()
 
     def close(self) -> None:
-        c = getattr(self._local, "conn", None)
-        if c is not None:
-            c.close()
+        with self._conns_lock:
+            for c in self._conns:
+                c.close()
+            self._conns.clear()
