@@ -13,7 +13,7 @@ from .kv_transfer import MODES as TRANSFER_MODES
 ROLES = ("prefill", "decode", "aggregated", "gateway")
 COMPUTE_MODES = ("real", "profiled")
 POLICIES = ("reject-retry", "local-queue")
-BACKENDS = ("shm", "tcp")
+BACKENDS = ("shm", "tcp", "cuda_ipc")
 
 
 @dataclass

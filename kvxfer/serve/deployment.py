@@ -113,6 +113,7 @@ class Deployment:
         self.etcd: Any = None
         self._base: WorkerConfig | None = None
         self._names = itertools.count()
+        self.role_devices: dict[str, str] = {}
 
     def _urls(self, role: str) -> list[str]:
         return [p.url for p in self.procs.values() if p.role == role]
@@ -234,13 +235,16 @@ def start_local(
     registry: str = "",
     groups: int = 1,
     scenario: str = "*",
+    role_devices: dict[str, str] | None = None,
     **worker_options: Any,
 ) -> Deployment:
     """Starts ``n_prefill`` prefill + ``n_decode`` decode (+ ``n_aggregated`` aggregated)
     worker processes and a gateway; returns once all of them answer. ``worker_options`` are
     further :class:`WorkerConfig` fields (``transfer_mode``, ``max_prompt_tokens``, ``pending``,
     ``ttft_slo_s``, ...). Worker logs go to ``log_dir`` (kept), else to a temporary folder
-    removed by ``stop()`` unless ``KVXFER_SERVE_KEEP_LOGS=1``. Raises :class:`WorkerStartError`
+    removed by ``stop()`` unless ``KVXFER_SERVE_KEEP_LOGS=1``. ``role_devices`` places a role's
+    model and KV on a torch device (e.g. ``{"prefill": "cuda:0", "decode": "cuda:1"}``); the
+    ``device`` option places every role. Raises :class:`WorkerStartError`
     (after stopping what started) when a process fails or is not ready by ``start_timeout``.
 
     ``registry``: "" (peers exchanged over HTTP by this function), or the control plane:
@@ -277,7 +281,8 @@ def start_local(
     try:
         for role, count in (("prefill", n_prefill), ("decode", n_decode), ("aggregated", n_aggregated)):
             for i in range(count):
-                dep.spawn(base.replace(role=role, name=f"{role}-{i}", port=0))
+                dev = (role_devices or {}).get(role, base.device)
+                dep.spawn(base.replace(role=role, name=f"{role}-{i}", port=0, device=dev))
         for p in list(dep.procs.values()):
             p.wait_ready(deadline)
         prefills = [p for p in dep.procs.values() if p.role == "prefill"]

@@ -55,11 +55,13 @@ class PrefillWorker(WorkerBase):
         geom = compute.geometry
         self.t_max = kt.padded_tokens(cfg.max_prompt_tokens, cfg.block_tokens)
         self.buf_bytes = geom.contiguous_bytes(self.t_max)
-        self.buffers = shared_tensor(cfg.b_p * self.buf_bytes)
+        self.buffers = shared_tensor(cfg.b_p * self.buf_bytes, cfg.device)
         self.buf_region = self.engine.register(self.buffers)
         self.paged = None
         if cfg.transfer_mode != "block-free":
-            self.paged = make_pool(compute, cfg.b_p * (self.t_max // cfg.block_tokens) + 1, cfg.block_tokens)
+            self.paged = make_pool(
+                compute, cfg.b_p * (self.t_max // cfg.block_tokens) + 1, cfg.block_tokens, cfg.device
+            )
             self.paged_region = self.engine.register(self.paged.tensor, self.paged.layout())
             kt.answer_block_acks(self.router, self.engine)
         self.router.on(kt.RELEASED, self._on_released)
