@@ -155,9 +155,9 @@ class Deployment:
         ctl = self.controllers.get(group)
         scenario = ctl.scenario if ctl is not None else self._base.scenario
         name = f"{role}-{next(self._names)}"
-        self.spawn(
-            self._base.replace(role=role, name=name, port=0, group=group, scenario=scenario, **overrides)
-        )
+        dev = self.role_devices.get(role, self._base.device)
+        cfg = self._base.replace(role=role, name=name, port=0, group=group, scenario=scenario, device=dev)
+        self.spawn(cfg.replace(**overrides))
         return name
 
     def stop_member(self, name: str) -> None:
@@ -266,6 +266,7 @@ def start_local(
             raise ConfigError(
                 "a registry deployment needs n_prefill >= 1, n_decode >= 1, groups >= 1, no aggregated"
             )
+        dep.role_devices = dict(role_devices or {})
         try:
             _start_groups(dep, base, registry, groups, scenario, n_prefill, n_decode, deadline)
             if gateway:
