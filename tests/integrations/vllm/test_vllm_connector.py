@@ -209,3 +209,34 @@ def test_unsupported_shapes_are_refused(pair):
     d.admit("r9", 64, params, [10, 11])
     assert d.run_until(lambda: "r9" in d.recvd, timeout=5)
     assert d.load_errors == {10, 11}
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_real_vllm_pd_run(tmp_path):
+    """Two real vLLM CPU instances (a tiny random Llama) with KvxferConnector: the
+    disaggregated output equals the aggregated one, logprobs included; decoding prompt A
+    from prompt B's KV gives something else (so the KV really came over); the prefill
+    frees the blocks of both requests once the decode has read them."""
+    import vllm_real_pd
+
+    vllm_real_pd.make_model(tmp_path / "model")
+    script = Path(vllm_real_pd.__file__)
+    procs = [
+        subprocess.Popen([sys.executable, str(script), role, str(tmp_path)], stdout=subprocess.DEVNULL)
+        for role in ("prefill", "decode")
+    ]
+    try:
+        for p in procs:
+            assert p.wait(timeout=420) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    dec = json.loads((tmp_path / "decode.json").read_text())
+    pre = json.loads((tmp_path / "prefill.json").read_text())
+    assert len(dec["agg"]["tokens"]) == 8
+    assert dec["pd"] == dec["agg"]
+    assert dec["control"]["tokens"] != dec["agg"]["tokens"]
+    assert len(pre["held"]) == 2 and pre["still_held"] == []

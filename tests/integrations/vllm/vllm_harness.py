@@ -53,7 +53,9 @@ def kv_cache_config() -> KVCacheConfig:
     return KVCacheConfig(
         num_blocks=NUM_BLOCKS,
         kv_cache_tensors=[
-            KVCacheTensor(size=per_layer, layers=[n], layer_stride=per_layer, block_stride=spec.page_size_bytes)
+            KVCacheTensor(
+                size=per_layer, layers=[n], layer_stride=per_layer, block_stride=spec.page_size_bytes
+            )
             for n in LAYER_NAMES
         ],
         kv_cache_groups=[KVCacheGroupSpec(LAYER_NAMES, spec)],
@@ -74,7 +76,9 @@ def kv_tensors(seed: int | None) -> dict[str, torch.Tensor]:
 
 
 def request(rid: str, prompt_len: int, params: dict | None) -> Request:
-    sp = SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": params} if params is not None else None)
+    sp = SamplingParams(
+        max_tokens=1, extra_args={"kv_transfer_params": params} if params is not None else None
+    )
     return Request(rid, list(range(1, prompt_len + 1)), sp, None)
 
 
@@ -133,7 +137,9 @@ class Instance:
         return self.scheduler.request_finished(req, block_ids)
 
     # -- decode ----------------------------------------------------------------------------
-    def admit(self, rid: str, prompt_len: int, params: dict, block_ids: list[int]) -> tuple[Request, int, bool]:
+    def admit(
+        self, rid: str, prompt_len: int, params: dict, block_ids: list[int]
+    ) -> tuple[Request, int, bool]:
         req = request(rid, prompt_len, dict(params))
         n, is_async = self.scheduler.get_num_new_matched_tokens(req, 0)
         self.scheduler.update_state_after_alloc(req, blocks(block_ids), n or 0)
