@@ -160,6 +160,10 @@ struct Worker {
 
     // Builds the job's run table and launches it; on success the job is in flight.
     Status start(const std::shared_ptr<TransferJob>& job) {
+        if (job->parts.empty() || job->total_bytes == 0) {  // a notification-only transfer
+            complete(job, Status::ok(), true);
+            return Status::ok();
+        }
         int ordinal = -1;
         for (const JobPart& p : job->parts) {
             if (ordinal >= 0 && p.local.device != ordinal) {
