@@ -73,7 +73,9 @@ def _stream_handle(stream: Any, after: Any, device: int) -> int:
         stream = torch.cuda.current_stream(device)
     if after is not None:
         if not hasattr(stream, "wait_event"):
-            raise InvalidArgumentError("after= needs a torch.cuda.Stream as stream (an int handle cannot wait)")
+            raise InvalidArgumentError(
+                "after= needs a torch.cuda.Stream as stream (an int handle cannot wait)"
+            )
         stream.wait_event(after)
     if stream is None:
         return 0
@@ -113,7 +115,8 @@ class PackPlan:
         d = _cuda_span(dst, "the destination")
         if s.device != self.device or d.device != self.device:
             raise InvalidArgumentError(
-                f"plan is for cuda:{self.device}; source is on cuda:{s.device}, destination on cuda:{d.device}"
+                f"plan is for cuda:{self.device}; source is on cuda:{s.device}, "
+                f"destination on cuda:{d.device}"
             )
         handle = _stream_handle(stream, after, self.device)
         self._plan.launch(s.ptr, s.nbytes, d.ptr, d.nbytes, swap, handle)

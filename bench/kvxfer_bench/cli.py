@@ -75,15 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
         "see --target-memory and bench/kvxfer_bench/gpu.py",
     )
     g.add_argument(
-        "--target-memory", default=None, help="with --memory cuda:N: the target's GPU, cuda:M (default the same)"
+        "--target-memory",
+        default=None,
+        help="with --memory cuda:N: the target's GPU, cuda:M (default the same)",
     )
     g.add_argument(
         "--gpu-layouts",
         default="one-region,per-layer",
-        help="with --memory cuda:N: one-region (one KV pool), per-layer (one region per layer and K/V), or both",
+        help="with --memory cuda:N: one-region (one KV pool), per-layer (one region per layer and K/V), "
+        "or both",
     )
     g.add_argument("--gpu-pack", action="store_true", help="with --memory cuda:N: also pack/unpack kernels")
-    g.add_argument("--no-contiguous", action="store_true", help="with --memory cuda:N: skip the contiguous case")
+    g.add_argument(
+        "--no-contiguous", action="store_true", help="with --memory cuda:N: skip the contiguous case"
+    )
     g.add_argument(
         "--timeout", type=float, default=120.0, help="per-transfer deadline in seconds (default 120)"
     )
@@ -284,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         from . import gpu
 
         if a.backend not in ("shm", "cuda_ipc"):
-            parser.error("--memory cuda:N runs through the cuda_ipc backend (host staging for tcp is not built)")
+            parser.error(
+                "--memory cuda:N runs through the cuda_ipc backend (host staging for tcp is not built)"
+            )
         try:
             gpu.parse_cuda(a.memory)
             gpu.parse_cuda(a.target_memory or a.memory)

@@ -52,7 +52,11 @@ def gpu_machine() -> dict:
     except Exception as e:  # noqa: BLE001
         out["torch"] = f"unavailable: {e}"
     for key, cmd in {
-        "nvidia_smi": ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,pci.bus_id", "--format=csv,noheader"],
+        "nvidia_smi": [
+            "nvidia-smi",
+            "--query-gpu=name,driver_version,memory.total,pci.bus_id",
+            "--format=csv,noheader",
+        ],
         "topology": ["nvidia-smi", "topo", "-m"],
     }.items():
         try:
@@ -192,7 +196,11 @@ def run(opts: dict, emit) -> int:
 
     d0, d1 = opts["device"], opts["target_device"]
     layers, kv, pool_blocks, nblocks, bb = (
-        opts["layers"], opts["kv"], opts["pool_blocks"], opts["blocks"], opts["block_bytes"]
+        opts["layers"],
+        opts["kv"],
+        opts["pool_blocks"],
+        opts["blocks"],
+        opts["block_bytes"],
     )
     repeat, qd = opts["repeat"], opts["queue_depth"]
     status = kvxfer.gpu.cuda_status()
@@ -215,11 +223,27 @@ def run(opts: dict, emit) -> int:
     peer_w = _time_events(torch, lambda: dst.copy_(src), iters, repeat, d0)
     peer_r = _time_events(torch, lambda: src.copy_(dst), iters, repeat, d0)
     base = {"write": _median_rate(moved, peer_w), "read": _median_rate(moved, peer_r)}
-    emit({"type": "baseline", "what": "peer-copy", "direction": f"{dev0}->{dev1}", "bytes": moved,
-          "gbps": base["write"], "runs_s": peer_w})
-    emit({"type": "baseline", "what": "peer-copy", "direction": f"{dev1}->{dev0}", "bytes": moved,
-          "gbps": base["read"], "runs_s": peer_r})
-    del src, dst
+    emit(
+        {
+            "type": "baseline",
+            "what": "peer-copy",
+            "direction": f"{dev0}->{dev1}",
+            "bytes": moved,
+            "gbps": base["write"],
+            "runs_s": peer_w,
+        }
+    )
+    emit(
+        {
+            "type": "baseline",
+            "what": "peer-copy",
+            "direction": f"{dev1}->{dev0}",
+            "bytes": moved,
+            "gbps": base["read"],
+            "runs_s": peer_r,
+        }
+    )
+    src = dst = None  # free before the transfer cases
     # One copy call per block and layer (a per-block connector), on a smaller pool.
     pb_pool_blocks = min(pool_blocks, 2 * nblocks)
     psrc = torch.empty(layers * kv * pb_pool_blocks * bb, dtype=torch.uint8, device=dev0)
@@ -235,9 +259,18 @@ def run(opts: dict, emit) -> int:
                 pv_d[p, b].copy_(pv_s[p, a], non_blocking=True)
 
     pb = _time_events(torch, per_block, 1, max(1, min(repeat, 3)), d0)
-    emit({"type": "baseline", "what": "per-block", "direction": f"{dev0}->{dev1}", "bytes": moved,
-          "copies": layers * kv * nblocks, "gbps": _median_rate(moved, pb), "runs_s": pb})
-    del psrc, pdst, pv_s, pv_d
+    emit(
+        {
+            "type": "baseline",
+            "what": "per-block",
+            "direction": f"{dev0}->{dev1}",
+            "bytes": moved,
+            "copies": layers * kv * nblocks,
+            "gbps": _median_rate(moved, pb),
+            "runs_s": pb,
+        }
+    )
+    psrc = pdst = pv_s = pv_d = None
 
     # --- kvxfer cuda_ipc, two processes --------------------------------------------------
     target = _Target(d1)
@@ -246,17 +279,29 @@ def run(opts: dict, emit) -> int:
     try:
         layouts = []
         if "one-region" in opts["gpu_layouts"]:
-            layouts.append(("one-region", {"num_layers": layers, "num_kv": kv, "num_blocks": pool_blocks,
-                                           "block_bytes": bb}, 1))
+            layouts.append(
+                (
+                    "one-region",
+                    {"num_layers": layers, "num_kv": kv, "num_blocks": pool_blocks, "block_bytes": bb},
+                    1,
+                )
+            )
         if "per-layer" in opts["gpu_layouts"]:
-            layouts.append(("per-layer", {"num_layers": 1, "num_kv": 1, "num_blocks": pool_blocks,
-                                          "block_bytes": bb}, layers * kv))
+            layouts.append(
+                (
+                    "per-layer",
+                    {"num_layers": 1, "num_kv": 1, "num_blocks": pool_blocks, "block_bytes": bb},
+                    layers * kv,
+                )
+            )
         for name, lay, npools in layouts:
             descriptor, rids = target.call("setup", layout=lay, pools=npools, seed=opts["seed"] + 1)
             nbytes = lay["num_layers"] * lay["num_kv"] * pool_blocks * bb
             g = torch.Generator(device=dev0).manual_seed(opts["seed"] + 2)
-            pools = [torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=dev0, generator=g)
-                     for _ in range(npools)]
+            pools = [
+                torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=dev0, generator=g)
+                for _ in range(npools)
+            ]
             layout = kvxfer.KvLayout(**lay)
             group = engine.register_group(pools, layout)
             peer = engine.add_peer(descriptor)
@@ -264,12 +309,14 @@ def run(opts: dict, emit) -> int:
                 op = kvxfer.Op.WRITE if op_name == "write" else kvxfer.Op.READ
                 plan = engine.plan(op, peer, group, rids, local_blocks=ids_l, remote_blocks=ids_r)
 
-                def post_n(n: int):
+                def post_n(n: int, op=op, peer=peer, group=group, rids=rids):
                     inflight = []
                     for _ in range(n):
                         if len(inflight) >= qd:
                             inflight.pop(0).wait(120)
-                        inflight.append(engine.post(op, peer, group, rids, local_blocks=ids_l, remote_blocks=ids_r))
+                        inflight.append(
+                            engine.post(op, peer, group, rids, local_blocks=ids_l, remote_blocks=ids_r)
+                        )
                     for t in inflight:
                         t.wait(120)
 
@@ -293,11 +340,22 @@ def run(opts: dict, emit) -> int:
                     torch.cuda.synchronize(d0)
                     ok = _digest(pools, lay, ids_l) == target.call("digest", ids=ids_r.tolist())
                 rec = {
-                    "type": "result", "workload": f"paged-random:{name}", "backend": "cuda_ipc", "op": op_name,
-                    "from": dev0 if op_name == "write" else dev1, "to": dev1 if op_name == "write" else dev0,
-                    "regions": npools, "bytes": moved, "pieces": int(plan["pieces"]), "runs": int(plan["runs"]),
-                    "queue_depth": qd, "iters": kiters, "gbps": gbps, "runs_s": runs,
-                    "peer_copy_gbps": base[op_name], "ratio_vs_peer_copy": gbps / base[op_name],
+                    "type": "result",
+                    "workload": f"paged-random:{name}",
+                    "backend": "cuda_ipc",
+                    "op": op_name,
+                    "from": dev0 if op_name == "write" else dev1,
+                    "to": dev1 if op_name == "write" else dev0,
+                    "regions": npools,
+                    "bytes": moved,
+                    "pieces": int(plan["pieces"]),
+                    "runs": int(plan["runs"]),
+                    "queue_depth": qd,
+                    "iters": kiters,
+                    "gbps": gbps,
+                    "runs_s": runs,
+                    "peer_copy_gbps": base[op_name],
+                    "ratio_vs_peer_copy": gbps / base[op_name],
                     "verified": ok,
                 }
                 emit(rec)
@@ -317,7 +375,7 @@ def run(opts: dict, emit) -> int:
             for op_name in opts["ops"]:
                 op = kvxfer.Op.WRITE if op_name == "write" else kvxfer.Op.READ
 
-                def post_c(n: int):
+                def post_c(n: int, op=op, peer=peer, rids=rids):
                     for _ in range(n):
                         engine.post(op, peer, region, rids[0], local_blocks=[0], remote_blocks=[0]).wait(120)
 
@@ -334,11 +392,27 @@ def run(opts: dict, emit) -> int:
                     torch.cuda.synchronize(d0)
                     post_c(1)
                 ok = _digest([local], lay, [0]) == target.call("digest", ids=[0])
-                emit({"type": "result", "workload": "contiguous", "backend": "cuda_ipc", "op": op_name,
-                      "from": dev0 if op_name == "write" else dev1, "to": dev1 if op_name == "write" else dev0,
-                      "regions": 1, "bytes": moved, "pieces": 1, "runs": 1, "queue_depth": 1, "iters": kiters,
-                      "gbps": gbps, "runs_s": runs, "peer_copy_gbps": base[op_name],
-                      "ratio_vs_peer_copy": gbps / base[op_name], "verified": ok})
+                emit(
+                    {
+                        "type": "result",
+                        "workload": "contiguous",
+                        "backend": "cuda_ipc",
+                        "op": op_name,
+                        "from": dev0 if op_name == "write" else dev1,
+                        "to": dev1 if op_name == "write" else dev0,
+                        "regions": 1,
+                        "bytes": moved,
+                        "pieces": 1,
+                        "runs": 1,
+                        "queue_depth": 1,
+                        "iters": kiters,
+                        "gbps": gbps,
+                        "runs_s": runs,
+                        "peer_copy_gbps": base[op_name],
+                        "ratio_vs_peer_copy": gbps / base[op_name],
+                        "verified": ok,
+                    }
+                )
                 if not ok:
                     rc = 3
             engine.deregister(region)
@@ -357,8 +431,16 @@ def run(opts: dict, emit) -> int:
         iters = max(5, int(0.25 * 1500e9 / moved))
         d2d = _time_events(torch, lambda: other.copy_(packed), iters, repeat, d0)
         d2d_gbps = _median_rate(moved, d2d)
-        emit({"type": "baseline", "what": "d2d-copy", "direction": f"{dev0}->{dev0}", "bytes": moved,
-              "gbps": d2d_gbps, "runs_s": d2d})
+        emit(
+            {
+                "type": "baseline",
+                "what": "d2d-copy",
+                "direction": f"{dev0}->{dev0}",
+                "bytes": moved,
+                "gbps": d2d_gbps,
+                "runs_s": d2d,
+            }
+        )
         stream = torch.cuda.current_stream(d0)
         pk = _time_events(torch, lambda: plan.pack(pool, packed, stream=stream), iters, repeat, d0)
         ref = pool.view(layers, kv, pool_blocks, bb)[:, :, torch.as_tensor(ids_l, device=dev0)].reshape(-1)
@@ -369,9 +451,23 @@ def run(opts: dict, emit) -> int:
         ok_u = bool(torch.equal(v2, ref))
         for what, t, ok in (("pack", pk, ok_p), ("unpack", up, ok_u)):
             g = _median_rate(moved, t)
-            emit({"type": "result", "workload": f"{what}:paged-random", "backend": "kernel", "op": what,
-                  "from": dev0, "to": dev0, "bytes": moved, "runs": plan.num_runs, "gbps": g, "runs_s": t,
-                  "d2d_gbps": d2d_gbps, "ratio_vs_d2d": g / d2d_gbps, "verified": ok})
+            emit(
+                {
+                    "type": "result",
+                    "workload": f"{what}:paged-random",
+                    "backend": "kernel",
+                    "op": what,
+                    "from": dev0,
+                    "to": dev0,
+                    "bytes": moved,
+                    "runs": plan.num_runs,
+                    "gbps": g,
+                    "runs_s": t,
+                    "d2d_gbps": d2d_gbps,
+                    "ratio_vs_d2d": g / d2d_gbps,
+                    "verified": ok,
+                }
+            )
             if not ok:
                 rc = 3
     return rc
@@ -379,10 +475,14 @@ def run(opts: dict, emit) -> int:
 
 def table_line(rec: dict) -> str:
     if rec["type"] == "machine":
-        return f"machine: {rec.get('host')} gpus={rec.get('gpus')} torch={rec.get('torch')}\n{rec.get('nvidia_smi')}"
+        head = f"machine: {rec.get('host')} gpus={rec.get('gpus')} torch={rec.get('torch')}"
+        return f"{head}\n{rec.get('nvidia_smi')}"
     if rec["type"] == "baseline":
         extra = f" ({rec['copies']} copies)" if "copies" in rec else ""
-        return f"baseline {rec['what']:<10} {rec['direction']:<16} {rec['bytes'] / GiB:6.2f} GiB {rec['gbps']:8.1f} GB/s{extra}"
+        return (
+            f"baseline {rec['what']:<10} {rec['direction']:<16} {rec['bytes'] / GiB:6.2f} GiB "
+            f"{rec['gbps']:8.1f} GB/s{extra}"
+        )
     ratio = rec.get("ratio_vs_peer_copy", rec.get("ratio_vs_d2d"))
     vs = "peer-copy" if "ratio_vs_peer_copy" in rec else "d2d-copy"
     return (

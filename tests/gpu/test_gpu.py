@@ -154,7 +154,9 @@ def test_in_process_write_read_byte_exact(one_gpu, devices):
         ids_c = np.setdiff1d(np.arange(lay.num_blocks), ids_a)[:64]
         t = a.post(kvxfer.Op.READ, peer, ra, rb.id, local_blocks=ids_c, remote_blocks=ids_b)
         t.wait(30)
-        assert torch.equal(sv[:, :, torch.as_tensor(ids_c).to(src.device)].cpu(), sv[:, :, ia.to(src.device)].cpu())
+        assert torch.equal(
+            sv[:, :, torch.as_tensor(ids_c).to(src.device)].cpu(), sv[:, :, ia.to(src.device)].cpu()
+        )
     finally:
         a.close()
         b.close()
@@ -275,7 +277,10 @@ def test_two_processes_paged_write_read(one_gpu, devices, layout_kind):
     try:
         dev = f"cuda:{devices[0]}"
         g = torch.Generator(device=dev).manual_seed(7)
-        local = [torch.randint(0, 256, (_nbytes(lay),), dtype=torch.uint8, device=dev, generator=g) for _ in range(pools)]
+        local = [
+            torch.randint(0, 256, (_nbytes(lay),), dtype=torch.uint8, device=dev, generator=g)
+            for _ in range(pools)
+        ]
         group = e.register_group(local, lay)
         peer = e.add_peer(target.descriptor)
         rng = np.random.default_rng(2)
@@ -283,8 +288,15 @@ def test_two_processes_paged_write_read(one_gpu, devices, layout_kind):
         ids_r = rng.choice(lay.num_blocks, 96, replace=False)
         # WRITE: the target hashes its blocks the moment the notification arrives.
         target.conn.send(("digest_at_notification", ids_r.tolist(), 60))
-        t = e.post(kvxfer.Op.WRITE, peer, group, target.region_ids, local_blocks=ids_l, remote_blocks=ids_r,
-                   notify=b"kv-ready")
+        t = e.post(
+            kvxfer.Op.WRITE,
+            peer,
+            group,
+            target.region_ids,
+            local_blocks=ids_l,
+            remote_blocks=ids_r,
+            notify=b"kv-ready",
+        )
         t.wait(60)
         payload, remote_digest = target.reply(60)
         assert payload == b"kv-ready"
@@ -293,7 +305,9 @@ def test_two_processes_paged_write_read(one_gpu, devices, layout_kind):
         ids_src = np.setdiff1d(np.arange(lay.num_blocks), ids_r)[:80]
         rng.shuffle(ids_src)
         ids_dst = np.setdiff1d(np.arange(lay.num_blocks), ids_l)[:80]
-        e.post(kvxfer.Op.READ, peer, group, target.region_ids, local_blocks=ids_dst, remote_blocks=ids_src).wait(60)
+        e.post(
+            kvxfer.Op.READ, peer, group, target.region_ids, local_blocks=ids_dst, remote_blocks=ids_src
+        ).wait(60)
         torch.cuda.synchronize()
         assert gpu_peer.pool_digest(local, lay, ids_dst) == target.call("digest", ids_src.tolist())
     finally:

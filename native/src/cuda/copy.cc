@@ -17,8 +17,8 @@ Result<std::unique_ptr<DeviceState>> makeDevice(int ordinal) {
     int count = 0;
     api->deviceGetCount(&count);
     if (ordinal < 0 || ordinal >= count) {
-        return Status::invalidArgument("CUDA device " + std::to_string(ordinal) + " does not exist (this process sees " +
-                                       std::to_string(count) + ")");
+        return Status::invalidArgument("CUDA device " + std::to_string(ordinal) +
+                                       " does not exist (this process sees " + std::to_string(count) + ")");
     }
     auto d = std::make_unique<DeviceState>();
     d->api = api;
@@ -61,11 +61,13 @@ Status DeviceState::launch(CUdeviceptr table, uint64_t count, uint64_t src_base,
                            CUstream stream) const {
     if (count == 0) return Status::ok();
     const uint64_t per_sm = 2048 / kThreadsPerBlock;
-    const unsigned grid = static_cast<unsigned>(std::min<uint64_t>(count, static_cast<uint64_t>(sms) * per_sm));
+    const unsigned grid =
+        static_cast<unsigned>(std::min<uint64_t>(count, static_cast<uint64_t>(sms) * per_sm));
     unsigned long long t = table, c = count, s = src_base, d = dst_base;
     int sw = swap ? 1 : 0;
     void* params[] = {&t, &c, &s, &d, &sw};
-    const CUresult r = api->launchKernel(kernel, grid, 1, 1, kThreadsPerBlock, 1, 1, 0, stream, params, nullptr);
+    const CUresult r =
+        api->launchKernel(kernel, grid, 1, 1, kThreadsPerBlock, 1, 1, 0, stream, params, nullptr);
     if (r != CUDA_SUCCESS) return api->error("launching kvxfer's copy kernel", r);
     return Status::ok();
 }
@@ -185,8 +187,8 @@ Status CopyPlan::launch(uint64_t src, uint64_t src_bytes, uint64_t dst, uint64_t
     const uint64_t need_src = swap ? dst_extent_ : src_extent_;
     const uint64_t need_dst = swap ? src_extent_ : dst_extent_;
     if (src_bytes < need_src) {
-        return Status::outOfRange("copy plan reads up to byte " + std::to_string(need_src) + " of a source of " +
-                                  std::to_string(src_bytes) + " bytes");
+        return Status::outOfRange("copy plan reads up to byte " + std::to_string(need_src) +
+                                  " of a source of " + std::to_string(src_bytes) + " bytes");
     }
     if (dst_bytes < need_dst) {
         return Status::outOfRange("copy plan writes up to byte " + std::to_string(need_dst) +

@@ -1,8 +1,7 @@
 // The public GPU helpers (kvxfer/gpu.h) over native/src/cuda.
-#include "kvxfer/gpu.h"
-
 #include "cuda/copy.h"
 #include "cuda/driver.h"
+#include "kvxfer/gpu.h"
 
 namespace kvxfer {
 namespace {

@@ -130,7 +130,8 @@ struct Worker {
                 if (!can) {
                     return Status::unsupported("cuda:" + std::to_string(lane.device->ordinal) + " (" +
                                                lane.device->pci_bus_id + ") cannot access the peer's GPU " +
-                                               remote.bus_id + " by peer access (no NVLink or PCIe P2P path)");
+                                               remote.bus_id +
+                                               " by peer access (no NVLink or PCIe P2P path)");
                 }
             }
             KVXFER_ASSIGN_OR_RETURN(auto m, cudaipc::IpcMapping::open(lane.device, remote.handle));
@@ -146,8 +147,9 @@ struct Worker {
         int can = 0;
         api->deviceCanAccessPeer(&can, lane.device->device, other->device);
         if (!can) {
-            return Status::unsupported("cuda:" + std::to_string(lane.device->ordinal) + " cannot access cuda:" +
-                                       std::to_string(owner) + " by peer access (no NVLink or PCIe P2P path)");
+            return Status::unsupported("cuda:" + std::to_string(lane.device->ordinal) +
+                                       " cannot access cuda:" + std::to_string(owner) +
+                                       " by peer access (no NVLink or PCIe P2P path)");
         }
         cuda::ScopedContext scope(api, lane.device->context);
         const cuda::CUresult r = api->ctxEnablePeerAccess(other->context, 0);
@@ -261,7 +263,8 @@ class CudaIpcBackend final : public Backend {
 public:
     static Result<std::unique_ptr<Backend>> create(const BackendContext& ctx) {
         KVXFER_ASSIGN_OR_RETURN(const CudaApi* api, cuda::loadCuda());
-        KVXFER_ASSIGN_OR_RETURN(auto listener, cudaipc::NotifyListener::start(ctx.sink, socketName(ctx.instance_id)));
+        KVXFER_ASSIGN_OR_RETURN(auto listener,
+                                cudaipc::NotifyListener::start(ctx.sink, socketName(ctx.instance_id)));
         return std::unique_ptr<Backend>(new CudaIpcBackend(ctx, api, std::move(listener)));
     }
 
@@ -297,9 +300,10 @@ public:
     Result<std::unique_ptr<BackendRegion>> registerMemory(const MemorySpan& span) override {
         KVXFER_ASSIGN_OR_RETURN(int owner, cuda::pointerDevice(reinterpret_cast<uint64_t>(span.base)));
         if (owner != span.device) {
-            return Status::invalidArgument("CUDA memory at " + std::to_string(reinterpret_cast<uint64_t>(span.base)) +
-                                           " is on cuda:" + std::to_string(owner) + ", not cuda:" +
-                                           std::to_string(span.device) + " as registered");
+            return Status::invalidArgument("CUDA memory at " +
+                                           std::to_string(reinterpret_cast<uint64_t>(span.base)) +
+                                           " is on cuda:" + std::to_string(owner) +
+                                           ", not cuda:" + std::to_string(span.device) + " as registered");
         }
         KVXFER_ASSIGN_OR_RETURN(DeviceState * d, DeviceState::get(span.device));
         cuda::ScopedContext scope(api_, d->context);
@@ -310,10 +314,10 @@ public:
         cuda::CUresult r = api_->memGetAddressRange(&base, &size, ptr);
         if (r != cuda::CUDA_SUCCESS) return api_->error("cuMemGetAddressRange", r);
         if (ptr + span.length > base + size) {
-            return Status::invalidArgument("CUDA region of " + std::to_string(span.length) +
-                                           " bytes runs past the end of its allocation (" + std::to_string(size) +
-                                           " bytes from " + std::to_string(ptr - base) +
-                                           " bytes before it): one region must lie in one allocation");
+            return Status::invalidArgument(
+                "CUDA region of " + std::to_string(span.length) +
+                " bytes runs past the end of its allocation (" + std::to_string(size) + " bytes from " +
+                std::to_string(ptr - base) + " bytes before it): one region must lie in one allocation");
         }
         int capable = 0;
         api_->pointerGetAttribute(&capable, cuda::kPointerAttrIsLegacyIpcCapable, ptr);
@@ -343,7 +347,8 @@ public:
                                                  Clock::time_point) override {
         if (!identity.same_host) return Status::unsupported("cuda_ipc reaches engines on this host only");
         if (info.size() < 5 || info.size() > 4 + 100) {
-            return Status::badDescriptor("cuda_ipc endpoint info of peer '" + identity.name + "' is malformed");
+            return Status::badDescriptor("cuda_ipc endpoint info of peer '" + identity.name +
+                                         "' is malformed");
         }
         auto peer = std::make_shared<CudaPeer>();
         peer->name = identity.name;
@@ -353,8 +358,8 @@ public:
         }
         peer->same_process = peer->pid == static_cast<uint32_t>(::getpid());
         const std::string sock(reinterpret_cast<const char*>(info.data() + 4), info.size() - 4);
-        KVXFER_ASSIGN_OR_RETURN(peer->sender,
-                                cudaipc::NotifySender::connect(sock, identity.name, self_name_, self_instance_));
+        KVXFER_ASSIGN_OR_RETURN(
+            peer->sender, cudaipc::NotifySender::connect(sock, identity.name, self_name_, self_instance_));
         return std::shared_ptr<BackendPeer>(std::move(peer));
     }
 
@@ -363,8 +368,8 @@ public:
                                                                     ByteView key) override {
         auto& peer = static_cast<CudaPeer&>(backend_peer);
         if (key.size() != kKeyBytes || key[0] != kKeyVersion) {
-            return Status::badDescriptor("cuda_ipc key of region " + std::to_string(region.id) + " of peer '" +
-                                         peer.name + "' is malformed");
+            return Status::badDescriptor("cuda_ipc key of region " + std::to_string(region.id) +
+                                         " of peer '" + peer.name + "' is malformed");
         }
         auto remote = std::make_unique<CudaRemoteRegion>();
         remote->same_process = peer.same_process;
@@ -393,8 +398,12 @@ public:
     }
 
 private:
-    CudaIpcBackend(const BackendContext& ctx, const CudaApi* api, std::shared_ptr<cudaipc::NotifyListener> listener)
-        : api_(api), listener_(std::move(listener)), self_name_(ctx.engine_name), self_instance_(ctx.instance_id) {
+    CudaIpcBackend(const BackendContext& ctx, const CudaApi* api,
+                   std::shared_ptr<cudaipc::NotifyListener> listener)
+        : api_(api),
+          listener_(std::move(listener)),
+          self_name_(ctx.engine_name),
+          self_instance_(ctx.instance_id) {
         worker_ = std::make_shared<Worker>();
         worker_->api = api;
         thread_ = std::thread([w = worker_] { w->run(); });

@@ -25,7 +25,8 @@ std::map<Key, std::weak_ptr<IpcMapping>>& cache() {
 
 }  // namespace
 
-Result<std::shared_ptr<IpcMapping>> IpcMapping::open(cuda::DeviceState* device, const cuda::CUipcMemHandle& handle) {
+Result<std::shared_ptr<IpcMapping>> IpcMapping::open(cuda::DeviceState* device,
+                                                     const cuda::CUipcMemHandle& handle) {
     Key key{device->ordinal, std::string(handle.reserved, sizeof(handle.reserved))};
     std::lock_guard<std::mutex> lock(cacheMutex());
     auto& slot = cache()[key];
@@ -39,9 +40,10 @@ Result<std::shared_ptr<IpcMapping>> IpcMapping::open(cuda::DeviceState* device, 
         cache().erase(key);
         Status st = api->error("cuIpcOpenMemHandle on cuda:" + std::to_string(device->ordinal), r);
         if (r == 217 || r == 1 || r == 201 || r == 801) {
-            return Status::unsupported(st.message() +
-                                       " (this GPU cannot map the peer's memory: no peer access between the two "
-                                       "GPUs, or the peer's memory is not exportable by legacy CUDA IPC)");
+            return Status::unsupported(
+                st.message() +
+                " (this GPU cannot map the peer's memory: no peer access between the two "
+                "GPUs, or the peer's memory is not exportable by legacy CUDA IPC)");
         }
         return st;
     }

@@ -19,7 +19,8 @@ public:
     // The allocation's base in this process.
     uint64_t base() const { return base_; }
     // Opens (or shares) `handle` in the context of `device`.
-    static Result<std::shared_ptr<IpcMapping>> open(cuda::DeviceState* device, const cuda::CUipcMemHandle& handle);
+    static Result<std::shared_ptr<IpcMapping>> open(cuda::DeviceState* device,
+                                                    const cuda::CUipcMemHandle& handle);
 
 private:
     cuda::DeviceState* device_ = nullptr;

@@ -25,7 +25,8 @@ sockaddr_un abstractAddress(const std::string& name, socklen_t* len) {
 
 }  // namespace
 
-Result<std::shared_ptr<NotifyListener>> NotifyListener::start(NotificationSink* sink, const std::string& name) {
+Result<std::shared_ptr<NotifyListener>> NotifyListener::start(NotificationSink* sink,
+                                                              const std::string& name) {
     auto l = std::make_shared<NotifyListener>();
     l->sink_ = sink;
     l->name_ = name;
@@ -39,7 +40,8 @@ Result<std::shared_ptr<NotifyListener>> NotifyListener::start(NotificationSink* 
     if (::listen(l->listen_fd_.fd, 128) != 0) return Status::systemErrno("cuda_ipc: listen", errno);
     l->stop_fd_ = Fd(::eventfd(0, EFD_CLOEXEC));
     l->epoll_fd_ = Fd(::epoll_create1(EPOLL_CLOEXEC));
-    if (l->stop_fd_.fd < 0 || l->epoll_fd_.fd < 0) return Status::systemErrno("cuda_ipc: eventfd/epoll", errno);
+    if (l->stop_fd_.fd < 0 || l->epoll_fd_.fd < 0)
+        return Status::systemErrno("cuda_ipc: eventfd/epoll", errno);
     for (int fd : {l->listen_fd_.fd, l->stop_fd_.fd}) {
         epoll_event ev{};
         ev.events = EPOLLIN;
@@ -98,14 +100,17 @@ void NotifyListener::run() {
                 std::memcpy(&name_len, buf.data() + 8, 2);
                 if (10u + name_len > static_cast<size_t>(k)) continue;
                 std::string name(reinterpret_cast<char*>(buf.data() + 10), name_len);
-                sink_->deliver(std::move(name), instance, Bytes(buf.begin() + 10 + name_len, buf.begin() + k));
+                sink_->deliver(std::move(name), instance,
+                               Bytes(buf.begin() + 10 + name_len, buf.begin() + k));
             }
         }
     }
 }
 
-Result<std::unique_ptr<NotifySender>> NotifySender::connect(const std::string& name, const std::string& peer_name,
-                                                            const std::string& self_name, uint64_t self_instance) {
+Result<std::unique_ptr<NotifySender>> NotifySender::connect(const std::string& name,
+                                                            const std::string& peer_name,
+                                                            const std::string& self_name,
+                                                            uint64_t self_instance) {
     auto s = std::make_unique<NotifySender>();
     s->peer_name_ = peer_name;
     s->self_name_ = self_name;
@@ -115,14 +120,16 @@ Result<std::unique_ptr<NotifySender>> NotifySender::connect(const std::string& n
     socklen_t len = 0;
     sockaddr_un addr = abstractAddress(name, &len);
     if (::connect(s->fd_.fd, reinterpret_cast<sockaddr*>(&addr), len) != 0) {
-        return Status::peerUnreachable("cuda_ipc peer '" + peer_name + "' notification socket: " + std::strerror(errno));
+        return Status::peerUnreachable("cuda_ipc peer '" + peer_name +
+                                       "' notification socket: " + std::strerror(errno));
     }
     return s;
 }
 
 Status NotifySender::send(ByteView payload) {
     if (payload.size() + 10 + self_name_.size() > kMaxMessage) {
-        return Status::invalidArgument("notification of " + std::to_string(payload.size()) + " bytes is too long");
+        return Status::invalidArgument("notification of " + std::to_string(payload.size()) +
+                                       " bytes is too long");
     }
     Bytes msg(10 + self_name_.size() + payload.size());
     std::memcpy(msg.data(), &self_instance_, 8);
@@ -136,7 +143,8 @@ Status NotifySender::send(ByteView payload) {
         if (k == static_cast<ssize_t>(msg.size())) return Status::ok();
         if (k < 0 && errno == EINTR) continue;
         if (k < 0 && (errno == EPIPE || errno == ECONNRESET || errno == ECONNREFUSED)) {
-            return Status::peerUnreachable("cuda_ipc peer '" + peer_name_ + "' closed its notification socket");
+            return Status::peerUnreachable("cuda_ipc peer '" + peer_name_ +
+                                           "' closed its notification socket");
         }
         return Status::systemErrno("cuda_ipc notification send to '" + peer_name_ + "'", k < 0 ? errno : EIO);
     }

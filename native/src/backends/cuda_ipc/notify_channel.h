@@ -31,8 +31,10 @@ private:
 class NotifySender {
 public:
     // Connects to the listener `name` of peer `peer_name`.
-    static Result<std::unique_ptr<NotifySender>> connect(const std::string& name, const std::string& peer_name,
-                                                         const std::string& self_name, uint64_t self_instance);
+    static Result<std::unique_ptr<NotifySender>> connect(const std::string& name,
+                                                         const std::string& peer_name,
+                                                         const std::string& self_name,
+                                                         uint64_t self_instance);
     Status send(ByteView payload);
 
 private:
