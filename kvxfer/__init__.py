@@ -60,6 +60,10 @@ __all__ = [
     "empty",
     "environment_variables",
     "errors",
+    "gpu",
     "list_backends",
     "__version__",
 ]
+
+# After the compiled core, so a missing build reports the missing module.
+from . import gpu  # noqa: E402
