@@ -267,6 +267,13 @@ struct Listener {
     Fd listen_fd;
     Fd stop_fd;
     Fd epoll_fd;
+    // Accepted connections, closed with the listener: a peer then sees its notification
+    // sends refused instead of queueing into a socket nobody reads.
+    std::vector<Fd> accepted;
+
+    void dropAccepted(int fd) {
+        std::erase_if(accepted, [fd](const Fd& a) { return a.fd == fd; });
+    }
 
     void run() {
         std::vector<uint8_t> buf(kMaxMessage);
@@ -281,6 +288,7 @@ struct Listener {
                 if (fd == listen_fd.fd) {
                     const int c = ::accept4(listen_fd.fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
                     if (c >= 0) {
+                        accepted.emplace_back(c);
                         epoll_event ev{};
                         ev.events = EPOLLIN;
                         ev.data.fd = c;
@@ -294,7 +302,7 @@ struct Listener {
                     if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
                     if (k <= 0) {
                         ::epoll_ctl(epoll_fd.fd, EPOLL_CTL_DEL, fd, nullptr);
-                        ::close(fd);
+                        dropAccepted(fd);
                         break;
                     }
                     if (k < 10) continue;  // malformed: ignore
