@@ -146,7 +146,9 @@ def test_small_transfers_interleaved_with_a_bulk_one(small):
         remote_extents=[[0, 8 << 20]],
         coalesce=False,
     )
-    small_ts = [p.a.post_extent(Op.WRITE, peer, p.ra, p.rb.id, i * SLOT, i * SLOT, SLOT) for i in range(SLOTS)]
+    small_ts = [
+        p.a.post_extent(Op.WRITE, peer, p.ra, p.rb.id, i * SLOT, i * SLOT, SLOT) for i in range(SLOTS)
+    ]
     for t in [bulk, *small_ts]:
         assert t.wait(timeout=120) == TransferState.DONE
     assert np.array_equal(p.src, p.dst)
