@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) == 3 and args[0] == "--target":
         return _target_main(args[1], int(args[2]))
-    print("usage: python -m kvxfer_bench.latency --target BACKEND BYTES (kvxfer-bench starts it)", file=sys.stderr)
+    usage = "usage: python -m kvxfer_bench.latency --target BACKEND BYTES (kvxfer-bench starts it)"
+    print(usage, file=sys.stderr)
     return 2
 
 
