@@ -16,7 +16,7 @@ See docs/api.md for the whole surface and its thread and lifetime contracts.
 
 from __future__ import annotations
 
-from . import errors
+from . import errors, gpu
 from ._native import KvLayout, MemoryKind, Peer, Region, RemoteRegion, TransferState
 from .config import (
     BackendConfigs,
@@ -60,6 +60,7 @@ __all__ = [
     "empty",
     "environment_variables",
     "errors",
+    "gpu",
     "list_backends",
     "__version__",
 ]

@@ -246,6 +246,8 @@ class Engine:
             raise InvalidArgumentError(
                 f"register_ptr needs a positive pointer and size, got {ptr!r}, {nbytes!r}"
             )
+        if kind == MemoryKind.CUDA and device < 0:
+            device = _native.cuda_pointer_device(ptr)  # raises if the driver does not know it
         return self._native.register_ptr(ptr, nbytes, layout, owner, kind, device)
 
     def register_group(self, buffers: Sequence[Any], layout: KvLayout | None = None) -> RegionGroup:

@@ -8,6 +8,7 @@ typing, so ``import kvxfer`` stays light.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,8 +98,71 @@ def _from_cuda_array_interface(obj: Any) -> MemorySpan:
                 raise InvalidArgumentError("CUDA array is not C-contiguous: it is not one byte range")
             expect *= dim
     nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
-    device = int(getattr(getattr(obj, "device", None), "id", 0) or 0)
-    return MemorySpan(int(ptr), nbytes, MemoryKind.CUDA, device, obj)
+    if nbytes == 0:
+        raise InvalidArgumentError("cannot register an empty CUDA array")
+    return MemorySpan(int(ptr), nbytes, MemoryKind.CUDA, _cuda_device(int(ptr), obj), obj)
+
+
+def _cuda_device(ptr: int, obj: Any) -> int:
+    """The GPU holding ``ptr``: asked of the CUDA driver; where it cannot answer, the
+    object's own ``device.id`` (CuPy), else 0 (registration then fails with the reason)."""
+    if _native.cuda_status() == "":
+        try:
+            return int(_native.cuda_pointer_device(ptr))
+        except Exception:  # noqa: BLE001 - registration reports what is wrong with the pointer
+            pass
+    return int(getattr(getattr(obj, "device", None), "id", 0) or 0)
+
+
+class _DLDevice(ctypes.Structure):
+    _fields_ = [("device_type", ctypes.c_int), ("device_id", ctypes.c_int)]
+
+
+class _DLDataType(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_uint8), ("bits", ctypes.c_uint8), ("lanes", ctypes.c_uint16)]
+
+
+class _DLTensor(ctypes.Structure):
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("device", _DLDevice),
+        ("ndim", ctypes.c_int),
+        ("dtype", _DLDataType),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("strides", ctypes.POINTER(ctypes.c_int64)),
+        ("byte_offset", ctypes.c_uint64),
+    ]
+
+
+def _from_dlpack_cuda(obj: Any) -> MemorySpan:
+    """A CUDA DLPack producer: reads the DLTensor of an (unconsumed, legacy) capsule, which
+    stays alive with the registration so the producer keeps the memory."""
+    capsule = obj.__dlpack__()
+    get = ctypes.pythonapi.PyCapsule_GetPointer
+    get.restype = ctypes.c_void_p
+    get.argtypes = [ctypes.py_object, ctypes.c_char_p]
+    try:
+        addr = get(capsule, b"dltensor")
+    except ValueError:
+        raise UnsupportedError("DLPack capsule is not a legacy 'dltensor' capsule") from None
+    t = _DLTensor.from_address(addr)  # DLManagedTensor starts with its DLTensor
+    if t.device.device_type != _DLPACK_CUDA:
+        raise UnsupportedError(f"DLPack device type {t.device.device_type} is not CUDA")
+    if t.dtype.lanes != 1 or t.dtype.bits % 8:
+        raise InvalidArgumentError("DLPack tensor with vector lanes or sub-byte elements")
+    itemsize = t.dtype.bits // 8
+    shape = [t.shape[i] for i in range(t.ndim)]
+    if t.strides:
+        expect = 1
+        for dim, i in zip(reversed(shape), reversed(range(t.ndim)), strict=True):
+            if dim > 1 and t.strides[i] != expect:
+                raise InvalidArgumentError("DLPack tensor is not C-contiguous: it is not one byte range")
+            expect *= dim
+    nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
+    if nbytes == 0:
+        raise InvalidArgumentError("cannot register an empty DLPack tensor")
+    ptr = int(t.data or 0) + int(t.byte_offset)
+    return MemorySpan(ptr, nbytes, MemoryKind.CUDA, int(t.device.device_id), (obj, capsule))
 
 
 def as_span(obj: Any, kind: Any = None, device: int = -1) -> MemorySpan:
@@ -112,6 +176,8 @@ def as_span(obj: Any, kind: Any = None, device: int = -1) -> MemorySpan:
         if dev_type in (_DLPACK_CPU, _DLPACK_CUDA_HOST):
             span = _from_buffer(np.from_dlpack(obj))
             span = MemorySpan(span.ptr, span.nbytes, span.kind, -1, obj)
+        elif dev_type == _DLPACK_CUDA:
+            span = _from_dlpack_cuda(obj)
         else:
             raise UnsupportedError(
                 f"DLPack device type {dev_type} (device {dev_id}) has no pointer kvxfer can read here;"

@@ -46,7 +46,8 @@ step "Python tests (host)"
 # whose kvxfer/ has no compiled module).
 export PYTHONSAFEPATH=1
 set +e
-"$py" -P -m pytest tests/python -p no:cacheprovider
+# tests/capi: the C ABI through cffi, against the libkvxfer.so of the C++ build above.
+KVXFER_CAPI_LIB="$PWD/build/cpp/native/libkvxfer.so" "$py" -P -m pytest tests/python tests/capi -p no:cacheprovider
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi

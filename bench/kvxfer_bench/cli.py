@@ -68,11 +68,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--memory",
-        choices=["auto", "numpy", "kvxfer"],
         default="auto",
         help="how the regions (and the baseline's buffer) are allocated: numpy (np.empty) or kvxfer "
         "(kvxfer.empty: memfd-backed, which shm copies with memcpy instead of cross-memory attach). "
-        "auto = kvxfer for shm, numpy otherwise",
+        "auto = kvxfer for shm, numpy otherwise. cuda:N = GPU memory (torch) through cuda_ipc: "
+        "see --target-memory and bench/kvxfer_bench/gpu.py",
+    )
+    g.add_argument(
+        "--target-memory",
+        default=None,
+        help="with --memory cuda:N: the target's GPU, cuda:M (default the same)",
+    )
+    g.add_argument(
+        "--gpu-layouts",
+        default="one-region,per-layer",
+        help="with --memory cuda:N: one-region (one KV pool), per-layer (one region per layer and K/V), "
+        "or both",
+    )
+    g.add_argument("--gpu-pack", action="store_true", help="with --memory cuda:N: also pack/unpack kernels")
+    g.add_argument(
+        "--no-contiguous", action="store_true", help="with --memory cuda:N: skip the contiguous case"
     )
     g.add_argument(
         "--timeout", type=float, default=120.0, help="per-transfer deadline in seconds (default 120)"
@@ -282,6 +297,25 @@ def main(argv: list[str] | None = None) -> int:
 
     if a.latency:
         return _latency(a, parser)
+    if a.memory.startswith("cuda"):
+        from . import gpu
+
+        if a.backend not in ("shm", "cuda_ipc"):
+            parser.error(
+                "--memory cuda:N runs through the cuda_ipc backend (host staging for tcp is not built)"
+            )
+        try:
+            gpu.parse_cuda(a.memory)
+            gpu.parse_cuda(a.target_memory or a.memory)
+        except ValueError as e:
+            parser.error(str(e))
+        try:
+            return gpu.main_from_args(a, a.json)
+        except Exception as e:  # noqa: BLE001 - one explained line
+            print(f"kvxfer-bench: error: {type(e).__name__}: {e}", file=sys.stderr)
+            return EXIT_ERROR
+    if a.memory not in ("auto", "numpy", "kvxfer"):
+        parser.error(f"--memory must be auto, numpy, kvxfer or cuda:N (got {a.memory!r})")
 
     from . import report, runner, verify
 

@@ -501,9 +501,13 @@ class DeviceProcess:
         cmd = [sys.executable, "-m", "kvxfer.device.device", "--model", model, "--chunk", str(chunk)]
         cmd += ["--profile-json", json.dumps(prof.to_json())]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
-        ready = self._read(120.0)
-        if ready.get("type") != "ready":
-            raise DeviceError(f"device process did not start: {ready}")
+        try:
+            ready = self._read(120.0)
+            if ready.get("type") != "ready":
+                raise DeviceError(f"device process did not start: {ready}")
+        except BaseException:
+            self.close()  # no process or pipes left behind when the start fails
+            raise
         self.identity = ready["identity"]
 
     def _read(self, timeout: float) -> dict:
@@ -515,8 +519,11 @@ class DeviceProcess:
             self.close()
             raise DeviceTimeoutError(f"device process gave no answer in {timeout} s")
         if not box[0]:
-            raise DeviceError(f"device process exited (code {self.proc.poll()})")
-        return json.loads(box[0])
+            raise DeviceError(f"device process exited (code {self.proc.wait(5)})")
+        try:
+            return json.loads(box[0])
+        except json.JSONDecodeError as e:
+            raise DeviceError(f"device process wrote something that is not JSON: {box[0][:200]!r}") from e
 
     def run(self, job: Job) -> dict:
         self.proc.stdin.write(json.dumps(asdict(job)) + "\n")

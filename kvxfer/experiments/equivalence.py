@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> dict:
     from kvxfer.serve.runtime import load_model
 
     torch.set_num_threads(1)
-    _, model = load_model(args.model)
+    _, model = load_model(args.model, device=args.prefill_device)  # the aggregated reference
     vocab = model.config.vocab_size
     prompts = make_prompts(args.prompts, vocab, args.seed, args.max_prompt)
     t0 = time.monotonic()
@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> dict:
         max_new_tokens=args.max_tokens,
         transfer_mode=args.transfer_mode,
         per_layer=args.per_layer,
+        role_devices={"prefill": args.prefill_device, "decode": args.decode_device},
     ) as dep:
         print(f"deployment up in {time.monotonic() - t0:.1f} s", file=sys.stderr)
         results = asyncio.run(_disaggregated(dep.prefill_urls[0], prompts, args.max_tokens, args.concurrency))
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> dict:
         dstat = dep.status("decode-0")
     identical, mismatches = 0, []
     for i, ((_, ids), r) in enumerate(zip(prompts, results, strict=True)):
-        key = (args.model, tuple(ids), args.max_tokens)
+        key = (args.model, args.prefill_device, tuple(ids), args.max_tokens)
         if key not in _REFERENCE:  # computed once for every backend
             _REFERENCE[key] = model.generate(ids, args.max_tokens)
         want = _REFERENCE[key]
@@ -105,6 +106,8 @@ def run(args: argparse.Namespace) -> dict:
         "model": args.model,
         "mode": "real",
         "transfer_mode": args.transfer_mode + ("/per-layer" if args.per_layer else ""),
+        "prefill_device": args.prefill_device,
+        "decode_device": args.decode_device,
         "max_tokens": args.max_tokens,
         "concurrency": args.concurrency,
         "prefix_hits": pstat["prefix_hits"],
@@ -119,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="12 prompts, 12 tokens each")
     p.add_argument("--json", action="store_true")
     p.add_argument("--plot", help="(no plot for this experiment; accepted for uniformity)")
-    p.add_argument("--backend", nargs="+", default=["shm", "tcp"], choices=["shm", "tcp"])
+    p.add_argument("--backend", nargs="+", default=["shm", "tcp"], choices=["shm", "tcp", "cuda_ipc"])
+    p.add_argument("--prefill-device", default="cpu", help="torch device of the prefill (e.g. cuda:0)")
+    p.add_argument("--decode-device", default="cpu", help="torch device of the decode (e.g. cuda:1)")
     p.add_argument("--model", default="tiny", choices=["tiny", "smollm2"])
     p.add_argument("--prompts", type=int, default=60)
     p.add_argument("--max-tokens", type=int, default=32)

@@ -4,6 +4,7 @@ with one command. Ctrl-C (SIGINT) or SIGTERM stops every process and exits 0.
     kvxfer serve                                   # 1 prefill, 1 decode, tiny model, shm, :8000
     kvxfer serve --model smollm2 --prefill 2 --decode 1
     kvxfer serve --aggregated 1 --prefill 0 --decode 0   # baseline (a)
+    kvxfer serve --registry etcd://10.0.0.5:2379 --groups 2   # groups set up through etcd
 
 Then any OpenAI client: ``OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="-")``.
 """
@@ -44,6 +45,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000, help="gateway port (0 = any free port)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    reg_help = ("control plane: sqlite (a file in the log folder; default), sqlite:PATH, etcd (a private "
+                "etcd server), etcd://HOST:PORT, or none (peers wired directly over HTTP)")  # fmt: skip
+    p.add_argument("--registry", default="sqlite", help=reg_help)
+    p.add_argument("--groups", type=int, default=1, help="P/D groups of --prefill + --decode workers each")
+    p.add_argument(
+        "--lease-ttl", type=float, default=2.0, help="health lease (s): removal bound of a dead worker"
+    )
     p.add_argument("--log-dir", help="keep the workers' logs here (default: a temporary folder, removed)")
     return p.parse_args(argv)
 
@@ -87,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
             ttft_slo_s=args.ttft_slo,
             torch_threads=args.threads,
             log_dir=args.log_dir,
+            registry="" if args.registry == "none" or args.aggregated else args.registry,
+            groups=args.groups,
+            lease_ttl_s=args.lease_ttl,
         )
         starting = False
         if stop.is_set():

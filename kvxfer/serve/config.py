@@ -13,7 +13,7 @@ from .kv_transfer import MODES as TRANSFER_MODES
 ROLES = ("prefill", "decode", "aggregated", "gateway")
 COMPUTE_MODES = ("real", "profiled")
 POLICIES = ("reject-retry", "local-queue")
-BACKENDS = ("shm", "tcp")
+BACKENDS = ("shm", "tcp", "cuda_ipc")
 
 
 @dataclass
@@ -55,6 +55,11 @@ class WorkerConfig:
     routes: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     ttft_slo_s: float = 5.0
     tokenizer: str = ""  # "" = the model's ("bytes:512" for tiny, "smollm2")
+    # control plane (kvxfer.serve.control): "" = peers exchanged by start_local over HTTP
+    registry: str = ""  # "sqlite:PATH" | "etcd://HOST:PORT": join a group through the registry
+    scenario: str = "*"  # the group's scenario ("*": requests of every scenario without a group)
+    group: str = "g0"
+    lease_ttl_s: float = 2.0  # health lease; a dead member is removed within about this time
 
     def __post_init__(self) -> None:
         checks = [

@@ -48,13 +48,14 @@ class _Pending:
     running: Running | None = None
 
 
-def make_pool(compute: Any, num_blocks: int, block_tokens: int):
-    """A PagedKVPool whose tensor lives in memfd memory (the shm fast path)."""
+def make_pool(compute: Any, num_blocks: int, block_tokens: int, device: str = "cpu"):
+    """A PagedKVPool whose tensor is :func:`shared_tensor` memory (memfd on the host, the shm
+    fast path; device memory on a GPU)."""
     from kvxfer.models import PagedKVPool
 
-    pool = PagedKVPool(compute.config, num_blocks=num_blocks, block_tokens=block_tokens, dtype=compute.dtype)
-    nbytes = pool.tensor.numel() * pool.tensor.element_size()
-    pool.tensor = shared_tensor(nbytes).view(compute.dtype).view(pool.tensor.shape)
+    cfg, dtype = compute.config, compute.dtype
+    buf = shared_tensor(PagedKVPool.nbytes_for(cfg, num_blocks, block_tokens, dtype), device)
+    pool = PagedKVPool(cfg, num_blocks, block_tokens, device=device, dtype=dtype, buffer=buf)
     return pool
 
 
@@ -66,7 +67,7 @@ class DecodeWorker(WorkerBase):
         bt = cfg.block_tokens
         per_req = -(-(cfg.max_prompt_tokens + cfg.max_new_tokens) // bt)
         nblocks = cfg.num_blocks or cfg.b_d * per_req + 1
-        self.pool = make_pool(compute, nblocks, bt)
+        self.pool = make_pool(compute, nblocks, bt, cfg.device)
         self.region = self.engine.register(self.pool.tensor, self.pool.layout())
         self.pending: deque[_Pending] = deque()
         self.retrieving = 0

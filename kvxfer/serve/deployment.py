@@ -14,6 +14,7 @@ starts in front of the prefills (or of the aggregated workers).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -53,6 +54,9 @@ class WorkerProcess:
                 self._ready = json.loads(line) if line else {"ready": False, "error": "exited before ready"}
             except json.JSONDecodeError:
                 self._ready = {"ready": False, "error": f"bad ready line {line[:200]!r}"}
+            if self._ready.get("ready"):  # known without wait_ready (replacements spawned later)
+                self.url = self._ready["url"]
+                self.descriptor = self._ready.get("descriptor", "")
             for _ in self.popen.stdout:  # drain
                 pass
 
@@ -103,6 +107,13 @@ class Deployment:
         self.remove_logs = remove_logs  # a temporary log folder goes away with the processes
         self.procs: dict[str, WorkerProcess] = {}
         self.gateway_url: str | None = None
+        # control plane (registry=...): the registry, one controller per group, an own etcd
+        self.registry: Any = None
+        self.controllers: dict[str, Any] = {}
+        self.etcd: Any = None
+        self._base: WorkerConfig | None = None
+        self._names = itertools.count()
+        self.role_devices: dict[str, str] = {}
 
     def _urls(self, role: str) -> list[str]:
         return [p.url for p in self.procs.values() if p.role == role]
@@ -137,6 +148,29 @@ class Deployment:
         self.procs[cfg.name] = wp
         return wp
 
+    def spawn_member(self, group: str, role: str, **overrides: Any) -> str:
+        """Starts one stateless worker that joins ``group`` through the registry (the
+        controllers' ``spawn``); returns its name. ``overrides``: WorkerConfig fields."""
+        assert self._base is not None
+        ctl = self.controllers.get(group)
+        scenario = ctl.scenario if ctl is not None else self._base.scenario
+        name = f"{role}-{next(self._names)}"
+        dev = self.role_devices.get(role, self._base.device)
+        cfg = self._base.replace(role=role, name=name, port=0, group=group, scenario=scenario, device=dev)
+        self.spawn(cfg.replace(**overrides))
+        return name
+
+    def stop_member(self, name: str) -> None:
+        """SIGTERM to one worker (it leaves its group cleanly), SIGKILL after 15 s."""
+        p = self.procs[name]
+        if p.alive:
+            p.popen.send_signal(signal.SIGTERM)
+            try:
+                p.popen.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait(timeout=10)
+
     def status(self, name: str) -> dict[str, Any]:
         return _get(self.procs[name].url + "/v1/status")
 
@@ -149,6 +183,8 @@ class Deployment:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM to every process (gateway first), then SIGKILL to any left at the deadline."""
+        for ctl in self.controllers.values():
+            ctl.stop_watch()  # workers leaving now are not failures to repair
         order = sorted(self.procs.values(), key=lambda p: p.role != "gateway")
         for p in order:
             if p.alive:
@@ -166,6 +202,10 @@ class Deployment:
                         f.close()
                     except OSError:
                         pass
+        if self.registry is not None:
+            self.registry.close()
+        if self.etcd is not None:
+            self.etcd.stop()
         if self.remove_logs:
             shutil.rmtree(self.log_dir, ignore_errors=True)
 
@@ -192,14 +232,26 @@ def start_local(
     host: str = "127.0.0.1",
     start_timeout: float = 180.0,
     log_dir: str | os.PathLike | None = None,
+    registry: str = "",
+    groups: int = 1,
+    scenario: str = "*",
+    role_devices: dict[str, str] | None = None,
     **worker_options: Any,
 ) -> Deployment:
     """Starts ``n_prefill`` prefill + ``n_decode`` decode (+ ``n_aggregated`` aggregated)
     worker processes and a gateway; returns once all of them answer. ``worker_options`` are
     further :class:`WorkerConfig` fields (``transfer_mode``, ``max_prompt_tokens``, ``pending``,
     ``ttft_slo_s``, ...). Worker logs go to ``log_dir`` (kept), else to a temporary folder
-    removed by ``stop()`` unless ``KVXFER_SERVE_KEEP_LOGS=1``. Raises :class:`WorkerStartError`
-    (after stopping what started) when a process fails or is not ready by ``start_timeout``."""
+    removed by ``stop()`` unless ``KVXFER_SERVE_KEEP_LOGS=1``. ``role_devices`` places a role's
+    model and KV on a torch device (e.g. ``{"prefill": "cuda:0", "decode": "cuda:1"}``); the
+    ``device`` option places every role. Raises :class:`WorkerStartError`
+    (after stopping what started) when a process fails or is not ready by ``start_timeout``.
+
+    ``registry``: "" (peers exchanged over HTTP by this function), or the control plane:
+    ``"sqlite"`` (a registry file in the log folder), ``"sqlite:PATH"``, ``"etcd"`` (a private
+    etcd server started here) or ``"etcd://HOST:PORT"``. Then ``groups`` P/D groups of
+    ``n_prefill`` + ``n_decode`` workers each are set up by :mod:`kvxfer.serve.control`
+    (report, initialize order, connect and verify, healthy, route), watched, and repaired."""
     if n_prefill < 0 or n_decode < 0 or n_aggregated < 0 or (n_prefill + n_aggregated) == 0:
         raise ConfigError("need at least one prefill or aggregated worker, and no negative counts")
     if n_prefill and not n_decode:
@@ -209,10 +261,29 @@ def start_local(
     keep = bool(log_dir) or os.environ.get("KVXFER_SERVE_KEEP_LOGS", "") not in ("", "0")
     dep = Deployment(Path(log_dir) if log_dir else Path(tempfile.mkdtemp(prefix="kvxfer-serve-")), not keep)
     deadline = time.monotonic() + start_timeout
+    if registry:
+        if n_aggregated or not (n_prefill and n_decode) or groups < 1:
+            raise ConfigError(
+                "a registry deployment needs n_prefill >= 1, n_decode >= 1, groups >= 1, no aggregated"
+            )
+        dep.role_devices = dict(role_devices or {})
+        try:
+            _start_groups(dep, base, registry, groups, scenario, n_prefill, n_decode, deadline)
+            if gateway:
+                g = dep.spawn(base.replace(role="gateway", name="gateway", port=gateway_port,
+                                           registry=dep.registry.url))  # fmt: skip
+                g.wait_ready(deadline)
+                dep.gateway_url = g.url
+                _get(g.url + "/health")
+        except BaseException:
+            dep.stop(timeout=5.0)
+            raise
+        return dep
     try:
         for role, count in (("prefill", n_prefill), ("decode", n_decode), ("aggregated", n_aggregated)):
             for i in range(count):
-                dep.spawn(base.replace(role=role, name=f"{role}-{i}", port=0))
+                dev = (role_devices or {}).get(role, base.device)
+                dep.spawn(base.replace(role=role, name=f"{role}-{i}", port=0, device=dev))
         for p in list(dep.procs.values()):
             p.wait_ready(deadline)
         prefills = [p for p in dep.procs.values() if p.role == "prefill"]
@@ -236,3 +307,38 @@ def start_local(
         dep.stop(timeout=5.0)
         raise
     return dep
+
+
+def _start_groups(
+    dep: Deployment, base: WorkerConfig, registry: str, groups: int, scenario: str, n_p: int, n_d: int,
+    deadline: float,
+) -> None:  # fmt: skip
+    from .control.controller import GroupController
+    from .registry import open_registry
+
+    dep.log_dir.mkdir(parents=True, exist_ok=True)
+    if registry == "sqlite":
+        registry = f"sqlite:{dep.log_dir / 'registry.db'}"
+    elif registry == "etcd":
+        from .registry.server import EtcdServer
+
+        dep.etcd = EtcdServer(host=base.host)
+        registry = dep.etcd.url
+    dep.registry = open_registry(registry)
+    dep._base = base.replace(registry=dep.registry.url, scenario=scenario)
+    for g in range(groups):
+        group = f"g{g}"
+        ctl = GroupController(dep.registry, scenario, group, n_p, n_d, ttl_s=base.lease_ttl_s,
+                              spawn=lambda role, group=group: dep.spawn_member(group, role),
+                              stop_member=dep.stop_member,
+                              setup_deadline_s=max(1.0, deadline - time.monotonic()))  # fmt: skip
+        dep.controllers[group] = ctl
+        for role, count in (("prefill", n_p), ("decode", n_d)):
+            for _ in range(count):
+                dep.spawn_member(group, role)
+    for p in list(dep.procs.values()):
+        p.wait_ready(deadline)
+    for ctl in dep.controllers.values():
+        ctl.setup_deadline_s = max(1.0, deadline - time.monotonic())
+        ctl.setup()
+        ctl.watch()

@@ -437,6 +437,16 @@ class Gateway:
             await self._runner.cleanup()
             self._runner = None
 
+    def set_routes(self, routes: dict[str, list[str]]) -> None:
+        """Replaces the forwarding table (the control plane's route watcher calls this)."""
+        routes = {s: [u.rstrip("/") for u in us] for s, us in routes.items()}
+        for us in routes.values():
+            for u in us:
+                self.open_streams.setdefault(u, 0)
+                if u not in self.prefills:
+                    self.prefills.append(u)
+        self.config.routes = routes
+
     # ranking -----------------------------------------------------------------------------
     def candidates(self, scenario: str) -> list[str]:
         """Prefills for ``scenario`` in the order this gateway would try them now."""

@@ -84,15 +84,9 @@ class KvGeometry:
 
 
 def make_engine(name: str, backend: str, timeout: float = 60.0) -> kvxfer.Engine:
-    """An engine with one backend; tcp listens on 127.0.0.1, an ephemeral port.
+    """An engine with one backend; tcp listens on 127.0.0.1, an ephemeral port."""
+    from kvxfer.config import EngineConfig
 
-    Works with the engine of core v1 (``device="HOST:PORT"``) and of core v2
-    (``EngineConfig.backend.tcp.listen``)."""
-    try:
-        from kvxfer.config import EngineConfig  # core v2
-    except ImportError:
-        kw = {"device": "127.0.0.1:0"} if backend == "tcp" else {}
-        return kvxfer.Engine(name, backends=[backend], timeout=timeout, **kw)
     cfg = EngineConfig()
     if backend == "tcp":
         cfg.backend.tcp.listen = "127.0.0.1:0"

@@ -55,11 +55,13 @@ class PrefillWorker(WorkerBase):
         geom = compute.geometry
         self.t_max = kt.padded_tokens(cfg.max_prompt_tokens, cfg.block_tokens)
         self.buf_bytes = geom.contiguous_bytes(self.t_max)
-        self.buffers = shared_tensor(cfg.b_p * self.buf_bytes)
+        self.buffers = shared_tensor(cfg.b_p * self.buf_bytes, cfg.device)
         self.buf_region = self.engine.register(self.buffers)
         self.paged = None
         if cfg.transfer_mode != "block-free":
-            self.paged = make_pool(compute, cfg.b_p * (self.t_max // cfg.block_tokens) + 1, cfg.block_tokens)
+            self.paged = make_pool(
+                compute, cfg.b_p * (self.t_max // cfg.block_tokens) + 1, cfg.block_tokens, cfg.device
+            )
             self.paged_region = self.engine.register(self.paged.tensor, self.paged.layout())
             kt.answer_block_acks(self.router, self.engine)
         self.router.on(kt.RELEASED, self._on_released)
@@ -90,6 +92,10 @@ class PrefillWorker(WorkerBase):
     def on_peer(self, name: str, info: dict[str, Any]) -> None:
         if info.get("role") == "decode" and info.get("url"):
             self.decodes[name] = {"url": info["url"].rstrip("/"), "open": 0, "down_until": 0.0}
+
+    def on_peer_gone(self, name: str) -> None:
+        # streams already open to it keep their entry object; no new request picks it
+        self.decodes.pop(name, None)
 
     # -- slots ---------------------------------------------------------------------------------
     def _on_released(self, note: kvxfer.Notification) -> None:
@@ -261,7 +267,7 @@ class PrefillWorker(WorkerBase):
             await send_event(resp, protocol.error_event(e.code, str(e)))
             return
         timings["decode_pick_s"] = time.time() - t0
-        d = self.decodes[name]
+        d = self.decodes.get(name) or {"open": 0}  # removed by the control plane meanwhile
         d["open"] += 1
         finished = False
         try:

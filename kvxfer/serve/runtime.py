@@ -42,9 +42,12 @@ def load_model(model: str, seed: int = 0, device: str = "cpu"):
     return tok, m
 
 
-def shared_tensor(nbytes: int) -> torch.Tensor:
-    """A uint8 tensor over memfd memory (kvxfer.empty): a same-host peer maps it and copies
-    with memcpy (docs/shm.md) instead of cross-memory attach."""
+def shared_tensor(nbytes: int, device: str = "cpu") -> torch.Tensor:
+    """A uint8 tensor for KV that kvxfer moves. On the host: memfd memory (kvxfer.empty), which
+    a same-host peer maps and copies with memcpy (docs/shm.md) instead of cross-memory attach.
+    On a GPU (``device="cuda:N"``): device memory, registered as CUDA memory (docs/gpu.md)."""
+    if torch.device(device).type != "cpu":
+        return torch.empty(max(1, nbytes), dtype=torch.uint8, device=device)
     return torch.from_numpy(kvxfer.empty(max(1, nbytes)))
 
 

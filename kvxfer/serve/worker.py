@@ -49,16 +49,30 @@ async def _serve(cfg: WorkerConfig, stop: asyncio.Event) -> None:
     if cfg.role == "gateway":
         from .gateway import Gateway, GatewayConfig, load_tokenizer
 
+        watcher = None
         routes = cfg.routes or {"*": cfg.prefill_urls}
+        if cfg.registry:  # the forwarding table comes from the registry's confirmed groups
+            from .control.routes import read_routes
+            from .registry import open_registry
+
+            reg = open_registry(cfg.registry)
+            routes = read_routes(reg) or routes
         gw = Gateway(
             GatewayConfig(routes=routes, policy=cfg.policy, ttft_slo_s=cfg.ttft_slo_s, model=cfg.model),
             load_tokenizer(_tokenizer_spec(cfg)),
         )
         url = await gw.start(cfg.host, cfg.port)
+        if cfg.registry:
+            from .control.routes import RouteWatcher
+
+            loop = asyncio.get_running_loop()
+            watcher = RouteWatcher(reg, lambda r: loop.call_soon_threadsafe(gw.set_routes, r))
         print(json.dumps({"ready": True, "role": "gateway", "name": cfg.name, "url": url}), flush=True)
         try:
             await stop.wait()
         finally:
+            if watcher is not None:
+                watcher.stop()
             await gw.stop()
         return
     worker = build(cfg)
@@ -75,10 +89,20 @@ async def _serve(cfg: WorkerConfig, stop: asyncio.Event) -> None:
         "url": url,
         "descriptor": worker.descriptor_b64(),
     }
+    agent = None
+    if cfg.registry and cfg.role in ("prefill", "decode"):
+        from .control.member import MemberAgent
+
+        loop = asyncio.get_running_loop()
+        agent = MemberAgent(worker, cfg.registry, cfg.scenario, cfg.group, url, loop, ttl_s=cfg.lease_ttl_s,
+                            on_lost=lambda: loop.call_soon_threadsafe(stop.set))  # fmt: skip
+        agent.start()  # reports to the registry; the group setup goes on in its thread
     print(json.dumps(ready), flush=True)
     try:
         await stop.wait()
     finally:
+        if agent is not None:
+            await asyncio.to_thread(agent.stop)
         await runner.cleanup()
 
 

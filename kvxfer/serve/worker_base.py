@@ -88,6 +88,9 @@ class WorkerBase:
     def on_peer(self, name: str, info: dict[str, Any]) -> None:
         """A peer was added (prefill: remember decodes)."""
 
+    def on_peer_gone(self, name: str) -> None:
+        """The control plane removed a peer from the group (prefill: forget that decode)."""
+
     def status(self) -> dict[str, Any]:
         raise NotImplementedError
 

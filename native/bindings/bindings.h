@@ -45,5 +45,6 @@ void registerConfig(py::module_& m);
 void registerEngine(py::module_& m);
 void registerTransfer(py::module_& m);
 void registerDescriptor(py::module_& m);
+void registerGpu(py::module_& m);
 
 }  // namespace kvxfer::py_bindings

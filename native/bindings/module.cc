@@ -7,4 +7,5 @@ PYBIND11_MODULE(_native, m) {
     kvxfer::py_bindings::registerEngine(m);
     kvxfer::py_bindings::registerTransfer(m);
     kvxfer::py_bindings::registerDescriptor(m);
+    kvxfer::py_bindings::registerGpu(m);
 }

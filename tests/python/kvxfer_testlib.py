@@ -8,7 +8,8 @@ import numpy as np
 import kvxfer
 
 # Backends that connect two engines of one process (ibverbs runs in tests/rdma, in the VM).
-IN_PROCESS = [b.name for b in kvxfer.list_backends() if b.available and b.name != "ibverbs"]
+# cuda_ipc moves GPU memory only: tests/gpu covers it.
+IN_PROCESS = [b.name for b in kvxfer.list_backends() if b.available and b.name not in ("ibverbs", "cuda_ipc")]
 
 
 def dense_layout(layers=4, kv=2, blocks=64, block_bytes=256) -> kvxfer.KvLayout:

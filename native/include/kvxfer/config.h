@@ -76,5 +76,10 @@ struct EngineConfig {
 Status applyEnvironment(EngineConfig& config);
 // Every environment variable the overlay reads, with the field it sets.
 std::vector<std::pair<std::string, std::string>> environmentVariables();
+// Sets one backend field by its name in environmentVariables() ("backend.tcp.listen"; the
+// "backend." prefix may be left out), with the overlay's parsing: kNotFound for an
+// unknown name, kInvalidArgument for a bad value. For callers that read configuration as
+// text (the C ABI).
+Status setBackendField(EngineConfig& config, const std::string& field, const std::string& value);
 
 }  // namespace kvxfer

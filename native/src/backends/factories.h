@@ -16,6 +16,11 @@ Result<std::unique_ptr<Backend>> createFaultBackend(const BackendContext& contex
 #if KVXFER_HAVE_TCP
 Result<std::unique_ptr<Backend>> createTcpBackend(const BackendContext& context);
 #endif
+#if KVXFER_HAVE_CUDA_IPC
+Result<std::unique_ptr<Backend>> createCudaIpcBackend(const BackendContext& context);
+// OK when the CUDA driver loads and sees a GPU; otherwise why not.
+Status cudaIpcAvailability();
+#endif
 #if KVXFER_HAVE_IBVERBS
 Result<std::unique_ptr<Backend>> createIbverbsBackend(const BackendContext& context);
 // OK when libibverbs loads and at least one device is present; otherwise why not.

@@ -24,6 +24,11 @@ const std::vector<Entry>& entries() {
         // Test backend with scripted faults: only when asked for by name.
         {"fault", false, alwaysAvailable, createFaultBackend},
 #endif
+#if KVXFER_HAVE_CUDA_IPC
+        // GPU memory only; advertised where the CUDA driver loads. Started when asked for by
+        // name: a peer is reached through one backend, and host memory needs shm or tcp.
+        {"cuda_ipc", false, cudaIpcAvailability, createCudaIpcBackend},
+#endif
 #if KVXFER_HAVE_TCP
         // Listens on a socket: started only when asked for by name.
         {"tcp", false, alwaysAvailable, createTcpBackend},

@@ -127,4 +127,16 @@ std::vector<std::pair<std::string, std::string>> environmentVariables() {
     return out;
 }
 
+Status setBackendField(EngineConfig& config, const std::string& field, const std::string& value) {
+    const std::string full = field.rfind("backend.", 0) == 0 ? field : "backend." + field;
+    for (const auto& v : vars()) {
+        if (full != v.field) continue;
+        if (!v.set(config, value)) {
+            return Status::invalidArgument("'" + value + "' is not a valid value for " + v.field);
+        }
+        return Status::ok();
+    }
+    return Status::notFound("unknown configuration key '" + field + "'");
+}
+
 }  // namespace kvxfer

@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "core/deadline_timer.h"
+#include "cuda/driver.h"
 
 namespace kvxfer {
 namespace {
@@ -186,8 +187,13 @@ Result<std::shared_ptr<Region>> Engine::registerMemory(const MemorySpan& span, s
         any = true;
     }
     if (!any) {
+        std::string why;
+        if (span.kind == MemoryKind::kCuda) {
+            const Status cuda = cuda::cudaAvailability();
+            why = cuda.isOk() ? "; start the cuda_ipc backend (backends=[\"cuda_ipc\"])" : "; " + cuda.message();
+        }
         return Status::unsupported(std::string("no started backend handles ") + memoryKindName(span.kind) +
-                                   " memory (started: " + describeBackends() + ")");
+                                   " memory (started: " + describeBackends() + ")" + why);
     }
     std::lock_guard<std::mutex> lock(control_mutex_);
     if (closed()) return Status::canceled("engine is closed");

@@ -73,6 +73,7 @@ struct Side {
 class Conformance : public ::testing::TestWithParam<std::string> {
 protected:
     void SetUp() override {
+        if (GetParam() == "cuda_ipc") GTEST_SKIP() << "cuda_ipc moves GPU memory only (tests/gpu covers it)";
         for (const auto& b : listBackends()) {
             if (b.name == GetParam() && !b.available)
                 GTEST_SKIP() << GetParam() << " unavailable: " << b.reason;

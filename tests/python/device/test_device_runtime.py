@@ -135,3 +135,20 @@ def test_bad_job_is_a_typed_error(device, cloud, prompt):
         device.run(job("warp-drive", prompt, cloud.port))
     with pytest.raises(BadSettingsError):
         device.run(job("pd-device", prompt, cloud.port, rho=0.0))
+
+
+def test_device_process_that_fails_to_start_leaves_no_process_or_pipes():
+    """A device runtime that dies at start-up (an unknown model) raises DeviceError, and the
+    child is reaped and both pipes closed (before the fix, each failed start leaked two fds)."""
+    import os
+
+    from kvxfer.device.errors import DeviceError
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    before = fds()
+    for _ in range(2):
+        with pytest.raises(DeviceError, match="exited"):
+            DeviceProcess("no-such-model:0", FAST)
+    assert fds() == before

@@ -1,0 +1,57 @@
+// The copy kernel of kvxfer's GPU paths (cuda_ipc transfers, pack, unpack).
+//
+// One launch copies every entry of a run table. An entry is at most kChunkBytes long
+// (longer runs are cut by the host when it builds the table), so the work units are even
+// and a grid-stride loop over entries keeps every SM busy. Each CTA copies one entry at a
+// time: 16-byte vector loads and stores, four in flight per thread, which is what keeps
+// enough requests outstanding across NVLink. Entries whose addresses or length are not
+// 16-byte aligned fall back to a byte loop (correct, slow; KV blocks are aligned).
+//
+// Addresses are `base + offset`: the transfer path passes absolute addresses (bases 0);
+// pack/unpack pass the tensors' bases and a table of offsets, and `swap` exchanges the
+// source and destination columns (unpack reuses pack's table).
+//
+// Compile: scripts/gen_cuda_ptx.sh (nvcc -ptx); the PTX is embedded in
+// native/src/cuda/copy_kernel_ptx.inc and loaded with cuModuleLoadData.
+
+struct RunEntry {
+    unsigned long long src;
+    unsigned long long dst;
+    unsigned long long len;
+};
+
+extern "C" __global__ void __launch_bounds__(512) kvxfer_copy_runs(const RunEntry* __restrict__ table,
+                                                                   unsigned long long count,
+                                                                   unsigned long long src_base,
+                                                                   unsigned long long dst_base, int swap) {
+    for (unsigned long long r = blockIdx.x; r < count; r += gridDim.x) {
+        const RunEntry e = table[r];
+        const unsigned long long s = (swap ? e.dst : e.src) + src_base;
+        const unsigned long long d = (swap ? e.src : e.dst) + dst_base;
+        const unsigned long long n = e.len;
+        if (((s | d | n) & 15ull) == 0) {
+            const uint4* __restrict__ src = reinterpret_cast<const uint4*>(s);
+            uint4* __restrict__ dst = reinterpret_cast<uint4*>(d);
+            const unsigned long long n16 = n >> 4;
+            const unsigned long long step = blockDim.x;
+            unsigned long long i = threadIdx.x;
+            for (; i + 3 * step < n16; i += 4 * step) {
+                const uint4 a = src[i];
+                const uint4 b = src[i + step];
+                const uint4 c = src[i + 2 * step];
+                const uint4 f = src[i + 3 * step];
+                dst[i] = a;
+                dst[i + step] = b;
+                dst[i + 2 * step] = c;
+                dst[i + 3 * step] = f;
+            }
+            for (; i < n16; i += step) dst[i] = src[i];
+        } else {
+            const unsigned char* src = reinterpret_cast<const unsigned char*>(s);
+            unsigned char* dst = reinterpret_cast<unsigned char*>(d);
+            for (unsigned long long i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+        }
+    }
+    // Peer stores must be performed before the completion event can tell anyone.
+    __threadfence_system();
+}

@@ -1,0 +1,87 @@
+#!/bin/bash
+# One command for a GPU machine: print the machine, build kvxfer's Python module if the
+# one at hand does not import, run tests/gpu, run the GPU benchmarks, and write every
+# output under $OUT (default ./gpu-out). Usage:
+#   bash scripts/gpu_check.sh [all|build|test|bench|quick]
+# The build prefers CMake; where there is no cmake/pybind11 it compiles the sources with
+# one g++ command per file (pybind11 headers from PYBIND11_INCLUDE or build/pybind11-include).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+log() { echo "== $*" | tee -a "$OUT/steps.log"; }
+
+machine() {
+  log "machine"
+  {
+    date -u; uname -a; nproc
+    nvidia-smi || true
+    nvidia-smi topo -m || true
+    nvcc --version 2>&1 | tail -1 || true
+    $PY --version
+    $PY -c "import sys; print(sys.executable)"
+    $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpus', torch.cuda.device_count())" 2>&1
+    $PY -c "import numpy; print('numpy', numpy.__version__)" 2>&1
+    $PY -c "import pytest; print('pytest', pytest.__version__)" 2>&1
+    $PY -c "import pybind11; print('pybind11', pybind11.__version__)" 2>&1
+    which cmake ninja g++ c++ 2>&1
+    ldd --version | head -1
+  } 2>&1 | tee "$OUT/machine.txt"
+}
+
+imports() { $PY -c "import kvxfer, kvxfer._native as n; print('kvxfer imports; cuda:', n.cuda_status() or 'OK')"; }
+
+build_gxx() {
+  local pyinc pybinc ext objdir srcs
+  pyinc=$($PY -c "import sysconfig; print(sysconfig.get_paths()['include'])")
+  pybinc=${PYBIND11_INCLUDE:-$($PY -c "import pybind11; print(pybind11.get_include())" 2>/dev/null || echo build/pybind11-include)}
+  ext=$($PY -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+  objdir=build/gxx; mkdir -p "$objdir"
+  srcs=$(ls native/src/core/*.cc native/src/util/*.cc native/src/cuda/*.cc native/src/backends/registry.cc \
+    native/src/backends/loopback/*.cc native/src/backends/shm/*.cc native/src/backends/fault/*.cc \
+    native/src/backends/tcp/*.cc native/src/backends/cuda_ipc/*.cc native/bindings/*.cc)
+  local flags="-std=c++20 -O2 -fPIC -fvisibility=hidden -DNDEBUG -DKVXFER_HAVE_FAULT=1 -DKVXFER_HAVE_TCP=1 \
+    -DKVXFER_HAVE_CUDA_IPC=1 -Inative/include -Inative/src -Inative/bindings -I$pyinc -I$pybinc"
+  echo "$srcs" | tr ' ' '\n' | xargs -P "$(nproc)" -I{} sh -c \
+    'o='"$objdir"'/$(echo {} | tr / _).o; g++ '"$flags"' -c {} -o $o || exit 255'
+  g++ -shared -o "kvxfer/_native$ext" "$objdir"/*.o -lpthread -ldl
+}
+
+build() {
+  log "build"
+  if imports 2>&1 | tee -a "$OUT/build.log"; then return 0; fi
+  rm -f kvxfer/_native*.so
+  if command -v cmake >/dev/null && $PY -c "import pybind11" 2>/dev/null; then
+    cmake -S . -B build/gpu -DKVXFER_BUILD_PYTHON=ON -DKVXFER_WITH_IBVERBS=OFF -DCMAKE_BUILD_TYPE=Release \
+      -DPython_EXECUTABLE="$(command -v $PY)" -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" >>"$OUT/build.log" 2>&1 &&
+      cmake --build build/gpu -j "$(nproc)" >>"$OUT/build.log" 2>&1 && cp build/gpu/native/_native*.so kvxfer/
+  else
+    build_gxx >>"$OUT/build.log" 2>&1
+  fi
+  tail -5 "$OUT/build.log"
+  imports 2>&1 | tee -a "$OUT/build.log"
+}
+
+tests() {
+  log "tests/gpu"
+  $PY -m pytest tests/gpu -v -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests-gpu.txt" | tail -40
+}
+
+bench() {
+  log "bench"
+  PYTHONPATH=bench $PY -m kvxfer_bench --memory cuda:0 --target-memory cuda:1 --op both --gpu-pack \
+    --repeat "${REPEAT:-5}" --json > "$OUT/bench-gpu.jsonl" 2> "$OUT/bench-gpu.txt"
+  echo "rc=$?" >> "$OUT/bench-gpu.txt"
+  cat "$OUT/bench-gpu.txt"
+}
+
+case "$what" in
+  all) machine; build && tests; bench ;;
+  build) machine; build ;;
+  test) build && tests ;;
+  bench) build && bench ;;
+  quick) machine; build && tests ;;
+  *) echo "usage: $0 [all|build|test|bench|quick]"; exit 2 ;;
+esac
