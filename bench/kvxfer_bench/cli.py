@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--gpu-pack", action="store_true", help="with --memory cuda:N: also pack/unpack kernels")
     g.add_argument(
+        "--gpu-queue-depths", default="1,2", help="with --memory cuda:N: transfers in flight, a comma list"
+    )
+    g.add_argument(
         "--no-contiguous", action="store_true", help="with --memory cuda:N: skip the contiguous case"
     )
     g.add_argument(

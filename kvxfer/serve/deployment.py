@@ -234,7 +234,7 @@ def start_local(
     log_dir: str | os.PathLike | None = None,
     registry: str = "",
     groups: int = 1,
-    scenario: str = "*",
+    scenario: str | list[str] = "*",
     role_devices: dict[str, str] | None = None,
     **worker_options: Any,
 ) -> Deployment:
@@ -250,7 +250,8 @@ def start_local(
     ``registry``: "" (peers exchanged over HTTP by this function), or the control plane:
     ``"sqlite"`` (a registry file in the log folder), ``"sqlite:PATH"``, ``"etcd"`` (a private
     etcd server started here) or ``"etcd://HOST:PORT"``. Then ``groups`` P/D groups of
-    ``n_prefill`` + ``n_decode`` workers each are set up by :mod:`kvxfer.serve.control`
+    ``n_prefill`` + ``n_decode`` workers each (group g serves ``scenario``, or ``scenario[g]``
+    when it is a list) are set up by :mod:`kvxfer.serve.control`
     (report, initialize order, connect and verify, healthy, route), watched, and repaired."""
     if n_prefill < 0 or n_decode < 0 or n_aggregated < 0 or (n_prefill + n_aggregated) == 0:
         raise ConfigError("need at least one prefill or aggregated worker, and no negative counts")
@@ -310,8 +311,8 @@ def start_local(
 
 
 def _start_groups(
-    dep: Deployment, base: WorkerConfig, registry: str, groups: int, scenario: str, n_p: int, n_d: int,
-    deadline: float,
+    dep: Deployment, base: WorkerConfig, registry: str, groups: int, scenario: str | list[str], n_p: int,
+    n_d: int, deadline: float,
 ) -> None:  # fmt: skip
     from .control.controller import GroupController
     from .registry import open_registry
@@ -325,10 +326,12 @@ def _start_groups(
         dep.etcd = EtcdServer(host=base.host)
         registry = dep.etcd.url
     dep.registry = open_registry(registry)
-    dep._base = base.replace(registry=dep.registry.url, scenario=scenario)
+    scenarios = [scenario] if isinstance(scenario, str) else list(scenario)
+    dep._base = base.replace(registry=dep.registry.url, scenario=scenarios[0])
     for g in range(groups):
         group = f"g{g}"
-        ctl = GroupController(dep.registry, scenario, group, n_p, n_d, ttl_s=base.lease_ttl_s,
+        scen = scenarios[g % len(scenarios)]
+        ctl = GroupController(dep.registry, scen, group, n_p, n_d, ttl_s=base.lease_ttl_s,
                               spawn=lambda role, group=group: dep.spawn_member(group, role),
                               stop_member=dep.stop_member,
                               setup_deadline_s=max(1.0, deadline - time.monotonic()))  # fmt: skip

@@ -46,11 +46,10 @@ import heapq
 import itertools
 import json
 import logging
-import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -59,6 +58,7 @@ from aiohttp import web
 
 from kvxfer.errors import KvxferError
 from kvxfer.serve import protocol
+from kvxfer.serve.policy import ForwardingPolicy
 
 POLICIES = ("reject-retry", "local-queue")
 log = logging.getLogger("kvxfer.serve.gateway")
@@ -390,12 +390,14 @@ class Gateway:
         self.prefills: list[str] = list(
             dict.fromkeys(u.rstrip("/") for us in config.routes.values() for u in us)
         )
-        self.open_streams: dict[str, int] = {u: 0 for u in self.prefills}
+        # the ranking state lives in the policy object, shared with the simulator
+        self.forwarding = ForwardingPolicy(config.policy, config.batch_forwarding, config.down_for_s,
+                                           config.retry_interval_s, config.retry_max_interval_s)  # fmt: skip
+        self.open_streams: dict[str, int] = self.forwarding.open_streams
+        self.open_streams.update({u: 0 for u in self.prefills})
         self.records: deque[RequestRecord] = deque(maxlen=config.records_kept)
-        self._sticky: dict[str, str] = {}  # scenario -> the prefill that accepted last (batch forwarding)
-        self._down_until: dict[str, float] = {}
-        self._rr = itertools.count()
-        self._jitter = random.Random(0)
+        self._sticky = self.forwarding.sticky  # scenario -> the prefill that accepted last
+        self._down_until = self.forwarding.down_until
         self._gates: dict[str, _DeadlineGate] = {}
         self.prefill_times = PrefillTimes()
         self._session: aiohttp.ClientSession | None = None
@@ -447,24 +449,21 @@ class Gateway:
                     self.prefills.append(u)
         self.config.routes = routes
 
+    @property
+    def _rr(self) -> Iterator[int]:
+        return self.forwarding.rr
+
+    @_rr.setter
+    def _rr(self, it: Iterator[int]) -> None:
+        self.forwarding.rr = it
+
     # ranking -----------------------------------------------------------------------------
     def candidates(self, scenario: str) -> list[str]:
         """Prefills for ``scenario`` in the order this gateway would try them now."""
         pool = self.config.routes.get(scenario) or self.config.routes.get("*")
         if not pool:
             raise _Terminal("no_route", f"no prefill serves scenario {scenario!r}", 404)
-        pool = [u.rstrip("/") for u in pool]
-        now = time.monotonic()
-        up = [u for u in pool if self._down_until.get(u, 0.0) <= now] or pool
-        rot = next(self._rr) % len(up)
-        up = up[rot:] + up[:rot]  # ties rotate round-robin (sorted() is stable)
-        ranked = sorted(up, key=lambda u: self.open_streams[u])
-        if self.config.policy == "reject-retry" and self.config.batch_forwarding:
-            sticky = self._sticky.get(scenario)
-            if sticky in ranked:
-                ranked.remove(sticky)
-                ranked.insert(0, sticky)
-        return ranked
+        return self.forwarding.rank([u.rstrip("/") for u in pool], scenario, time.monotonic())
 
     # forwarding --------------------------------------------------------------------------
     async def _try(
@@ -497,7 +496,7 @@ class Gateway:
                     "deadline", f"TTFT deadline passed while waiting for prefill {url}", 504
                 ) from e
             except (aiohttp.ClientConnectionError, OSError) as e:
-                self._down_until[url] = time.monotonic() + self.config.down_for_s
+                self.forwarding.unreachable(url, time.monotonic())
                 raise _Unavailable(str(e)) from e
             if resp.status == 429:
                 resp.release()
@@ -567,13 +566,12 @@ class Gateway:
                     resp = await self._try(url, req, rec)
                 except _Rejected:
                     rec.retries += 1
-                    if self._sticky.get(rec.scenario) == url:
-                        del self._sticky[rec.scenario]
+                    self.forwarding.rejected(rec.scenario, url)
                     continue
                 except _Unavailable as e:
                     rec.message = str(e)
                     continue
-                self._sticky[rec.scenario] = url
+                self.forwarding.accepted(rec.scenario, url)
                 rec.prefill = url
                 rec.accept = time.time()
                 return resp
@@ -584,10 +582,7 @@ class Gateway:
                     "deadline", f"TTFT deadline passed at the gateway: {why} ({rec.attempts} attempts)", 504
                 )
             rounds += 1
-            pause = min(
-                self.config.retry_max_interval_s, self.config.retry_interval_s * 2 ** min(rounds - 1, 30)
-            )
-            await asyncio.sleep(min(pause * (0.5 + 0.5 * self._jitter.random()), remaining))
+            await asyncio.sleep(min(self.forwarding.pause(rounds), remaining))
             if gate is not None and held is not None:
                 held[0] = False  # while stepping aside, we do not hold the gate
                 if not await gate.yield_to_earlier(req.deadline, req.deadline - time.time()):

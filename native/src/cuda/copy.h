@@ -26,7 +26,6 @@ struct RunEntry {
 
 // Longest entry: longer runs are cut so work units stay even across CTAs.
 constexpr uint64_t kChunkBytes = 64 * 1024;
-constexpr unsigned kThreadsPerBlock = 512;
 
 // Appends (src, dst, len) cut into entries of at most kChunkBytes; returns entries added.
 inline size_t appendRun(RunEntry* out, uint64_t src, uint64_t dst, uint64_t len) {
@@ -50,6 +49,12 @@ struct DeviceState {
     CUfunction kernel = nullptr;
     int sms = 1;
     std::string pci_bus_id;  // "0000:1b:00.0"
+    // Launch shape (process-wide tunables, read once from the environment):
+    // KVXFER_CUDA_COPY_UNROLL (2, 4 or 8 loads in flight per thread), KVXFER_CUDA_COPY_THREADS
+    // (threads per CTA), KVXFER_CUDA_COPY_CTAS_PER_SM.
+    unsigned threads = 512;
+    unsigned ctas_per_sm = 4;
+    int unroll = 4;
 
     // The state of `ordinal` (created once per process, never destroyed).
     static Result<DeviceState*> get(int ordinal);
@@ -85,7 +90,8 @@ public:
     TableBuffer& operator=(const TableBuffer&) = delete;
     // Host room for `entries` entries (grows both buffers; never while in flight).
     Result<RunEntry*> reserve(uint64_t entries);
-    // Uploads `count` entries on `stream`, launches the kernel, records done().
+    // Uploads `count` entries on `stream` and launches the kernel (none if 0), then records
+    // done() (after whatever was queued on `stream` before, e.g. copy-engine copies).
     Status launch(uint64_t count, CUstream stream);
     CUevent done() const { return event_; }
     // True when no launch of this buffer is pending on the GPU.

@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -92,6 +93,9 @@ struct Worker {
     std::map<int, DeviceLane> lanes;  // progress thread only
     std::deque<InFlight> in_flight;   // progress thread only
     std::map<std::pair<int, int>, bool> peer_enabled;
+    // Runs at least this long are copied by the copy engines (cuMemcpyDtoDAsync) rather than
+    // the kernel: KVXFER_CUDA_IPC_CE_MIN_BYTES, 0 = never; default 8 MiB.
+    uint64_t ce_min_bytes = UINT64_MAX;
 
     Result<DeviceLane*> lane(int ordinal) {
         auto it = lanes.find(ordinal);
@@ -207,6 +211,13 @@ struct Worker {
                 for (const Run& r : p.plan->runs) {
                     const uint64_t l = lb + r.local_offset;
                     const uint64_t m = rb + r.remote_offset;
+                    if (r.length >= ce_min_bytes) {
+                        // Long runs go to the copy engines, queued before the kernel.
+                        const cuda::CUresult cr =
+                            api->memcpyDtoDAsync(write ? m : l, write ? l : m, r.length, lane->stream);
+                        if (cr != cuda::CUDA_SUCCESS) return api->error("cuMemcpyDtoDAsync", cr);
+                        continue;
+                    }
                     n += cuda::appendRun(out + n, write ? l : m, write ? m : l, r.length);
                 }
             }
@@ -406,6 +417,9 @@ private:
           self_instance_(ctx.instance_id) {
         worker_ = std::make_shared<Worker>();
         worker_->api = api;
+        const char* ce = std::getenv("KVXFER_CUDA_IPC_CE_MIN_BYTES");
+        const uint64_t ce_min = ce != nullptr && *ce ? std::strtoull(ce, nullptr, 10) : (8ull << 20);
+        worker_->ce_min_bytes = ce_min == 0 ? UINT64_MAX : ce_min;
         thread_ = std::thread([w = worker_] { w->run(); });
     }
 

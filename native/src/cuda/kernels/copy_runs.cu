@@ -20,10 +20,9 @@ struct RunEntry {
     unsigned long long len;
 };
 
-extern "C" __global__ void __launch_bounds__(512) kvxfer_copy_runs(const RunEntry* __restrict__ table,
-                                                                   unsigned long long count,
-                                                                   unsigned long long src_base,
-                                                                   unsigned long long dst_base, int swap) {
+template <int kUnroll>
+__device__ __forceinline__ void copyRuns(const RunEntry* __restrict__ table, unsigned long long count,
+                                         unsigned long long src_base, unsigned long long dst_base, int swap) {
     for (unsigned long long r = blockIdx.x; r < count; r += gridDim.x) {
         const RunEntry e = table[r];
         const unsigned long long s = (swap ? e.dst : e.src) + src_base;
@@ -35,15 +34,12 @@ extern "C" __global__ void __launch_bounds__(512) kvxfer_copy_runs(const RunEntr
             const unsigned long long n16 = n >> 4;
             const unsigned long long step = blockDim.x;
             unsigned long long i = threadIdx.x;
-            for (; i + 3 * step < n16; i += 4 * step) {
-                const uint4 a = src[i];
-                const uint4 b = src[i + step];
-                const uint4 c = src[i + 2 * step];
-                const uint4 f = src[i + 3 * step];
-                dst[i] = a;
-                dst[i + step] = b;
-                dst[i + 2 * step] = c;
-                dst[i + 3 * step] = f;
+            for (; i + (kUnroll - 1) * step < n16; i += kUnroll * step) {
+                uint4 v[kUnroll];
+#pragma unroll
+                for (int u = 0; u < kUnroll; ++u) v[u] = src[i + u * step];
+#pragma unroll
+                for (int u = 0; u < kUnroll; ++u) dst[i + u * step] = v[u];
             }
             for (; i < n16; i += step) dst[i] = src[i];
         } else {
@@ -55,3 +51,15 @@ extern "C" __global__ void __launch_bounds__(512) kvxfer_copy_runs(const RunEntr
     // Peer stores must be performed before the completion event can tell anyone.
     __threadfence_system();
 }
+
+// Variants by loads in flight per thread (16 bytes each); the host picks one
+// (KVXFER_CUDA_COPY_UNROLL, default in native/src/cuda/copy.cc).
+#define KVXFER_COPY_VARIANT(name, unroll)                                                                     \
+    extern "C" __global__ void __launch_bounds__(1024)                                                         \
+        name(const RunEntry* __restrict__ table, unsigned long long count, unsigned long long src_base,        \
+             unsigned long long dst_base, int swap) {                                                          \
+        copyRuns<unroll>(table, count, src_base, dst_base, swap);                                              \
+    }
+KVXFER_COPY_VARIANT(kvxfer_copy_runs_u2, 2)
+KVXFER_COPY_VARIANT(kvxfer_copy_runs_u4, 4)
+KVXFER_COPY_VARIANT(kvxfer_copy_runs_u8, 8)
