@@ -50,6 +50,10 @@ namespace {
 
 constexpr size_t kMaxIov = 1024;  // UIO_MAXIOV
 constexpr size_t kMaxMessage = 64 * 1024 + 512;
+// The inline path (the posting thread copies): below this size a copy costs less than
+// handing the job to a copy thread and waking the caller (docs/benchmarks.md, latency).
+constexpr uint64_t kInlineMaxBytes = 64 * 1024;
+constexpr uint64_t kInlineMaxRuns = 64;
 
 uint64_t processStartTime(pid_t pid) {
     std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
@@ -407,7 +411,7 @@ Status cmaError(const ShmPeer& peer, int err) {
 
 // Moves runs [first, end) of one part (one remote region), by memcpy into the mapped
 // memfd or by cross-memory attach.
-Status copyPartRuns(TransferJob& job, uint64_t first, uint64_t end) {
+Status copyPartRuns(TransferJob& job, uint64_t first, uint64_t end, bool liveness_checked) {
     auto& peer = static_cast<ShmPeer&>(*job.peer);
     const JobPart& part = job.parts[job.partOf(first)];
     auto& import = *static_cast<ShmRemoteRegion*>(part.remote.backend);
@@ -418,7 +422,7 @@ Status copyPartRuns(TransferJob& job, uint64_t first, uint64_t end) {
     }
     if (uint8_t* mapped = import.mapped) {
         // The mapping outlives the peer, so liveness is checked explicitly.
-        if (peer.exited()) return cmaError(peer, ESRCH);
+        if (!liveness_checked && peer.exited()) return cmaError(peer, ESRCH);
         for (uint64_t i = first; i < end; ++i) {
             const FlatRun r = job.run(i);
             if (job.op == Op::kWrite) {
@@ -469,12 +473,13 @@ Status copyPartRuns(TransferJob& job, uint64_t first, uint64_t end) {
 }
 
 // A chunk may span parts (regions); each part's runs go by that region's mechanism.
-Status copyChunk(TransferJob& job, uint64_t first, uint64_t end) {
+// `liveness_checked`: the caller polled the peer's pidfd just before (the inline path).
+Status copyChunk(TransferJob& job, uint64_t first, uint64_t end, bool liveness_checked = false) {
     while (first < end) {
         const uint32_t p = job.partOf(first);
         const uint64_t part_end = p + 1 < job.parts.size() ? job.parts[p + 1].first_run : job.num_runs;
         const uint64_t stop = std::min(end, part_end);
-        KVXFER_RETURN_IF_ERROR(copyPartRuns(job, first, stop));
+        KVXFER_RETURN_IF_ERROR(copyPartRuns(job, first, stop, liveness_checked));
         first = stop;
     }
     return Status::ok();
@@ -489,7 +494,6 @@ struct Listener {
     Fd listen_fd;
     Fd stop_fd;
     Fd epoll_fd;
-
     struct Conn {
         enum State : uint8_t { kHello, kProof, kOpen } state = kHello;
         auth::Nonce mine{};
@@ -825,7 +829,10 @@ public:
         const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
         const uint64_t head = offset % page;
         const size_t bytes = static_cast<size_t>(head + length);
-        void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd.fd,
+        // Not populated: setting up page tables for the whole region would make add_peer
+        // grow with the peer's memory (0.45 s for 5 GiB); pages are mapped as copies touch
+        // them (the memfd's pages exist already, so each fault is a minor one).
+        void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.fd,
                          static_cast<off_t>(offset - head));
         if (p == MAP_FAILED) return std::unique_ptr<BackendRemoteRegion>(std::move(remote));
         remote->mapping = p;
@@ -839,6 +846,22 @@ public:
         if (peer.exited()) return cmaError(peer, ESRCH);
         pool_.submit(job);
         return Status::ok();
+    }
+
+    Result<bool> trySubmitInline(const std::shared_ptr<TransferJob>& job) override {
+        if (job->num_runs > kInlineMaxRuns) return false;
+        auto& peer = static_cast<ShmPeer&>(*job->peer);
+        if (peer.exited()) return cmaError(peer, ESRCH);  // nothing started: the core may reconnect
+        // No abandonment check first: a job just posted has not been seen by anyone;
+        // the job machine checks its deadline and cancellation after the copy.
+        const Status st = copyChunk(*job, 0, job->num_runs, /*liveness_checked=*/true);
+        if (job->dataDone(st, true) == TransferJob::AfterData::kSendNotification) {
+            // Sent at once, or queued to the notifier (which finishes the job).
+            if (auto sent =
+                    peer.sendOrQueue({job, ShmPeer::message(job->notify), job->deadline, nullptr, nullptr}))
+                job->finish(std::move(*sent));
+        }
+        return true;
     }
 
     Status notify(BackendPeer& backend_peer, ByteView payload, Clock::time_point deadline) override {
@@ -865,11 +888,14 @@ private:
           pool_(
               ctx.config->shm.threads ? ctx.config->shm.threads
                                       : std::min(4u, std::max(1u, std::thread::hardware_concurrency())),
-              kMaxIov, 64 << 20, copyChunk, [](const std::shared_ptr<TransferJob>& job) {
+              kMaxIov, 64 << 20,
+              [](TransferJob& job, uint64_t first, uint64_t end) { return copyChunk(job, first, end); },
+              [](const std::shared_ptr<TransferJob>& job) {
                   auto& peer = static_cast<ShmPeer&>(*job->peer);
                   return peer.sendOrQueue({job, peer.message(job->notify), job->deadline, nullptr, nullptr});
               }) {
         caps_.lanes = pool_.threads();  // copy threads share a job
+        caps_.inline_max_bytes = kInlineMaxBytes;
         notifier_->start(notifier_);
         thread_ = std::thread([l = listener_] { l->run(); });
     }
