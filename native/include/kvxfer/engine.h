@@ -215,6 +215,7 @@ private:
     Status reconnect(Peer& peer, const BackendPeer* dead);
     void signalCompletion();
     void revoke(Region& region);
+    Result<Transfer> postImpl(const TransferRequest& request);
     void onTerminal(TransferJob& job, bool done);
 
     EngineConfig config_;

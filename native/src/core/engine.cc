@@ -211,7 +211,8 @@ Result<std::shared_ptr<Region>> Engine::registerMemory(const MemorySpan& span, s
         std::string why;
         if (span.kind == MemoryKind::kCuda) {
             const Status cuda = cuda::cudaAvailability();
-            why = cuda.isOk() ? "; start the cuda_ipc backend (backends=[\"cuda_ipc\"])" : "; " + cuda.message();
+            why = cuda.isOk() ? "; start the cuda_ipc backend (backends=[\"cuda_ipc\"])"
+                              : "; " + cuda.message();
         }
         return Status::unsupported(std::string("no started backend handles ") + memoryKindName(span.kind) +
                                    " memory (started: " + describeBackends() + ")" + why);
@@ -491,6 +492,16 @@ void Engine::onTerminal(TransferJob& job, bool done) {
 }
 
 Result<Transfer> Engine::post(const TransferRequest& req) {
+    Result<Transfer> r = postImpl(req);
+    // A post racing with close() may find its peer removed or its region revoked by it:
+    // that is the close, and says so.
+    if (!r.isOk() && r.status().code() == StatusCode::kNotFound && closed()) {
+        return Status::canceled("engine is closed");
+    }
+    return r;
+}
+
+Result<Transfer> Engine::postImpl(const TransferRequest& req) {
     const auto t0 = Clock::now();
     if (closed()) return Status::canceled("engine is closed");
     if (!req.peer) return Status::invalidArgument("no peer given");
