@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import GPUS
 
 import kvxfer
 import kvxfer.gpu
@@ -19,6 +18,7 @@ from kvxfer.errors import InvalidArgumentError, KvxferError, UnsupportedError
 
 sys.path.insert(0, os.path.dirname(__file__))
 import gpu_peer  # noqa: E402
+from gpu_env import GPUS  # noqa: E402
 
 
 def _layout(layers=4, kv=2, blocks=256, block_bytes=16384):

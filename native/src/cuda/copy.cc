@@ -52,6 +52,9 @@ Result<std::unique_ptr<DeviceState>> makeDevice(int ordinal) {
     const std::string fn = "kvxfer_copy_runs_u" + std::to_string(d->unroll);
     r = api->moduleGetFunction(&d->kernel, module, fn.c_str());
     if (r != CUDA_SUCCESS) return api->error("cuModuleGetFunction(" + fn + ")", r);
+    const std::string fp = "kvxfer_copy_planes_u" + std::to_string(d->unroll);
+    r = api->moduleGetFunction(&d->kernel_planes, module, fp.c_str());
+    if (r != CUDA_SUCCESS) return api->error("cuModuleGetFunction(" + fp + ")", r);
     return d;
 }
 
@@ -81,6 +84,18 @@ Status DeviceState::launch(CUdeviceptr table, uint64_t count, uint64_t src_base,
     void* params[] = {&t, &c, &s, &d, &sw};
     const CUresult r = api->launchKernel(kernel, grid, 1, 1, threads, 1, 1, 0, stream, params, nullptr);
     if (r != CUDA_SUCCESS) return api->error("launching kvxfer's copy kernel", r);
+    return Status::ok();
+}
+
+Status DeviceState::launchPlanes(CUdeviceptr table, uint64_t nruns, uint64_t nplanes, CUstream stream) const {
+    if (nruns == 0 || nplanes == 0) return Status::ok();
+    const unsigned grid =
+        static_cast<unsigned>(std::min<uint64_t>(nruns * nplanes, static_cast<uint64_t>(sms) * ctas_per_sm));
+    unsigned long long runs = table, n = nruns, planes = table + nruns * sizeof(RunEntry), m = nplanes;
+    void* params[] = {&runs, &n, &planes, &m};
+    const CUresult r =
+        api->launchKernel(kernel_planes, grid, 1, 1, threads, 1, 1, 0, stream, params, nullptr);
+    if (r != CUDA_SUCCESS) return api->error("launching kvxfer's copy kernel (planes)", r);
     return Status::ok();
 }
 
@@ -146,6 +161,18 @@ Status TableBuffer::launch(uint64_t count, CUstream stream) {
         KVXFER_RETURN_IF_ERROR(device_->launch(dev_, count, 0, 0, false, stream));
     }
     const CUresult r = api->eventRecord(event_, stream);
+    if (r != CUDA_SUCCESS) return api->error("cuEventRecord", r);
+    recorded_ = true;
+    return Status::ok();
+}
+
+Status TableBuffer::launchPlanes(uint64_t nruns, uint64_t nplanes, CUstream stream) {
+    const CudaApi* api = device_->api;
+    const uint64_t count = nruns + nplanes;
+    CUresult r = api->memcpyHtoDAsync(dev_, host_, count * sizeof(RunEntry), stream);
+    if (r != CUDA_SUCCESS) return api->error("uploading a run table (cuMemcpyHtoDAsync)", r);
+    KVXFER_RETURN_IF_ERROR(device_->launchPlanes(dev_, nruns, nplanes, stream));
+    r = api->eventRecord(event_, stream);
     if (r != CUDA_SUCCESS) return api->error("cuEventRecord", r);
     recorded_ = true;
     return Status::ok();

@@ -46,7 +46,8 @@ struct DeviceState {
     int ordinal = -1;
     CUdevice device = 0;
     CUcontext context = nullptr;
-    CUfunction kernel = nullptr;
+    CUfunction kernel = nullptr;         // flat run table
+    CUfunction kernel_planes = nullptr;  // runs x planes
     int sms = 1;
     std::string pci_bus_id;  // "0000:1b:00.0"
     // Launch shape (process-wide tunables, read once from the environment):
@@ -61,6 +62,9 @@ struct DeviceState {
     // Launches the kernel over `count` entries at `table` (device memory) on `stream`.
     Status launch(CUdeviceptr table, uint64_t count, uint64_t src_base, uint64_t dst_base, bool swap,
                   CUstream stream) const;
+    // Launches the runs x planes kernel: `nruns` run entries (offsets) then `nplanes` plane
+    // entries (src, dst bases; len unused) at `table`.
+    Status launchPlanes(CUdeviceptr table, uint64_t nruns, uint64_t nplanes, CUstream stream) const;
 };
 
 // Makes a context current on this thread for the scope, then restores the previous one
@@ -93,6 +97,8 @@ public:
     // Uploads `count` entries on `stream` and launches the kernel (none if 0), then records
     // done() (after whatever was queued on `stream` before, e.g. copy-engine copies).
     Status launch(uint64_t count, CUstream stream);
+    // The same for a table of `nruns` run entries followed by `nplanes` plane entries.
+    Status launchPlanes(uint64_t nruns, uint64_t nplanes, CUstream stream);
     CUevent done() const { return event_; }
     // True when no launch of this buffer is pending on the GPU.
     bool idle() const;
