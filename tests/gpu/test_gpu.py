@@ -162,6 +162,25 @@ def test_in_process_write_read_byte_exact(one_gpu, devices):
         b.close()
 
 
+def test_local_regions_on_two_gpus_in_one_transfer_is_a_typed_error(two_gpus):
+    import torch
+
+    lay = _layout(layers=1, kv=1, blocks=16, block_bytes=4096)
+    a, b = _pair()
+    try:
+        mine = [torch.zeros(_nbytes(lay), dtype=torch.uint8, device=f"cuda:{d}") for d in (0, 1)]
+        theirs = [torch.zeros(_nbytes(lay), dtype=torch.uint8, device="cuda:0") for _ in range(2)]
+        group = a.register_group(mine, lay)
+        remote = b.register_group(theirs, lay)
+        peer = a.add_peer(b.descriptor())
+        t = a.post(kvxfer.Op.WRITE, peer, group, remote.ids, local_blocks=[1, 2])
+        with pytest.raises(UnsupportedError, match="one local GPU"):
+            t.wait(30)
+    finally:
+        a.close()
+        b.close()
+
+
 def test_unaligned_extents_byte_exact(one_gpu):
     import torch
 
