@@ -81,6 +81,11 @@ bench() {
     --repeat "${REPEAT:-5}" --json > "$OUT/bench-gpu.jsonl" 2> "$OUT/bench-gpu.txt"
   echo "rc=$?" >> "$OUT/bench-gpu.txt"
   cat "$OUT/bench-gpu.txt"
+  log "bench tcp host-staged"
+  PYTHONPATH=bench $PY -m kvxfer_bench --memory cuda:0 --target-memory cuda:1 --backend tcp \
+    --repeat "${REPEAT_TCP:-3}" --json > "$OUT/bench-gpu-tcp.jsonl" 2> "$OUT/bench-gpu-tcp.txt"
+  echo "rc=$?" >> "$OUT/bench-gpu-tcp.txt"
+  cat "$OUT/bench-gpu-tcp.txt"
 }
 
 case "$what" in
@@ -89,6 +94,7 @@ case "$what" in
   build) machine; build ;;
   test) build && tests ;;
   bench) build && bench ;;
+  tcp) build && REPEAT_TCP=${REPEAT_TCP:-3} bench_tcp ;;
   quick) machine; build && tests ;;
   *) echo "usage: $0 [all|build|test|sweep|bench|quick]"; exit 2 ;;
 esac
