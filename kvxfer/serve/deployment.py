@@ -114,6 +114,8 @@ class Deployment:
         self._base: WorkerConfig | None = None
         self._names = itertools.count()
         self.role_devices: dict[str, str] = {}
+        # role -> (network namespace, address there): workers of that role start inside it
+        self.role_netns: dict[str, tuple[str, str]] = {}
 
     def _urls(self, role: str) -> list[str]:
         return [p.url for p in self.procs.values() if p.role == role]
@@ -130,12 +132,12 @@ class Deployment:
     def aggregated_urls(self) -> list[str]:
         return self._urls("aggregated")
 
-    def spawn(self, cfg: WorkerConfig) -> WorkerProcess:
+    def spawn(self, cfg: WorkerConfig, prefix: list[str] | None = None) -> WorkerProcess:
         log = self.log_dir / f"{cfg.name}.log"
         env = child_env()
         with open(log, "wb") as err:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "kvxfer.serve.worker", cfg.to_json()],
+                [*(prefix or []), sys.executable, "-m", "kvxfer.serve.worker", cfg.to_json()],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,
@@ -157,7 +159,12 @@ class Deployment:
         name = f"{role}-{next(self._names)}"
         dev = self.role_devices.get(role, self._base.device)
         cfg = self._base.replace(role=role, name=name, port=0, group=group, scenario=scenario, device=dev)
-        self.spawn(cfg.replace(**overrides))
+        prefix: list[str] = []
+        if role in self.role_netns:
+            ns, addr = self.role_netns[role]
+            cfg = cfg.replace(host=addr)
+            prefix = ["ip", "netns", "exec", ns]
+        self.spawn(cfg.replace(**overrides), prefix=prefix)
         return name
 
     def stop_member(self, name: str) -> None:
@@ -236,6 +243,7 @@ def start_local(
     groups: int = 1,
     scenario: str | list[str] = "*",
     role_devices: dict[str, str] | None = None,
+    role_netns: dict[str, tuple[str, str]] | None = None,
     **worker_options: Any,
 ) -> Deployment:
     """Starts ``n_prefill`` prefill + ``n_decode`` decode (+ ``n_aggregated`` aggregated)
@@ -252,7 +260,10 @@ def start_local(
     etcd server started here) or ``"etcd://HOST:PORT"``. Then ``groups`` P/D groups of
     ``n_prefill`` + ``n_decode`` workers each (group g serves ``scenario``, or ``scenario[g]``
     when it is a list) are set up by :mod:`kvxfer.serve.control`
-    (report, initialize order, connect and verify, healthy, route), watched, and repaired."""
+    (report, initialize order, connect and verify, healthy, route), watched, and repaired.
+    ``role_netns`` (registry deployments) starts a role's workers inside a network namespace,
+    ``{"decode": ("ns-b", "10.0.0.2")}``: ``ip netns exec ns-b``, serving on that address (use
+    ``backend="tcp"`` and a ``host`` the other namespace can reach)."""
     if n_prefill < 0 or n_decode < 0 or n_aggregated < 0 or (n_prefill + n_aggregated) == 0:
         raise ConfigError("need at least one prefill or aggregated worker, and no negative counts")
     if n_prefill and not n_decode:
@@ -268,6 +279,7 @@ def start_local(
                 "a registry deployment needs n_prefill >= 1, n_decode >= 1, groups >= 1, no aggregated"
             )
         dep.role_devices = dict(role_devices or {})
+        dep.role_netns = dict(role_netns or {})
         try:
             _start_groups(dep, base, registry, groups, scenario, n_prefill, n_decode, deadline)
             if gateway:
