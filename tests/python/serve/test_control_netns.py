@@ -1,7 +1,9 @@
 """A deployment over two network namespaces (two "hosts": this one and a namespace joined by
 a veth pair), assembled by the registry: prefills and gateway here, decodes in the other
-namespace, KV moved by kvxfer's tcp backend between them. It serves, and recovers after a
-decode is killed (the replacement starts in the other namespace too)."""
+namespace, KV moved by kvxfer's tcp backend between them; the registry is the SQLite file
+(both namespaces share the file system) or an etcd server on this side's veth address. It
+serves, and recovers after a decode is killed (the replacement starts in the other namespace
+too)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import subprocess
 import time
 
 import pytest
+from registry_backends import need_etcd
 from test_control_e2e import complete, wait_replaced
 
 from kvxfer.serve.deployment import start_local
@@ -46,9 +49,12 @@ def two_hosts():
     subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
 
 
-def test_registry_assembles_a_group_across_two_namespaces_and_recovers_a_decode(two_hosts, tmp_path):
+@pytest.mark.parametrize("kind", ["sqlite", "etcd"])
+def test_registry_assembles_a_group_across_two_namespaces_and_recovers_a_decode(kind, two_hosts, tmp_path):
+    if kind == "etcd":
+        need_etcd()  # its own server, listening on this namespace's veth address
     ns, addr_here, addr_there = two_hosts
-    with start_local(2, 2, backend="tcp", registry="sqlite", host=addr_here, b_p=2, b_d=4, lease_ttl_s=2.0,
+    with start_local(2, 2, backend="tcp", registry=kind, host=addr_here, b_p=2, b_d=4, lease_ttl_s=2.0,
                      role_netns={"decode": (ns, addr_there)}, log_dir=tmp_path / "logs") as dep:  # fmt: skip
         ctl = dep.controllers["g0"]
         decodes = sorted(n for n, r in ctl.members.items() if r == "decode")
