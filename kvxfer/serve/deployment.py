@@ -116,6 +116,7 @@ class Deployment:
         self.role_devices: dict[str, str] = {}
         # role -> (network namespace, address there): workers of that role start inside it
         self.role_netns: dict[str, tuple[str, str]] = {}
+        self.retired: list[str] = []  # groups scaled in
 
     def _urls(self, role: str) -> list[str]:
         return [p.url for p in self.procs.values() if p.role == role]
@@ -166,6 +167,59 @@ class Deployment:
             prefix = ["ip", "netns", "exec", ns]
         self.spawn(cfg.replace(**overrides), prefix=prefix)
         return name
+
+    def add_group(self, scenario: str | None = None, n_prefill: int = 1, n_decode: int = 1,
+                  **overrides: Any) -> str:  # fmt: skip
+        """Scale out by one P/D group (registry deployments): its workers start, the setup
+        workflow confirms them and only then routes to them. ``overrides``: WorkerConfig fields
+        of the new workers (a rolling upgrade's new settings). Returns the group's name."""
+        from .control.controller import GroupController
+
+        assert self._base is not None and self.registry is not None, "add_group needs a registry deployment"
+        group = f"g{len(self.controllers) + len(self.retired)}"
+        ctl = GroupController(self.registry, scenario or self._base.scenario, group, n_prefill, n_decode,
+                              spawn=lambda role: self.spawn_member(group, role, **overrides),
+                              stop_member=self.stop_member, ttl_s=self._base.lease_ttl_s)  # fmt: skip
+        self.controllers[group] = ctl
+        for role, count in (("prefill", n_prefill), ("decode", n_decode)):
+            for _ in range(count):
+                self.spawn_member(group, role, **overrides)
+        ctl.setup()
+        ctl.watch()
+        return group
+
+    def drain(self, names: list[str], grace_s: float = 1.0, timeout_s: float = 120.0) -> None:
+        """Waits until none of ``names`` holds a request: no busy slot, nothing queued or
+        pending, no open stream; first ``grace_s`` for the gateways to apply a route change."""
+        time.sleep(grace_s)
+        deadline = time.monotonic() + timeout_s
+        for n in names:
+            while True:
+                st = self.status(n)
+                if not (st["busy"] or st["queued"] or st["open_streams"] or st.get("running")):
+                    break
+                if time.monotonic() > deadline:
+                    raise WorkerStartError(f"{n} still busy after {timeout_s} s of draining: {st}")
+                time.sleep(0.1)
+
+    def retire_group(self, group: str) -> None:
+        """Scale in by one group [paper]: its route goes first (no new traffic), its workers
+        drain, then stop."""
+        ctl = self.controllers.pop(group)
+        ctl.retire(drain=self.drain)
+        self.retired.append(group)
+
+    def rolling_upgrade(self, **overrides: Any) -> list[str]:
+        """Replaces every group, one at a time, by a group of the same ratio with ``overrides``
+        (new worker settings): the new group is confirmed and routed before the old one is
+        retired, so capacity never drops below the original [inferred: the paper takes one group
+        down at a time]. Returns the new groups' names."""
+        new = []
+        for g in list(self.controllers):
+            ctl = self.controllers[g]
+            new.append(self.add_group(ctl.scenario, ctl.n_prefill, ctl.n_decode, **overrides))
+            self.retire_group(g)
+        return new
 
     def stop_member(self, name: str) -> None:
         """SIGTERM to one worker (it leaves its group cleanly), SIGKILL after 15 s."""
