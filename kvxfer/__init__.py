@@ -16,7 +16,7 @@ See docs/api.md for the whole surface and its thread and lifetime contracts.
 
 from __future__ import annotations
 
-from . import errors, gpu
+from . import errors
 from ._native import KvLayout, MemoryKind, Peer, Region, RemoteRegion, TransferState
 from .config import (
     BackendConfigs,
@@ -64,3 +64,6 @@ __all__ = [
     "list_backends",
     "__version__",
 ]
+
+# After the compiled core, so a missing build reports the missing module.
+from . import gpu  # noqa: E402

@@ -250,6 +250,19 @@ def post(
     timeout: float | None = None,
     coalesce: bool = True,
 ) -> Transfer: ...
+def post_extent(
+    engine: Engine,
+    op: Op,
+    peer: Peer,
+    local: Region,
+    remote_region: int,
+    local_offset: int,
+    remote_offset: int,
+    nbytes: int,
+    notify: bytes = b"",
+    timeout: float | None = None,
+) -> Transfer: ...
+def poll_many(transfers: Sequence[Any]) -> list[TransferState]: ...
 def plan(
     engine: Engine, op: Op, peer: Peer, parts: Sequence[tuple[Any, ...]], coalesce: bool = True
 ) -> dict[str, Any]: ...

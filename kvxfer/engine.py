@@ -100,7 +100,9 @@ class Part:
 
 
 def _as_ids(blocks: Any) -> Any:
-    if blocks is None or isinstance(blocks, np.ndarray):
+    # Arrays, and lists/tuples (the native side reads a short list of ints directly and
+    # converts anything else itself), go through as they are.
+    if blocks is None or type(blocks) in _PASS_THROUGH:
         return blocks
     arr = np.asarray(blocks)
     if arr.size == 0:
@@ -109,8 +111,10 @@ def _as_ids(blocks: Any) -> Any:
 
 
 def _as_extents(extents: Any) -> Any:
-    if extents is None or isinstance(extents, np.ndarray):
+    if extents is None or type(extents) is np.ndarray:
         return extents
+    if type(extents) in (list, tuple) and _plain_extents(extents):
+        return extents  # exact non-negative ints: the native side reads them directly
     # Python ints may exceed int64 (offsets near 2**64): numpy would turn them into
     # floats. Keep them exact; fractions are refused by the native side.
     arr = np.asarray(extents, dtype=object)
@@ -124,7 +128,27 @@ def _as_extents(extents: Any) -> Any:
     return np.asarray(extents)
 
 
+_PASS_THROUGH = (np.ndarray, list, tuple)
+
+
+def _plain_extents(extents: list | tuple) -> bool:
+    """True for [offset, length] or a list of them, every value an int in [0, 2**64)."""
+    if len(extents) == 2 and type(extents[0]) is int:
+        pairs: Any = (extents,)
+    else:
+        pairs = extents
+    for pair in pairs:
+        if type(pair) not in (list, tuple) or len(pair) != 2:
+            return False
+        for v in pair:
+            if type(v) is not int or v < 0 or v >= 1 << 64:
+                return False
+    return True
+
+
 def _payload(notify: Any) -> bytes:
+    if type(notify) is bytes:
+        return notify
     if isinstance(notify, (bytes, bytearray, memoryview)):
         return bytes(notify)
     raise InvalidArgumentError(f"notify must be bytes, got {type(notify).__name__}")
@@ -292,6 +316,22 @@ class Engine:
         local byte stream (layer, K/V, list position) lands on the remote one in the same
         order. ``notify`` reaches the peer only after every byte of every part. Invalid
         input raises before anything moves."""
+        if type(local) is Region:  # one region: no Part objects on this path
+            parts = [
+                (
+                    local,
+                    _region_id(remote_region),
+                    _as_ids(local_blocks),
+                    _as_ids(remote_blocks),
+                    _as_extents(local_extents),
+                    _as_extents(remote_extents),
+                    layers,
+                    remote_layers,
+                )
+            ]
+            return Transfer(
+                _native.post(self._native, op, peer, parts, _payload(notify), timeout, coalesce), self
+            )
         sides = {
             "local_blocks": local_blocks,
             "remote_blocks": remote_blocks,
@@ -303,6 +343,38 @@ class Engine:
         parts = self._parts(local, remote_region, sides)
         return Transfer(
             _native.post(self._native, op, peer, parts, _payload(notify), timeout, coalesce), self
+        )
+
+    def post_extent(
+        self,
+        op: Op,
+        peer: Peer,
+        local: Region,
+        remote_region: Any,
+        local_offset: int,
+        remote_offset: int,
+        nbytes: int,
+        *,
+        notify: bytes = b"",
+        timeout: float | None = None,
+    ) -> Transfer:
+        """One extent: ``nbytes`` at ``local_offset`` of ``local`` to or from
+        ``remote_offset`` of the peer's region. The same transfer as ``post`` with one
+        extent on each side, without array conversions: the small-request path."""
+        return Transfer(
+            _native.post_extent(
+                self._native,
+                op,
+                peer,
+                local,
+                _region_id(remote_region),
+                local_offset,
+                remote_offset,
+                nbytes,
+                _payload(notify),
+                timeout,
+            ),
+            self,
         )
 
     def post_parts(
@@ -344,6 +416,11 @@ class Engine:
         """Waits for every transfer; raises the first failure."""
         for t in transfers:
             t.wait(timeout)
+
+    @staticmethod
+    def poll_many(transfers: Sequence[Transfer]) -> list[Any]:
+        """The states (PENDING, DONE, FAILED) of many transfers in one call; never blocks."""
+        return _native.poll_many(transfers)
 
     # --- notifications ----------------------------------------------------------------
     def notify(self, peer: Peer, payload: bytes, timeout: float | None = None) -> None:
@@ -423,6 +500,8 @@ class Engine:
 
 
 def _region_id(remote_region: Any) -> int:
+    if type(remote_region) is int:
+        return remote_region
     rid = getattr(remote_region, "id", remote_region)
     if isinstance(rid, bool) or not isinstance(rid, (int, np.integer)):
         raise InvalidArgumentError(f"remote_region must be a region id (int), got {remote_region!r}")

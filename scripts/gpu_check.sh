@@ -69,6 +69,12 @@ tests() {
   $PY -m pytest tests/gpu -v -rs -p no:cacheprovider 2>&1 | tee "$OUT/tests-gpu.txt" | tail -40
 }
 
+sweep() {
+  log "kernel sweep"
+  PYTHONPATH=bench $PY -m kvxfer_bench.gpu_sweep ${SWEEP_ARGS:-} > "$OUT/gpu-sweep.jsonl" 2> "$OUT/gpu-sweep.txt"
+  cat "$OUT/gpu-sweep.txt" | tail -20
+}
+
 bench() {
   log "bench"
   PYTHONPATH=bench $PY -m kvxfer_bench --memory cuda:0 --target-memory cuda:1 --op both --gpu-pack \
@@ -78,10 +84,11 @@ bench() {
 }
 
 case "$what" in
-  all) machine; build && tests; bench ;;
+  all) machine; build && tests; sweep; bench ;;
+  sweep) build && sweep ;;
   build) machine; build ;;
   test) build && tests ;;
   bench) build && bench ;;
   quick) machine; build && tests ;;
-  *) echo "usage: $0 [all|build|test|bench|quick]"; exit 2 ;;
+  *) echo "usage: $0 [all|build|test|sweep|bench|quick]"; exit 2 ;;
 esac

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--gpu-pack", action="store_true", help="with --memory cuda:N: also pack/unpack kernels")
     g.add_argument(
+        "--gpu-queue-depths", default="1,2", help="with --memory cuda:N: transfers in flight, a comma list"
+    )
+    g.add_argument(
         "--no-contiguous", action="store_true", help="with --memory cuda:N: skip the contiguous case"
     )
     g.add_argument(
@@ -206,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--progress", action="store_true", help="progress bar on stderr even when it is not a terminal"
     )
+    lt = p.add_argument_group("latency (small requests; docs/benchmarks.md, Latency)")
+    lt.add_argument(
+        "--latency",
+        action="store_true",
+        help="small requests one at a time and at --latency-depths: p50/p99 and request rate against "
+        "a same-run baseline (socket ping-pong for tcp, wake-up ping-pong + memcpy otherwise)",
+    )
+    lt.add_argument("--latency-bytes", default="4K", help="bytes of one request (default 4K)")
+    lt.add_argument("--latency-depths", default="1,4,16,64", help="queue depths (default 1,4,16,64)")
+    lt.add_argument("--requests", type=int, default=20000, help="requests per depth and run (default 20000)")
     o.add_argument("--list-models", action="store_true", help="print the model table and exit")
     o.add_argument("--list-backends", action="store_true", help="print kvxfer's backends and exit")
     o.add_argument("--corrupt-for-test", action="store_true", help=argparse.SUPPRESS)
@@ -285,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(str(e))
         return target.listen(port, host, a.once, a.device)
 
+    if a.latency:
+        return _latency(a, parser)
     if a.memory.startswith("cuda"):
         from . import gpu
 
@@ -407,6 +422,37 @@ def main(argv: list[str] | None = None) -> int:
         for err in bench.ibbw.errors:
             rep.note(f"kvxfer-bench: ib_write_bw: {err}")
     return rc
+
+
+def _latency(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    import json
+
+    from . import latency
+
+    try:
+        nbytes = parse_size(a.latency_bytes)
+        depths = [int(d) for d in a.latency_depths.split(",")]
+        if nbytes < 1 or a.requests < 1 or a.repeat < 1 or any(d < 1 for d in depths):
+            raise ValueError("--latency-bytes, --requests, --repeat and --latency-depths must be positive")
+    except ValueError as e:
+        parser.error(str(e))
+        return EXIT_USAGE  # not reached
+    if a.target:
+        parser.error("--latency runs on one host (it spawns its target)")
+    table = sys.stderr if a.json else sys.stdout
+
+    def emit(rec: dict) -> None:
+        print(latency.table_row(rec), file=table, flush=True)
+        if a.json:
+            print(json.dumps(rec), flush=True)
+
+    try:
+        return latency.run(
+            a.backend, nbytes, depths, a.requests, a.repeat, emit, log=lambda m: print(m, file=sys.stderr)
+        )
+    except Exception as e:  # noqa: BLE001 - every failure ends in one explained line
+        print(f"kvxfer-bench: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

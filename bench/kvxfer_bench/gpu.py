@@ -69,6 +69,7 @@ def gpu_machine() -> dict:
     except OSError:
         pass
     out["cores"] = os.cpu_count()
+    out["env"] = {k: v for k, v in os.environ.items() if k.startswith("KVXFER_CUDA")}
     return out
 
 
@@ -187,6 +188,38 @@ def _time_events(torch, fn, iters: int, repeat: int, device: int) -> list[float]
     return out
 
 
+def _poster(engine, op, peer, local, remote, req: dict):
+    """post_n(n, qd): n transfers, at most qd in flight, all waited for."""
+
+    def post_n(n: int, qd: int) -> None:
+        inflight = []
+        for _ in range(n):
+            if len(inflight) >= qd:
+                inflight.pop(0).wait(120)
+            inflight.append(engine.post(op, peer, local, remote, **req))
+        for t in inflight:
+            t.wait(120)
+
+    return post_n
+
+
+def _verify(torch, target, pools, lay, ids_l, ids_r, op_name, post_n, device) -> bool:
+    """Fresh data on the source, the destination poisoned, one transfer, both sides hash
+    the moved blocks (sha256, stream order)."""
+    if op_name == "write":
+        for p in pools:
+            p.random_(0, 256)
+        torch.cuda.synchronize(device)
+        target.call("poison", value=0xA5)
+    else:
+        for p in pools:
+            p.fill_(0x5A)
+        torch.cuda.synchronize(device)
+    post_n(1, 1)
+    torch.cuda.synchronize(device)
+    return _digest(pools, lay, ids_l) == target.call("digest", ids=list(np.asarray(ids_r).tolist()))
+
+
 def run(opts: dict, emit) -> int:
     """Runs the GPU cases; ``emit(record)`` for each result. Returns an exit code."""
     import torch
@@ -202,7 +235,7 @@ def run(opts: dict, emit) -> int:
         opts["blocks"],
         opts["block_bytes"],
     )
-    repeat, qd = opts["repeat"], opts["queue_depth"]
+    repeat, qds = opts["repeat"], opts["queue_depths"]
     status = kvxfer.gpu.cuda_status()
     if status:
         raise RuntimeError(f"CUDA is not usable here: {status}")
@@ -308,57 +341,35 @@ def run(opts: dict, emit) -> int:
             for op_name in opts["ops"]:
                 op = kvxfer.Op.WRITE if op_name == "write" else kvxfer.Op.READ
                 plan = engine.plan(op, peer, group, rids, local_blocks=ids_l, remote_blocks=ids_r)
-
-                def post_n(n: int, op=op, peer=peer, group=group, rids=rids):
-                    inflight = []
-                    for _ in range(n):
-                        if len(inflight) >= qd:
-                            inflight.pop(0).wait(120)
-                        inflight.append(
-                            engine.post(op, peer, group, rids, local_blocks=ids_l, remote_blocks=ids_r)
-                        )
-                    for t in inflight:
-                        t.wait(120)
-
-                post_n(3)  # warm-up: maps the peer's memory, JIT of the kernel
-                kiters = max(5, int(0.3 * 350e9 / moved))
-                runs = _time_wall(post_n, kiters, repeat)
-                gbps = _median_rate(moved, runs)
-                # Verify: fresh data on the source, one transfer, both sides hash the blocks.
-                if op_name == "write":
-                    for p in pools:
-                        p.random_(0, 256)
-                    torch.cuda.synchronize(d0)
-                    target.call("poison", value=0xA5)
-                    post_n(1)
-                    ok = _digest(pools, lay, ids_l) == target.call("digest", ids=ids_r.tolist())
-                else:
-                    for p in pools:
-                        p.fill_(0x5A)
-                    torch.cuda.synchronize(d0)
-                    post_n(1)
-                    torch.cuda.synchronize(d0)
-                    ok = _digest(pools, lay, ids_l) == target.call("digest", ids=ids_r.tolist())
-                rec = {
-                    "type": "result",
-                    "workload": f"paged-random:{name}",
-                    "backend": "cuda_ipc",
-                    "op": op_name,
-                    "from": dev0 if op_name == "write" else dev1,
-                    "to": dev1 if op_name == "write" else dev0,
-                    "regions": npools,
-                    "bytes": moved,
-                    "pieces": int(plan["pieces"]),
-                    "runs": int(plan["runs"]),
-                    "queue_depth": qd,
-                    "iters": kiters,
-                    "gbps": gbps,
-                    "runs_s": runs,
-                    "peer_copy_gbps": base[op_name],
-                    "ratio_vs_peer_copy": gbps / base[op_name],
-                    "verified": ok,
-                }
-                emit(rec)
+                req = {"local_blocks": ids_l, "remote_blocks": ids_r}
+                post_n = _poster(engine, op, peer, group, rids, req)
+                post_n(3, 1)  # warm-up: maps the peer's memory, JIT of the kernel
+                ok = _verify(torch, target, pools, lay, ids_l, ids_r, op_name, post_n, d0)
+                for qd in qds:
+                    kiters = max(5, int(0.3 * 350e9 / moved))
+                    runs = _time_wall(lambda n, qd=qd, f=post_n: f(n, qd), kiters, repeat)
+                    gbps = _median_rate(moved, runs)
+                    emit(
+                        {
+                            "type": "result",
+                            "workload": f"paged-random:{name}",
+                            "backend": "cuda_ipc",
+                            "op": op_name,
+                            "from": dev0 if op_name == "write" else dev1,
+                            "to": dev1 if op_name == "write" else dev0,
+                            "regions": npools,
+                            "bytes": moved,
+                            "pieces": int(plan["pieces"]),
+                            "runs": int(plan["runs"]),
+                            "queue_depth": qd,
+                            "iters": kiters,
+                            "gbps": gbps,
+                            "runs_s": runs,
+                            "peer_copy_gbps": base[op_name],
+                            "ratio_vs_peer_copy": gbps / base[op_name],
+                            "verified": ok,
+                        }
+                    )
                 if not ok:
                     rc = 3
             for r in group:
@@ -374,45 +385,36 @@ def run(opts: dict, emit) -> int:
             peer = engine.add_peer(descriptor)
             for op_name in opts["ops"]:
                 op = kvxfer.Op.WRITE if op_name == "write" else kvxfer.Op.READ
-
-                def post_c(n: int, op=op, peer=peer, rids=rids):
-                    for _ in range(n):
-                        engine.post(op, peer, region, rids[0], local_blocks=[0], remote_blocks=[0]).wait(120)
-
-                post_c(3)
-                kiters = max(5, int(0.3 * 350e9 / moved))
-                runs = _time_wall(post_c, kiters, repeat)
-                gbps = _median_rate(moved, runs)
-                if op_name == "write":
-                    local.random_(0, 256)
-                    torch.cuda.synchronize(d0)
-                    post_c(1)
-                else:
-                    local.fill_(1)
-                    torch.cuda.synchronize(d0)
-                    post_c(1)
-                ok = _digest([local], lay, [0]) == target.call("digest", ids=[0])
-                emit(
-                    {
-                        "type": "result",
-                        "workload": "contiguous",
-                        "backend": "cuda_ipc",
-                        "op": op_name,
-                        "from": dev0 if op_name == "write" else dev1,
-                        "to": dev1 if op_name == "write" else dev0,
-                        "regions": 1,
-                        "bytes": moved,
-                        "pieces": 1,
-                        "runs": 1,
-                        "queue_depth": 1,
-                        "iters": kiters,
-                        "gbps": gbps,
-                        "runs_s": runs,
-                        "peer_copy_gbps": base[op_name],
-                        "ratio_vs_peer_copy": gbps / base[op_name],
-                        "verified": ok,
-                    }
+                post_c = _poster(
+                    engine, op, peer, region, rids[0], {"local_blocks": [0], "remote_blocks": [0]}
                 )
+                post_c(3, 1)
+                ok = _verify(torch, target, [local], lay, [0], [0], op_name, post_c, d0)
+                for qd in qds:
+                    kiters = max(5, int(0.3 * 350e9 / moved))
+                    runs = _time_wall(lambda n, qd=qd, f=post_c: f(n, qd), kiters, repeat)
+                    gbps = _median_rate(moved, runs)
+                    emit(
+                        {
+                            "type": "result",
+                            "workload": "contiguous",
+                            "backend": "cuda_ipc",
+                            "op": op_name,
+                            "from": dev0 if op_name == "write" else dev1,
+                            "to": dev1 if op_name == "write" else dev0,
+                            "regions": 1,
+                            "bytes": moved,
+                            "pieces": 1,
+                            "runs": 1,
+                            "queue_depth": qd,
+                            "iters": kiters,
+                            "gbps": gbps,
+                            "runs_s": runs,
+                            "peer_copy_gbps": base[op_name],
+                            "ratio_vs_peer_copy": gbps / base[op_name],
+                            "verified": ok,
+                        }
+                    )
                 if not ok:
                     rc = 3
             engine.deregister(region)
@@ -502,7 +504,7 @@ def main_from_args(a, json_out: bool) -> int:
         "blocks": int(a.blocks.split(",")[0]),
         "block_bytes": _size(a.block_bytes) if a.block_bytes else 32768,
         "repeat": max(a.repeat, 1),
-        "queue_depth": a.queue_depth,
+        "queue_depths": [int(x) for x in a.gpu_queue_depths.split(",")],
         "seed": a.seed,
         "ops": ["write", "read"] if a.op == "both" else [a.op],
         "gpu_layouts": a.gpu_layouts.split(","),

@@ -29,6 +29,7 @@ py::dict capsDict(const BackendCaps& c) {
     d["notifications"] = c.notifications;
     d["max_run_bytes"] = c.max_run_bytes;
     d["lanes"] = c.lanes;
+    d["inline_max_bytes"] = c.inline_max_bytes;
     return d;
 }
 

@@ -7,8 +7,6 @@
 #include <pybind11/numpy.h>
 #include <pybind11/stl.h>
 
-#include <deque>
-
 #include "bindings.h"
 #include "kvxfer/engine.h"
 
@@ -97,28 +95,106 @@ uint32_t regionId(const py::object& obj) {
     return static_cast<uint32_t>(v);
 }
 
-// Owns the arrays a request's spans point into. Arrays are deduplicated by object so
-// parts passing the same array share a span (and so one plan).
+// A short Python list or tuple of exact ints read straight into `out` (no numpy array):
+// the small-request path. False when it is anything else (the array path then converts
+// it, with its own errors).
+bool smallIdList(const py::handle& obj, std::vector<int64_t>& out) {
+    PyObject* o = obj.ptr();
+    if (!PyList_Check(o) && !PyTuple_Check(o)) return false;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+    if (n == 0 || n > 1024) return false;
+    PyObject** items = PySequence_Fast_ITEMS(o);
+    out.resize(static_cast<size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        if (!PyLong_CheckExact(items[i])) return false;
+        int overflow = 0;
+        const long long v = PyLong_AsLongLongAndOverflow(items[i], &overflow);
+        if (overflow != 0) return false;
+        out[static_cast<size_t>(i)] = v;
+    }
+    return true;
+}
+
+bool exactU64(PyObject* item, uint64_t* v) {
+    if (!PyLong_CheckExact(item)) return false;
+    *v = PyLong_AsUnsignedLongLong(item);  // negative or above 2**64-1: error
+    if (*v == static_cast<uint64_t>(-1) && PyErr_Occurred()) {
+        PyErr_Clear();
+        return false;
+    }
+    return true;
+}
+
+// [offset, length] or a short list/tuple of them, of exact non-negative ints, read
+// straight into `out`. False: anything else (the array path decides).
+bool smallExtentList(const py::handle& obj, std::vector<Extent>& out) {
+    PyObject* o = obj.ptr();
+    if (!PyList_Check(o) && !PyTuple_Check(o)) return false;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
+    if (n == 0 || n > 1024) return false;
+    PyObject** items = PySequence_Fast_ITEMS(o);
+    if (n == 2 && PyLong_CheckExact(items[0])) {  // one extent, flat
+        Extent e{};
+        if (!exactU64(items[0], &e.offset) || !exactU64(items[1], &e.length)) return false;
+        out.assign(1, e);
+        return true;
+    }
+    out.resize(static_cast<size_t>(n));
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        PyObject* pair = items[i];
+        if ((!PyList_Check(pair) && !PyTuple_Check(pair)) || PySequence_Fast_GET_SIZE(pair) != 2)
+            return false;
+        PyObject** two = PySequence_Fast_ITEMS(pair);
+        if (!exactU64(two[0], &out[static_cast<size_t>(i)].offset) ||
+            !exactU64(two[1], &out[static_cast<size_t>(i)].length))
+            return false;
+    }
+    return true;
+}
+
+// Owns what a request's spans point into: numpy arrays, or vectors read from short
+// lists. Deduplicated by object so parts passing the same object share a span (and so one
+// plan). Vectors, not deques: a deque allocates even when empty, and moving a vector of
+// arrays or vectors keeps the data its spans point to in place.
 struct Holder {
-    std::deque<IdArray> ids;
-    std::deque<ExtentArray> extents;
-    std::vector<std::pair<PyObject*, size_t>> id_index, extent_index;
+    std::vector<IdArray> ids;
+    std::vector<ExtentArray> extents;
+    std::vector<std::vector<int64_t>> id_lists;
+    std::vector<std::vector<Extent>> extent_lists;
+    std::vector<std::pair<PyObject*, std::span<const int64_t>>> id_index;
+    std::vector<std::pair<PyObject*, std::span<const Extent>>> extent_index;
 
     std::span<const int64_t> ids_of(const py::object& obj, const char* what) {
-        for (auto& [p, i] : id_index) {
-            if (p == obj.ptr()) return idSpan(ids[i], what);
+        for (auto& [p, span] : id_index) {
+            if (p == obj.ptr()) return span;
         }
-        ids.push_back(asIds(obj, what));
-        id_index.emplace_back(obj.ptr(), ids.size() - 1);
-        return idSpan(ids.back(), what);
+        std::vector<int64_t> list;
+        std::span<const int64_t> span;
+        if (smallIdList(obj, list)) {
+            id_lists.push_back(std::move(list));
+            span = {id_lists.back().data(), id_lists.back().size()};
+        } else {
+            ids.push_back(asIds(obj, what));
+            span = idSpan(ids.back(), what);
+        }
+        id_index.emplace_back(obj.ptr(), span);
+        return span;
     }
     std::span<const Extent> extents_of(const py::object& obj, const char* what) {
-        for (auto& [p, i] : extent_index) {
-            if (p == obj.ptr()) return extentSpan(extents[i], what);
+        for (auto& [p, span] : extent_index) {
+            if (p == obj.ptr()) return span;
         }
-        extents.push_back(asExtents(obj, what));
-        extent_index.emplace_back(obj.ptr(), extents.size() - 1);
-        return extentSpan(extents.back(), what);
+        std::vector<Extent> list;
+        std::span<const Extent> span;
+        if (smallExtentList(obj, list)) {
+            extent_lists.push_back(std::move(list));
+            span = {extent_lists.back().data(), extent_lists.back().size()};
+        } else {
+            extents.push_back(asExtents(obj, what));
+            span = extentSpan(extents.back(), what);
+        }
+        extent_index.emplace_back(obj.ptr(), span);
+        return span;
     }
 };
 
@@ -210,8 +286,9 @@ void registerTransfer(py::module_& m) {
             "wait",
             [](const Transfer& t, std::optional<double> timeout) {
                 const auto ms = toMillis(timeout, "wait timeout");
-                TransferState s;
-                {
+                // Finished already (the inline path): answer without releasing the GIL.
+                TransferState s = t.state();
+                if (s == TransferState::kPending) {
                     py::gil_scoped_release nogil;
                     const auto now = Clock::now();
                     const auto room = Clock::time_point::max() - now;
@@ -277,6 +354,52 @@ void registerTransfer(py::module_& m) {
         py::arg("engine"), py::arg("op"), py::arg("peer"), py::arg("parts"),
         py::arg("notify") = py::bytes(""), py::arg("timeout") = py::none(), py::arg("coalesce") = true,
         "Posts one transfer of any number of parts (see kvxfer.Engine.post).");
+    m.def(
+        "post_extent",
+        [](Engine& e, Op op, const std::shared_ptr<Peer>& peer, const std::shared_ptr<Region>& local,
+           int64_t remote_region, int64_t local_offset, int64_t remote_offset, int64_t nbytes,
+           const py::bytes& notify, std::optional<double> timeout) {
+            if (!peer) throw StatusError(Status::invalidArgument("peer is None"));
+            if (!local) throw StatusError(Status::invalidArgument("local region is None"));
+            if (remote_region < 0 || remote_region > UINT32_MAX) {
+                throw StatusError(Status::notFound("remote region id " + std::to_string(remote_region) +
+                                                   " is not a region id"));
+            }
+            if (local_offset < 0 || remote_offset < 0 || nbytes < 0) {
+                throw StatusError(Status::invalidArgument(
+                    "offsets and length must be >= 0, got " + std::to_string(local_offset) + ", " +
+                    std::to_string(remote_offset) + ", " + std::to_string(nbytes)));
+            }
+            const Extent le{static_cast<uint64_t>(local_offset), static_cast<uint64_t>(nbytes)};
+            const Extent re{static_cast<uint64_t>(remote_offset), static_cast<uint64_t>(nbytes)};
+            TransferRequest r;
+            r.op = op;
+            r.peer = peer;
+            r.parts.push_back(
+                {local, ExtentSide{{&le, 1}}, static_cast<uint32_t>(remote_region), ExtentSide{{&re, 1}}});
+            const std::string_view payload = notify;
+            r.notify.assign(payload.begin(), payload.end());
+            r.timeout = toMillis(timeout);
+            py::gil_scoped_release nogil;
+            return unwrap(e.post(r));
+        },
+        py::arg("engine"), py::arg("op"), py::arg("peer"), py::arg("local"), py::arg("remote_region"),
+        py::arg("local_offset"), py::arg("remote_offset"), py::arg("nbytes"),
+        py::arg("notify") = py::bytes(""), py::arg("timeout") = py::none(),
+        "Posts one transfer of one extent (the small-request path; see kvxfer.Engine.post_extent).");
+    m.def(
+        "poll_many",
+        [](const py::sequence& transfers) {
+            const Py_ssize_t n = py::len(transfers);
+            py::list out(n);
+            for (Py_ssize_t i = 0; i < n; ++i) {
+                py::handle item = transfers[i];
+                if (py::hasattr(item, "_t")) item = item.attr("_t");
+                out[i] = py::cast(item.cast<const Transfer&>().state());
+            }
+            return out;
+        },
+        py::arg("transfers"), "The states of many transfers in one call (never blocks).");
     m.def(
         "plan",
         [](const Engine& e, Op op, const std::shared_ptr<Peer>& peer, const py::sequence& parts,

@@ -183,13 +183,40 @@ def test_unaligned_extents_byte_exact(one_gpu):
         b.close()
 
 
+def test_copy_engine_runs_and_notification_only(one_gpu, monkeypatch):
+    """Runs at least KVXFER_CUDA_IPC_CE_MIN_BYTES long go to the copy engines, the rest to
+    the kernel, in one transfer; a transfer without parts still delivers its notification."""
+    import torch
+
+    monkeypatch.setenv("KVXFER_CUDA_IPC_CE_MIN_BYTES", "65536")
+    n = 4 << 20
+    dev_b = "cuda:1" if GPUS >= 2 else "cuda:0"
+    src = torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda:0")
+    dst = torch.zeros(n, dtype=torch.uint8, device=dev_b)
+    a, b = _pair()
+    try:
+        ra, rb = a.register(src), b.register(dst)
+        peer = a.add_peer(b.descriptor())
+        ext_l = np.array([[0, 1 << 20], [2 << 20, 4096], [(3 << 20) + 16, 65536 + 32]], np.uint64)
+        ext_r = np.array([[1 << 20, 1 << 20], [16, 4096], [(2 << 20) + 48, 65536 + 32]], np.uint64)
+        a.post(kvxfer.Op.WRITE, peer, ra, rb.id, local_extents=ext_l, remote_extents=ext_r).wait(30)
+        for (lo, ln), (ro, _) in zip(ext_l.tolist(), ext_r.tolist(), strict=True):
+            assert torch.equal(src[lo : lo + ln].cpu(), dst[ro : ro + ln].cpu())
+        a.post_parts(kvxfer.Op.WRITE, peer, [], notify=b"only").wait(30)
+        assert b.wait_notification(b"only", timeout=30).payload == b"only"
+    finally:
+        a.close()
+        b.close()
+
+
 def test_pack_unpack_byte_exact(one_gpu):
     import torch
 
     lay = _layout(layers=4, kv=2, blocks=128, block_bytes=4096)
     pool = torch.randint(0, 256, (_nbytes(lay),), dtype=torch.uint8, device="cuda:0")
-    ids = np.random.default_rng(3).choice(lay.num_blocks, 40, replace=False)
-    ids[5:9] = np.arange(60, 64)  # a run of consecutive blocks (merged)
+    others = np.setdiff1d(np.arange(lay.num_blocks), np.arange(60, 64))
+    ids = np.random.default_rng(3).choice(others, 40, replace=False)
+    ids[5:9] = np.arange(60, 64)  # a run of consecutive blocks (merged); ids stay distinct
     plan = kvxfer.gpu.PackPlan(lay, ids, device=0)
     assert plan.nbytes == 4 * 2 * 40 * 4096 and plan.num_runs < 4 * 2 * 40
     out = torch.zeros(plan.nbytes, dtype=torch.uint8, device="cuda:0")

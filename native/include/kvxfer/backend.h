@@ -18,7 +18,10 @@
 //   thread-safe methods. After it, the backend stops starting new operations of the job
 //   and ends it (finish) as soon as nothing of it is in flight.
 // - Progress: each backend owns its threads (copy workers, CQ poller, socket reader).
-//   There is no shared progress thread and no caller-driven progress.
+//   There is no shared progress thread and no caller-driven progress, except the inline
+//   path: trySubmitInline() is called on the posting thread for jobs of at most
+//   caps().inline_max_bytes and may do the job's work there (a small copy, one
+//   non-blocking send), never waiting on the peer or on other jobs.
 //
 // Lifecycle contract (the core's job machine, native/src/core/transfer.cc)
 // - A backend reports a job's data outcome once, through TransferJob::dataDone(). The
@@ -76,6 +79,9 @@ struct BackendCaps {
     bool notifications = true;       // notify and transfer notifications
     uint64_t max_run_bytes = 0;      // the planner splits longer runs; 0 = unbounded
     uint32_t lanes = 1;              // independent parallel paths to one peer (QPs, threads)
+    // Jobs of at most this many bytes are first offered to Backend::trySubmitInline (the
+    // caller's thread does the work); 0 = never. Measured per backend (docs/benchmarks.md).
+    uint64_t inline_max_bytes = 0;
 
     bool supports(Op op) const { return (ops & opBit(op)) != 0; }
     bool supports(MemoryKind kind) const { return (memory_kinds & memoryKindBit(kind)) != 0; }
@@ -225,8 +231,10 @@ public:
 
 private:
     enum Internal : uint8_t { kRunning, kCommitting, kOk, kFail };
-    bool toTerminal(Internal to, Status status, bool from_backend);
-    void expireIfDue();
+    // `now`: the caller's clock reading, or zero to read the clock.
+    bool toTerminal(Internal to, Status status, bool from_backend, Clock::time_point now = {});
+    void expireIfDue(Clock::time_point now);
+    bool commitAt(Clock::time_point now);
 
     std::atomic<uint8_t> state_{kRunning};
     std::atomic<bool> finished_{false};
@@ -271,6 +279,14 @@ public:
     // Starts the job asynchronously. An error return means nothing was started and the
     // core fails the transfer with it; otherwise the backend calls job->finish() later.
     virtual Status submit(const std::shared_ptr<TransferJob>& job) = 0;
+    // The inline path for small jobs (caps().inline_max_bytes): the backend may move the
+    // job on the calling thread. Returns false when it declines, with nothing started (the
+    // core then calls submit()); true when it took the job, which it then reports through
+    // the job machine exactly as after submit() (dataDone / notification / finish; the
+    // job is usually finished before this returns). An error return means nothing was
+    // started, as for submit(). It must not block: it declines instead of queueing behind
+    // other work, and it takes no lock that is held across a bulk transfer's I/O or copy.
+    virtual Result<bool> trySubmitInline(const std::shared_ptr<TransferJob>& job) { return false; }
     // The core abandoned `job` (see the thread contract). Default: the backend notices
     // through abandoned() between operations.
     virtual void cancel(TransferJob& job) {}

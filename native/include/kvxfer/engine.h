@@ -199,6 +199,9 @@ private:
     Result<std::shared_ptr<TransferJob>> makeJob(const TransferRequest& request,
                                                  const std::vector<PlannedPart>& planned,
                                                  Clock::time_point posted);
+    // Hands the job to its backend: the inline path for small jobs (the backend may move
+    // them on this thread), else submit().
+    Status start(Backend& backend, const std::shared_ptr<TransferJob>& job);
     // The one reconnect policy, for every backend: when a backend refuses a post because
     // its connection to the peer is dead (kPeerUnreachable from submit), the core
     // connects again to the same peer instance (its own connect_timeout), re-imports the

@@ -33,8 +33,7 @@ uint64_t randomInstanceId() {
 }
 
 // Saturates instead of overflowing: a timeout of years is "no deadline in practice".
-Clock::time_point deadlineAfter(std::chrono::milliseconds timeout) {
-    const auto now = Clock::now();
+Clock::time_point deadlineAfter(std::chrono::milliseconds timeout, Clock::time_point now = Clock::now()) {
     const auto room = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::time_point::max() - now);
     return timeout >= room ? Clock::time_point::max() : now + timeout;
 }
@@ -472,7 +471,7 @@ Result<Transfer> Engine::post(const TransferRequest& req) {
 
     Backend& backend = *backends_[peer.backend_index_];
     KVXFER_ASSIGN_OR_RETURN(auto job, makeJob(req, planned, t0));
-    Status st = backend.submit(job);
+    Status st = start(backend, job);
     if (st.code() == StatusCode::kPeerUnreachable) {
         // The backend's connection is dead and nothing was started: reconnect once.
         Status again = reconnect(peer, job->peer);
@@ -481,7 +480,7 @@ Result<Transfer> Engine::post(const TransferRequest& req) {
                           st.message() + "; reconnecting failed: " + again.message());
         }
         KVXFER_ASSIGN_OR_RETURN(job, makeJob(req, planned, t0));
-        st = backend.submit(job);
+        st = start(backend, job);
     }
     if (!st.isOk()) return st;  // nothing was started: the job is dropped unfinished
     {
@@ -489,9 +488,18 @@ Result<Transfer> Engine::post(const TransferRequest& req) {
         ++stats_.transfers_posted;
         stats_.runs_posted += job->num_runs;
     }
-    timer_->watch(job);
+    // A job the inline path finished already needs no deadline watch.
+    if (!job->quiesced()) timer_->watch(job);
     job->telemetry_.post_cpu_us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
     return Transfer(std::move(job));
+}
+
+Status Engine::start(Backend& backend, const std::shared_ptr<TransferJob>& job) {
+    if (job->total_bytes <= backend.caps().inline_max_bytes) {
+        KVXFER_ASSIGN_OR_RETURN(const bool taken, backend.trySubmitInline(job));
+        if (taken) return Status::ok();
+    }
+    return backend.submit(job);
 }
 
 Result<std::shared_ptr<TransferJob>> Engine::makeJob(const TransferRequest& req,
@@ -503,7 +511,7 @@ Result<std::shared_ptr<TransferJob>> Engine::makeJob(const TransferRequest& req,
     job->op = req.op;
     job->backend = backends_[peer.backend_index_].get();
     job->notify = req.notify;
-    job->deadline = deadlineAfter(req.timeout.count() > 0 ? req.timeout : config_.default_timeout);
+    job->deadline = deadlineAfter(req.timeout.count() > 0 ? req.timeout : config_.default_timeout, posted);
     // What the job keeps alive until it is released: the local regions, the peer (and so
     // the engine), the connection and the remote imports it was built on.
     using Keep = std::pair<std::vector<std::shared_ptr<void>>, std::shared_ptr<BackendPeer>>;

@@ -58,6 +58,20 @@ std::string Status::toString() const {
     return std::string(statusCodeName(code_)) + ": " + message_;
 }
 
+namespace {
+
+constexpr auto kWaitSpin = std::chrono::microseconds(3);
+
+inline void cpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+}
+
+}  // namespace
+
 const char* opName(Op op) { return op == Op::kWrite ? "WRITE" : "READ"; }
 
 const char* memoryKindName(MemoryKind kind) {
@@ -92,14 +106,14 @@ FlatRun TransferJob::run(uint64_t i) const {
             r.length};
 }
 
-bool TransferJob::toTerminal(Internal to, Status status, bool from_backend) {
+bool TransferJob::toTerminal(Internal to, Status status, bool from_backend, Clock::time_point now) {
     {
         std::lock_guard<std::mutex> lock(mutex_);
         const uint8_t cur = state_.load(std::memory_order_acquire);
         if (cur == kOk || cur == kFail) return false;
         if (cur == kCommitting && !from_backend) return false;
         status_ = std::move(status);
-        telemetry_.finished = Clock::now();
+        telemetry_.finished = now == Clock::time_point{} ? Clock::now() : now;
         if (on_terminal) on_terminal(*this, to == kOk);
         state_.store(to, std::memory_order_release);
     }
@@ -107,8 +121,8 @@ bool TransferJob::toTerminal(Internal to, Status status, bool from_backend) {
     return true;
 }
 
-void TransferJob::expireIfDue() {
-    if (state_.load(std::memory_order_acquire) == kRunning && Clock::now() >= deadline) {
+void TransferJob::expireIfDue(Clock::time_point now) {
+    if (state_.load(std::memory_order_acquire) == kRunning && now >= deadline) {
         abandon(Status::timeout("transfer " + std::to_string(id) + " missed its deadline"));
     }
 }
@@ -118,26 +132,33 @@ bool TransferJob::abandoned() const {
     return s == kFail || (s == kRunning && Clock::now() >= deadline);
 }
 
-bool TransferJob::commitNow() {
+bool TransferJob::commitNow() { return commitAt(Clock::now()); }
+
+bool TransferJob::commitAt(Clock::time_point now) {
     std::lock_guard<std::mutex> lock(mutex_);
-    if (state_.load(std::memory_order_acquire) != kRunning || Clock::now() >= deadline) return false;
-    if (telemetry_.data_done == Clock::time_point{}) telemetry_.data_done = Clock::now();
+    if (state_.load(std::memory_order_acquire) != kRunning || now >= deadline) return false;
+    if (telemetry_.data_done == Clock::time_point{}) telemetry_.data_done = now;
     state_.store(kCommitting, std::memory_order_release);
     return true;
 }
 
 TransferJob::AfterData TransferJob::decideAfterData(Status status, bool all_moved, Status* finish_with) {
+    // One clock read serves the telemetry and the deadline checks (a small transfer's
+    // whole life is a few microseconds; clock reads are a visible part of it).
+    const auto now = Clock::now();
     {
         std::lock_guard<std::mutex> lock(mutex_);
-        telemetry_.data_done = Clock::now();
+        telemetry_.data_done = now;
     }
+    const uint8_t s = state_.load(std::memory_order_acquire);
+    const bool gone = s == kFail || (s == kRunning && now >= deadline);
     if (!status.isOk()) {
         *finish_with = std::move(status);
-    } else if (!all_moved || abandoned()) {
+    } else if (!all_moved || gone) {
         *finish_with = Status::canceled("transfer abandoned before all bytes moved");
     } else if (notify.empty()) {
         *finish_with = Status::ok();
-    } else if (commitNow()) {
+    } else if (commitAt(now)) {
         return AfterData::kSendNotification;
     } else {
         *finish_with = Status::canceled("transfer abandoned before its notification was sent");
@@ -155,17 +176,18 @@ TransferJob::AfterData TransferJob::dataDone(Status status, bool all_moved) {
 void TransferJob::finish(Status status) {
     // The outcome must not depend on whether anyone observed the job before its
     // deadline: a job still running past it ends TIMEOUT, as a poll would have said.
-    expireIfDue();
+    const auto now = Clock::now();
+    expireIfDue(now);
     {
         std::lock_guard<std::mutex> lock(mutex_);
         // Backends that never report their data phase separately (an ACK ends both).
-        if (telemetry_.data_done == Clock::time_point{}) telemetry_.data_done = Clock::now();
+        if (telemetry_.data_done == Clock::time_point{}) telemetry_.data_done = now;
         finished_.store(true, std::memory_order_release);
     }
     if (status.isOk()) {
-        toTerminal(kOk, Status::ok(), true);
+        toTerminal(kOk, Status::ok(), true, now);
     } else {
-        toTerminal(kFail, std::move(status), true);
+        toTerminal(kFail, std::move(status), true, now);
     }
     cv_.notify_all();  // waitQuiesced() waiters
 }
@@ -177,7 +199,10 @@ bool TransferJob::abandon(Status why) {
 }
 
 TransferState TransferJob::state() {
-    expireIfDue();
+    const uint8_t s = state_.load(std::memory_order_acquire);
+    if (s == kOk) return TransferState::kDone;  // terminal: no clock needed
+    if (s == kFail) return TransferState::kFailed;
+    expireIfDue(Clock::now());
     switch (state_.load(std::memory_order_acquire)) {
         case kOk:
             return TransferState::kDone;
@@ -194,6 +219,19 @@ Status TransferJob::status() const {
 }
 
 TransferState TransferJob::waitUntil(Clock::time_point until) {
+    // Finished already (the inline path): no lock, no clock.
+    const uint8_t now_state = state_.load(std::memory_order_acquire);
+    if (now_state == kOk) return TransferState::kDone;
+    if (now_state == kFail) return TransferState::kFailed;
+    // A short bounded spin before sleeping: a small transfer on another thread usually
+    // ends within a few microseconds, far less than a futex sleep and wake-up cost.
+    const auto spin_until = std::min(until, Clock::now() + kWaitSpin);
+    for (int i = 0;; ++i) {
+        const uint8_t s = state_.load(std::memory_order_acquire);
+        if (s == kOk || s == kFail) return state();
+        if ((i & 15) == 15 && Clock::now() >= spin_until) break;
+        cpuRelax();
+    }
     {
         std::unique_lock<std::mutex> lock(mutex_);
         cv_.wait_until(lock, std::min(until, deadline), [&] {

@@ -1,6 +1,7 @@
 #include "cuda/copy.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -11,6 +12,14 @@ namespace {
 const char kPtx[] =
 #include "cuda/copy_kernel_ptx.inc"
     ;
+
+long envInt(const char* name, long fallback, long lo, long hi) {
+    const char* v = std::getenv(name);
+    if (v == nullptr || *v == 0) return fallback;
+    char* end = nullptr;
+    const long x = std::strtol(v, &end, 10);
+    return (end != nullptr && *end == 0 && x >= lo && x <= hi) ? x : fallback;
+}
 
 Result<std::unique_ptr<DeviceState>> makeDevice(int ordinal) {
     KVXFER_ASSIGN_OR_RETURN(const CudaApi* api, loadCuda());
@@ -36,8 +45,16 @@ Result<std::unique_ptr<DeviceState>> makeDevice(int ordinal) {
     CUmodule module = nullptr;
     r = api->moduleLoadData(&module, kPtx);
     if (r != CUDA_SUCCESS) return api->error("loading kvxfer's copy kernel (cuModuleLoadData of its PTX)", r);
-    r = api->moduleGetFunction(&d->kernel, module, "kvxfer_copy_runs");
-    if (r != CUDA_SUCCESS) return api->error("cuModuleGetFunction(kvxfer_copy_runs)", r);
+    d->unroll = static_cast<int>(envInt("KVXFER_CUDA_COPY_UNROLL", 4, 2, 8));
+    if (d->unroll != 2 && d->unroll != 8) d->unroll = 4;
+    d->threads = static_cast<unsigned>(envInt("KVXFER_CUDA_COPY_THREADS", 512, 64, 1024)) / 32 * 32;
+    d->ctas_per_sm = static_cast<unsigned>(envInt("KVXFER_CUDA_COPY_CTAS_PER_SM", 2048 / d->threads, 1, 32));
+    const std::string fn = "kvxfer_copy_runs_u" + std::to_string(d->unroll);
+    r = api->moduleGetFunction(&d->kernel, module, fn.c_str());
+    if (r != CUDA_SUCCESS) return api->error("cuModuleGetFunction(" + fn + ")", r);
+    const std::string fp = "kvxfer_copy_planes_u" + std::to_string(d->unroll);
+    r = api->moduleGetFunction(&d->kernel_planes, module, fp.c_str());
+    if (r != CUDA_SUCCESS) return api->error("cuModuleGetFunction(" + fp + ")", r);
     return d;
 }
 
@@ -60,15 +77,25 @@ Result<DeviceState*> DeviceState::get(int ordinal) {
 Status DeviceState::launch(CUdeviceptr table, uint64_t count, uint64_t src_base, uint64_t dst_base, bool swap,
                            CUstream stream) const {
     if (count == 0) return Status::ok();
-    const uint64_t per_sm = 2048 / kThreadsPerBlock;
     const unsigned grid =
-        static_cast<unsigned>(std::min<uint64_t>(count, static_cast<uint64_t>(sms) * per_sm));
+        static_cast<unsigned>(std::min<uint64_t>(count, static_cast<uint64_t>(sms) * ctas_per_sm));
     unsigned long long t = table, c = count, s = src_base, d = dst_base;
     int sw = swap ? 1 : 0;
     void* params[] = {&t, &c, &s, &d, &sw};
-    const CUresult r =
-        api->launchKernel(kernel, grid, 1, 1, kThreadsPerBlock, 1, 1, 0, stream, params, nullptr);
+    const CUresult r = api->launchKernel(kernel, grid, 1, 1, threads, 1, 1, 0, stream, params, nullptr);
     if (r != CUDA_SUCCESS) return api->error("launching kvxfer's copy kernel", r);
+    return Status::ok();
+}
+
+Status DeviceState::launchPlanes(CUdeviceptr table, uint64_t nruns, uint64_t nplanes, CUstream stream) const {
+    if (nruns == 0 || nplanes == 0) return Status::ok();
+    const unsigned grid =
+        static_cast<unsigned>(std::min<uint64_t>(nruns * nplanes, static_cast<uint64_t>(sms) * ctas_per_sm));
+    unsigned long long runs = table, n = nruns, planes = table + nruns * sizeof(RunEntry), m = nplanes;
+    void* params[] = {&runs, &n, &planes, &m};
+    const CUresult r =
+        api->launchKernel(kernel_planes, grid, 1, 1, threads, 1, 1, 0, stream, params, nullptr);
+    if (r != CUDA_SUCCESS) return api->error("launching kvxfer's copy kernel (planes)", r);
     return Status::ok();
 }
 
@@ -128,10 +155,23 @@ Result<RunEntry*> TableBuffer::reserve(uint64_t entries) {
 
 Status TableBuffer::launch(uint64_t count, CUstream stream) {
     const CudaApi* api = device_->api;
-    if (count == 0) return Status::ok();
+    if (count > 0) {
+        const CUresult r = api->memcpyHtoDAsync(dev_, host_, count * sizeof(RunEntry), stream);
+        if (r != CUDA_SUCCESS) return api->error("uploading a run table (cuMemcpyHtoDAsync)", r);
+        KVXFER_RETURN_IF_ERROR(device_->launch(dev_, count, 0, 0, false, stream));
+    }
+    const CUresult r = api->eventRecord(event_, stream);
+    if (r != CUDA_SUCCESS) return api->error("cuEventRecord", r);
+    recorded_ = true;
+    return Status::ok();
+}
+
+Status TableBuffer::launchPlanes(uint64_t nruns, uint64_t nplanes, CUstream stream) {
+    const CudaApi* api = device_->api;
+    const uint64_t count = nruns + nplanes;
     CUresult r = api->memcpyHtoDAsync(dev_, host_, count * sizeof(RunEntry), stream);
     if (r != CUDA_SUCCESS) return api->error("uploading a run table (cuMemcpyHtoDAsync)", r);
-    KVXFER_RETURN_IF_ERROR(device_->launch(dev_, count, 0, 0, false, stream));
+    KVXFER_RETURN_IF_ERROR(device_->launchPlanes(dev_, nruns, nplanes, stream));
     r = api->eventRecord(event_, stream);
     if (r != CUDA_SUCCESS) return api->error("cuEventRecord", r);
     recorded_ = true;

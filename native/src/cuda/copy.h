@@ -26,7 +26,6 @@ struct RunEntry {
 
 // Longest entry: longer runs are cut so work units stay even across CTAs.
 constexpr uint64_t kChunkBytes = 64 * 1024;
-constexpr unsigned kThreadsPerBlock = 512;
 
 // Appends (src, dst, len) cut into entries of at most kChunkBytes; returns entries added.
 inline size_t appendRun(RunEntry* out, uint64_t src, uint64_t dst, uint64_t len) {
@@ -47,15 +46,25 @@ struct DeviceState {
     int ordinal = -1;
     CUdevice device = 0;
     CUcontext context = nullptr;
-    CUfunction kernel = nullptr;
+    CUfunction kernel = nullptr;         // flat run table
+    CUfunction kernel_planes = nullptr;  // runs x planes
     int sms = 1;
     std::string pci_bus_id;  // "0000:1b:00.0"
+    // Launch shape (process-wide tunables, read once from the environment):
+    // KVXFER_CUDA_COPY_UNROLL (2, 4 or 8 loads in flight per thread), KVXFER_CUDA_COPY_THREADS
+    // (threads per CTA), KVXFER_CUDA_COPY_CTAS_PER_SM.
+    unsigned threads = 512;
+    unsigned ctas_per_sm = 4;
+    int unroll = 4;
 
     // The state of `ordinal` (created once per process, never destroyed).
     static Result<DeviceState*> get(int ordinal);
     // Launches the kernel over `count` entries at `table` (device memory) on `stream`.
     Status launch(CUdeviceptr table, uint64_t count, uint64_t src_base, uint64_t dst_base, bool swap,
                   CUstream stream) const;
+    // Launches the runs x planes kernel: `nruns` run entries (offsets) then `nplanes` plane
+    // entries (src, dst bases; len unused) at `table`.
+    Status launchPlanes(CUdeviceptr table, uint64_t nruns, uint64_t nplanes, CUstream stream) const;
 };
 
 // Makes a context current on this thread for the scope, then restores the previous one
@@ -85,8 +94,11 @@ public:
     TableBuffer& operator=(const TableBuffer&) = delete;
     // Host room for `entries` entries (grows both buffers; never while in flight).
     Result<RunEntry*> reserve(uint64_t entries);
-    // Uploads `count` entries on `stream`, launches the kernel, records done().
+    // Uploads `count` entries on `stream` and launches the kernel (none if 0), then records
+    // done() (after whatever was queued on `stream` before, e.g. copy-engine copies).
     Status launch(uint64_t count, CUstream stream);
+    // The same for a table of `nruns` run entries followed by `nplanes` plane entries.
+    Status launchPlanes(uint64_t nruns, uint64_t nplanes, CUstream stream);
     CUevent done() const { return event_; }
     // True when no launch of this buffer is pending on the GPU.
     bool idle() const;

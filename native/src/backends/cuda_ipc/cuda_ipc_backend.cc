@@ -18,6 +18,7 @@
 #include <unistd.h>
 
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <map>
@@ -92,6 +93,9 @@ struct Worker {
     std::map<int, DeviceLane> lanes;  // progress thread only
     std::deque<InFlight> in_flight;   // progress thread only
     std::map<std::pair<int, int>, bool> peer_enabled;
+    // Runs at least this long are copied by the copy engines (cuMemcpyDtoDAsync) rather than
+    // the kernel: KVXFER_CUDA_IPC_CE_MIN_BYTES, 0 = never; default 8 MiB.
+    uint64_t ce_min_bytes = UINT64_MAX;
 
     Result<DeviceLane*> lane(int ordinal) {
         auto it = lanes.find(ordinal);
@@ -190,13 +194,47 @@ struct Worker {
             lane->tables.push_back(std::make_unique<cuda::TableBuffer>(lane->device));
             table = lane->tables.back().get();
         }
+        // Every part with the same runs (one region, or a group moving the same ids): the
+        // table is the runs once plus one base pair per plane.
+        const std::vector<Run>& runs0 = job->parts[0].plan->runs;
+        bool shared = true;
+        uint64_t nplanes = 0;
+        for (const JobPart& p : job->parts) {
+            shared = shared && (p.plan->runs.data() == runs0.data() || p.plan->runs == runs0);
+            nplanes += p.plan->planes.size();
+            for (const Run& r : p.plan->runs) shared = shared && r.length < ce_min_bytes;
+        }
+        const bool write = job->op == Op::kWrite;
+        if (shared && runs0.size() * nplanes > 1) {
+            uint64_t bound = nplanes;
+            for (const Run& r : runs0) bound += cuda::entriesFor(r.length);
+            KVXFER_ASSIGN_OR_RETURN(cuda::RunEntry * out, table->reserve(bound));
+            uint64_t nruns = 0;
+            for (const Run& r : runs0) {
+                nruns += cuda::appendRun(out + nruns, write ? r.local_offset : r.remote_offset,
+                                         write ? r.remote_offset : r.local_offset, r.length);
+            }
+            uint64_t k = nruns;
+            for (const JobPart& p : job->parts) {
+                KVXFER_ASSIGN_OR_RETURN(uint64_t remote,
+                                        remoteBase(*lane, *static_cast<CudaRemoteRegion*>(p.remote.backend)));
+                const uint64_t local = reinterpret_cast<uint64_t>(p.local.base);
+                for (const Plane& plane : p.plan->planes) {
+                    const uint64_t l = local + plane.local_base;
+                    const uint64_t m = remote + plane.remote_base;
+                    out[k++] = {write ? l : m, write ? m : l, 0};
+                }
+            }
+            KVXFER_RETURN_IF_ERROR(table->launchPlanes(nruns, nplanes, lane->stream));
+            in_flight.push_back({job, table});
+            return Status::ok();
+        }
         uint64_t bound = 0;
         for (const JobPart& p : job->parts) {
             bound += p.plan->numRuns() + p.plan->total_bytes / cuda::kChunkBytes + p.plan->planes.size();
         }
         KVXFER_ASSIGN_OR_RETURN(cuda::RunEntry * out, table->reserve(bound));
         uint64_t n = 0;
-        const bool write = job->op == Op::kWrite;
         for (const JobPart& p : job->parts) {
             KVXFER_ASSIGN_OR_RETURN(uint64_t remote,
                                     remoteBase(*lane, *static_cast<CudaRemoteRegion*>(p.remote.backend)));
@@ -207,6 +245,13 @@ struct Worker {
                 for (const Run& r : p.plan->runs) {
                     const uint64_t l = lb + r.local_offset;
                     const uint64_t m = rb + r.remote_offset;
+                    if (r.length >= ce_min_bytes) {
+                        // Long runs go to the copy engines, queued before the kernel.
+                        const cuda::CUresult cr =
+                            api->memcpyDtoDAsync(write ? m : l, write ? l : m, r.length, lane->stream);
+                        if (cr != cuda::CUDA_SUCCESS) return api->error("cuMemcpyDtoDAsync", cr);
+                        continue;
+                    }
                     n += cuda::appendRun(out + n, write ? l : m, write ? m : l, r.length);
                 }
             }
@@ -406,6 +451,9 @@ private:
           self_instance_(ctx.instance_id) {
         worker_ = std::make_shared<Worker>();
         worker_->api = api;
+        const char* ce = std::getenv("KVXFER_CUDA_IPC_CE_MIN_BYTES");
+        const uint64_t ce_min = ce != nullptr && *ce ? std::strtoull(ce, nullptr, 10) : (8ull << 20);
+        worker_->ce_min_bytes = ce_min == 0 ? UINT64_MAX : ce_min;
         thread_ = std::thread([w = worker_] { w->run(); });
     }
 

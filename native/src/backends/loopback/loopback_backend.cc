@@ -15,6 +15,11 @@
 namespace kvxfer {
 namespace {
 
+// The inline path: below this size a copy on the posting thread costs less than a
+// hand-off to a copy thread (docs/benchmarks.md, latency).
+constexpr uint64_t kInlineMaxBytes = 64 * 1024;
+constexpr uint64_t kInlineMaxRuns = 64;
+
 // Process-wide directory of live loopback endpoints, keyed by engine instance id.
 struct Endpoint {
     std::mutex mutex;
@@ -64,6 +69,7 @@ public:
               return deliverTo(static_cast<LoopbackPeer&>(*job.peer), job.notify);
           }) {
         caps_.lanes = pool_.threads();
+        caps_.inline_max_bytes = kInlineMaxBytes;
         endpoint_->sink = ctx.sink;
         endpoint_->name = ctx.engine_name;
         endpoint_->instance = ctx.instance_id;
@@ -125,6 +131,19 @@ public:
     Status submit(const std::shared_ptr<TransferJob>& job) override {
         pool_.submit(job);
         return Status::ok();
+    }
+
+    // Small jobs are copied on the posting thread (caps().inline_max_bytes); the
+    // notification goes straight into the target's sink, as a copy worker would do it.
+    Result<bool> trySubmitInline(const std::shared_ptr<TransferJob>& job) override {
+        if (job->num_runs > kInlineMaxRuns) return false;
+        // No abandonment check first: a job just posted has not been seen by anyone;
+        // the job machine checks its deadline and cancellation after the copy.
+        const Status st = copyRuns(*job, 0, job->num_runs);
+        if (job->dataDone(st, true) == TransferJob::AfterData::kSendNotification) {
+            job->finish(deliverTo(static_cast<LoopbackPeer&>(*job->peer), job->notify));
+        }
+        return true;
     }
 
     Status notify(BackendPeer& peer, ByteView payload, Clock::time_point) override {

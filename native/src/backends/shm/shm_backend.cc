@@ -43,6 +43,10 @@ namespace {
 
 constexpr size_t kMaxIov = 1024;  // UIO_MAXIOV
 constexpr size_t kMaxMessage = 64 * 1024 + 512;
+// The inline path (the posting thread copies): below this size a copy costs less than
+// handing the job to a copy thread and waking the caller (docs/benchmarks.md, latency).
+constexpr uint64_t kInlineMaxBytes = 64 * 1024;
+constexpr uint64_t kInlineMaxRuns = 64;
 
 uint64_t processStartTime(pid_t pid) {
     std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
@@ -85,6 +89,39 @@ struct ShmPeer : BackendPeer {
     bool exited() const {
         pollfd p{pidfd.fd, POLLIN, 0};
         return ::poll(&p, 1, 0) > 0;
+    }
+
+    // The notification without blocking and without allocating (the inline path): false
+    // when the peer's socket is full (nothing was sent; use send()), else the outcome.
+    bool trySend(ByteView payload, Status* out) {
+        uint8_t head[8 + 2];
+        std::memcpy(head, &self_instance, 8);
+        const uint16_t n = static_cast<uint16_t>(self_name.size());
+        std::memcpy(head + 8, &n, 2);
+        iovec iov[3] = {{head, sizeof(head)},
+                        {const_cast<char*>(self_name.data()), self_name.size()},
+                        {const_cast<uint8_t*>(payload.data()), payload.size()}};
+        msghdr msg{};
+        msg.msg_iov = iov;
+        msg.msg_iovlen = 3;
+        const size_t total = sizeof(head) + self_name.size() + payload.size();
+        std::unique_lock<std::mutex> lock(send_mutex, std::try_to_lock);
+        if (!lock.owns_lock()) return false;
+        for (;;) {
+            const ssize_t k = ::sendmsg(notify_socket.fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (k == static_cast<ssize_t>(total)) {
+                *out = Status::ok();
+                return true;
+            }
+            if (k < 0 && errno == EINTR) continue;
+            if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return false;
+            if (k < 0 && (errno == EPIPE || errno == ECONNRESET || errno == ECONNREFUSED)) {
+                *out = Status::peerUnreachable("shm peer '" + name + "' closed its notification socket");
+                return true;
+            }
+            *out = Status::systemErrno("shm notification send to '" + name + "'", k < 0 ? errno : EIO);
+            return true;
+        }
     }
 
     Status send(ByteView payload) {
@@ -156,12 +193,12 @@ Status cmaError(const ShmPeer& peer, int err) {
 
 // Moves runs [first, end) of one part (one remote region), by memcpy into the mapped
 // memfd or by cross-memory attach.
-Status copyPartRuns(TransferJob& job, uint64_t first, uint64_t end) {
+Status copyPartRuns(TransferJob& job, uint64_t first, uint64_t end, bool liveness_checked) {
     auto& peer = static_cast<ShmPeer&>(*job.peer);
     const JobPart& part = job.parts[job.partOf(first)];
     if (uint8_t* mapped = static_cast<ShmRemoteRegion*>(part.remote.backend)->mapped) {
         // The mapping outlives the peer, so liveness is checked explicitly.
-        if (peer.exited()) return cmaError(peer, ESRCH);
+        if (!liveness_checked && peer.exited()) return cmaError(peer, ESRCH);
         for (uint64_t i = first; i < end; ++i) {
             const FlatRun r = job.run(i);
             if (job.op == Op::kWrite) {
@@ -212,12 +249,13 @@ Status copyPartRuns(TransferJob& job, uint64_t first, uint64_t end) {
 }
 
 // A chunk may span parts (regions); each part's runs go by that region's mechanism.
-Status copyChunk(TransferJob& job, uint64_t first, uint64_t end) {
+// `liveness_checked`: the caller polled the peer's pidfd just before (the inline path).
+Status copyChunk(TransferJob& job, uint64_t first, uint64_t end, bool liveness_checked = false) {
     while (first < end) {
         const uint32_t p = job.partOf(first);
         const uint64_t part_end = p + 1 < job.parts.size() ? job.parts[p + 1].first_run : job.num_runs;
         const uint64_t stop = std::min(end, part_end);
-        KVXFER_RETURN_IF_ERROR(copyPartRuns(job, first, stop));
+        KVXFER_RETURN_IF_ERROR(copyPartRuns(job, first, stop, liveness_checked));
         first = stop;
     }
     return Status::ok();
@@ -229,6 +267,13 @@ struct Listener {
     Fd listen_fd;
     Fd stop_fd;
     Fd epoll_fd;
+    // Accepted connections, closed with the listener: a peer then sees its notification
+    // sends refused instead of queueing into a socket nobody reads.
+    std::vector<Fd> accepted;
+
+    void dropAccepted(int fd) {
+        std::erase_if(accepted, [fd](const Fd& a) { return a.fd == fd; });
+    }
 
     void run() {
         std::vector<uint8_t> buf(kMaxMessage);
@@ -243,6 +288,7 @@ struct Listener {
                 if (fd == listen_fd.fd) {
                     const int c = ::accept4(listen_fd.fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
                     if (c >= 0) {
+                        accepted.emplace_back(c);
                         epoll_event ev{};
                         ev.events = EPOLLIN;
                         ev.data.fd = c;
@@ -256,7 +302,7 @@ struct Listener {
                     if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
                     if (k <= 0) {
                         ::epoll_ctl(epoll_fd.fd, EPOLL_CTL_DEL, fd, nullptr);
-                        ::close(fd);
+                        dropAccepted(fd);
                         break;
                     }
                     if (k < 10) continue;  // malformed: ignore
@@ -397,7 +443,10 @@ public:
         const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
         const uint64_t head = offset % page;
         const size_t bytes = static_cast<size_t>(head + region.length);
-        void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd.fd,
+        // Not populated: setting up page tables for the whole region would make add_peer
+        // grow with the peer's memory (0.45 s for 5 GiB); pages are mapped as copies touch
+        // them (the memfd's pages exist already, so each fault is a minor one).
+        void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd.fd,
                          static_cast<off_t>(offset - head));
         if (p == MAP_FAILED) return std::unique_ptr<BackendRemoteRegion>(std::move(remote));
         remote->mapping = p;
@@ -413,6 +462,24 @@ public:
         return Status::ok();
     }
 
+    Result<bool> trySubmitInline(const std::shared_ptr<TransferJob>& job) override {
+        if (job->num_runs > kInlineMaxRuns) return false;
+        auto& peer = static_cast<ShmPeer&>(*job->peer);
+        if (peer.exited()) return cmaError(peer, ESRCH);  // nothing started: the core may reconnect
+        // No abandonment check first: a job just posted has not been seen by anyone;
+        // the job machine checks its deadline and cancellation after the copy.
+        const Status st = copyChunk(*job, 0, job->num_runs, /*liveness_checked=*/true);
+        if (job->dataDone(st, true) == TransferJob::AfterData::kSendNotification) {
+            Status sent;
+            if (peer.trySend(job->notify, &sent)) {
+                job->finish(std::move(sent));
+            } else {
+                pool_.commitLater(job);  // the socket is full or busy: a worker sends it
+            }
+        }
+        return true;
+    }
+
     Status notify(BackendPeer& peer, ByteView payload, Clock::time_point) override {
         return static_cast<ShmPeer&>(peer).send(payload);
     }
@@ -424,11 +491,14 @@ private:
           self_name_(ctx.engine_name),
           self_instance_(ctx.instance_id),
           start_time_(processStartTime(::getpid())),
-          pool_(ctx.config->shm.threads ? ctx.config->shm.threads
-                                        : std::min(4u, std::max(1u, std::thread::hardware_concurrency())),
-                kMaxIov, 64 << 20, copyChunk,
-                [](TransferJob& job) { return static_cast<ShmPeer&>(*job.peer).send(job.notify); }) {
+          pool_(
+              ctx.config->shm.threads ? ctx.config->shm.threads
+                                      : std::min(4u, std::max(1u, std::thread::hardware_concurrency())),
+              kMaxIov, 64 << 20,
+              [](TransferJob& job, uint64_t first, uint64_t end) { return copyChunk(job, first, end); },
+              [](TransferJob& job) { return static_cast<ShmPeer&>(*job.peer).send(job.notify); }) {
         caps_.lanes = pool_.threads();  // copy threads share a job
+        caps_.inline_max_bytes = kInlineMaxBytes;
         thread_ = std::thread([l = listener_] { l->run(); });
     }
 

@@ -93,6 +93,11 @@ Status receiverRun(PeerConn& c, const std::shared_ptr<Session>& sp) {
                         finish.emplace_back(it->second.job,
                                             h.aux == 0 ? Status::ok() : statusFromWire(h.aux, msg));
                         s.pending.erase(it);
+                    } else if (it != s.pending.end() && it->second.streaming) {
+                        // The inline path sent WRITE and END in one call and has not let go
+                        // yet: releaseStreaming() finishes it with this outcome.
+                        it->second.acked = true;
+                        it->second.ack_status = h.aux == 0 ? Status::ok() : statusFromWire(h.aux, msg);
                     }
                 }
                 finishAll(finish);

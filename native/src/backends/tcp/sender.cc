@@ -245,11 +245,15 @@ void senderLoop(const std::shared_ptr<PeerConn>& c) {
         SendItem item;
         {
             std::unique_lock<std::mutex> lock(c->mutex);
-            c->cv.wait(lock, [&] { return c->stopping.load() || !c->commits.empty() || !c->queue.empty(); });
+            c->writing = false;
+            c->cv.wait(lock, [&] {
+                return c->stopping.load() || (!c->writing && (!c->commits.empty() || !c->queue.empty()));
+            });
             if (c->stopping.load()) return;  // nothing queued can hold a job: jobs keep the peer alive
             auto& q = c->commits.empty() ? c->queue : c->commits;
             item = std::move(q.front());
             q.pop_front();
+            c->writing = true;
         }
         switch (item.kind) {
             case SendItem::kJob:
@@ -266,6 +270,98 @@ void senderLoop(const std::shared_ptr<PeerConn>& c) {
         // thread: it then detaches us, and the loop ends on `stopping`.
         item = {};
     }
+}
+
+bool sendInline(const std::shared_ptr<PeerConn>& c, const std::shared_ptr<TransferJob>& job) {
+    if (job->op != Op::kWrite || job->num_runs > kInlineMaxRuns) return false;
+    std::shared_ptr<Session> s;
+    {
+        std::lock_guard<std::mutex> lock(c->mutex);
+        if (c->stopping.load() || c->writing || !c->queue.empty() || !c->commits.empty() || !c->session ||
+            c->session->dead.load())
+            return false;
+        s = c->session;
+        Pending p;
+        p.job = job;
+        s->pending.emplace(job->id, std::move(p));
+        c->writing = true;
+    }
+    auto letGo = [&] {
+        {
+            std::lock_guard<std::mutex> lock(c->mutex);
+            c->writing = false;
+        }
+        c->cv.notify_all();  // the sender may have work queued meanwhile
+    };
+    // One WRITE frame (header + run table), the payloads, and END (with the notification),
+    // in one sendmsg: the target wakes once and the bytes leave in as few segments as fit.
+    const uint64_t n = job->num_runs;
+    uint8_t head[kHeaderBytes + 16 * kInlineMaxRuns];
+    uint8_t end[kHeaderBytes];
+    iovec iov[kInlineMaxRuns + 3];
+    size_t k = 0;
+    uint64_t bytes = 0;
+    for (uint64_t i = 0; i < n; ++i) {
+        const FlatRun r = job->run(i);
+        putLe(head + kHeaderBytes + 16 * i, r.remote_address, 8);
+        putLe(head + kHeaderBytes + 16 * i + 8, r.length, 8);
+        iov[1 + i] = {r.local, r.length};
+        bytes += r.length;
+    }
+    if (n > 0) {
+        encodeHeader({.type = kWrite, .aux = static_cast<uint32_t>(n), .job = job->id, .b = bytes}, head);
+        iov[0] = {head, kHeaderBytes + 16 * n};
+        k = 1 + n;
+    }
+    uint32_t flags = 0;
+    if (!job->notify.empty()) {
+        // The END goes with the data: commit first. After a failed commit (deadline passed,
+        // canceled) nothing is sent and the job ends as abandoned.
+        if (!job->commitNow()) {
+            letGo();
+            releaseStreaming(*c, s, job->id, true);
+            return true;
+        }
+        flags = kEndNotify;
+        std::lock_guard<std::mutex> lock(c->mutex);
+        if (auto it = s->pending.find(job->id); it != s->pending.end()) it->second.committed = true;
+    }
+    const uint64_t nb = flags ? job->notify.size() : 0;
+    encodeHeader({.type = kEnd, .aux = flags, .job = job->id, .b = nb}, end);
+    iov[k++] = {end, kHeaderBytes};
+    if (nb) iov[k++] = {const_cast<uint8_t*>(job->notify.data()), nb};
+    msghdr msg{};
+    msg.msg_iov = iov;
+    msg.msg_iovlen = k;
+    ssize_t sent = ::sendmsg(s->fd.fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    while (sent < 0 && errno == EINTR) sent = ::sendmsg(s->fd.fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+    Status st;
+    if (sent < 0 && (errno == EAGAIN || errno == EWOULDBLOCK) && flags == 0) {
+        // The socket is full (the target is behind): queue it behind the others instead.
+        {
+            std::lock_guard<std::mutex> lock(c->mutex);
+            s->pending.erase(job->id);
+        }
+        letGo();
+        return false;
+    }
+    if (sent < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+        const int err = errno;
+        st = Status::peerUnreachable(c->label() + ": tcp send: " + errnoText(err));
+    } else {
+        // Partly sent (or full after a commit): finish the frames, bounded like the sender's.
+        IovCursor cur;
+        for (size_t i = 0; i < k; ++i) cur.add(iov[i].iov_base, iov[i].iov_len);
+        if (sent > 0) cur.advance(static_cast<size_t>(sent));
+        if (!cur.empty()) {
+            SendCheck check(*c, *s, [&] { return job->abandoned() || Clock::now() > job->deadline; });
+            st = moveAll(s->fd.fd, true, cur, check, "tcp send");
+        }
+    }
+    letGo();
+    if (!st.isOk()) killSession(*c, *s, st);
+    releaseStreaming(*c, s, job->id, false, st);
+    return true;
 }
 
 }  // namespace kvxfer::tcp

@@ -75,7 +75,10 @@ void releaseStreaming(PeerConn& c, const std::shared_ptr<Session>& s, uint64_t i
             s->pending.erase(it);
         } else if (p.job->op == Op::kWrite) {
             p.awaiting_ack = !stopped_early;
-            if (stopped_early) {
+            if (p.acked) {  // the ACK overtook us (inline path)
+                finish.emplace_back(p.job, error.isOk() ? std::move(p.ack_status) : p.error);
+                s->pending.erase(it);
+            } else if (stopped_early) {
                 finish.emplace_back(p.job, Status::canceled("tcp: write abandoned"));
                 s->pending.erase(it);
             }

@@ -185,6 +185,10 @@ public:
         return Status::ok();
     }
 
+    Result<bool> trySubmitInline(const std::shared_ptr<TransferJob>& job) override {
+        return sendInline(static_cast<TcpPeer&>(*job->peer).conn, job);
+    }
+
     Status notify(BackendPeer& peer, ByteView payload, Clock::time_point deadline) override {
         if (payload.size() > kMaxNotifyBytes)
             return Status::invalidArgument("notification payload is larger than 64 KiB");
@@ -214,7 +218,10 @@ private:
         listener_ = std::thread([s = shared_] { listenLoop(s); });
     }
 
-    BackendCaps caps_{.same_process_only = false, .same_host_only = false, .max_run_bytes = kMaxRunBytes};
+    BackendCaps caps_{.same_process_only = false,
+                      .same_host_only = false,
+                      .max_run_bytes = kMaxRunBytes,
+                      .inline_max_bytes = kInlineMaxBytes};
     std::shared_ptr<Shared> shared_;
     uint32_t bind_host_;
     uint16_t port_;

@@ -141,8 +141,10 @@ struct Pending {
     std::shared_ptr<TransferJob> job;
     bool streaming = true;
     bool awaiting_ack = false;
-    bool committed = false;          // commitNow() succeeded: ends only on ACK or connection loss
-    bool stopped_early = false;      // READ: abandoned before every request was sent
+    bool committed = false;      // commitNow() succeeded: ends only on ACK or connection loss
+    bool stopped_early = false;  // READ: abandoned before every request was sent
+    bool acked = false;          // WRITE: the ACK came while the sender still held it (inline)
+    Status ack_status;
     uint32_t reads_outstanding = 0;  // READ_REQ frames not answered yet
     Status error;                    // READ: first failure
 };
@@ -187,6 +189,9 @@ struct PeerConn {
     std::deque<SendItem> commits;  // READ notifications whose data arrived: sent first
     std::shared_ptr<Session> session;
     uint64_t next_notify_seq = 1;
+    // A thread is writing to the socket: the sender thread (around each item) or a posting
+    // thread on the inline path (sendInline). The sender waits while it is set.
+    bool writing = false;
 
     std::thread sender;
     std::vector<std::thread> receivers;  // guarded by mutex; one per live session
@@ -254,5 +259,13 @@ Result<std::shared_ptr<Session>> acquire(const std::shared_ptr<PeerConn>& c, Clo
 // The sender thread of a connection: runs queued jobs, READ commits and notifications in
 // order (commits first) until c->stopping.
 void senderLoop(const std::shared_ptr<PeerConn>& c);
+
+// The inline path: a small WRITE (at most kInlineMaxRuns runs) sent by the posting thread as
+// one sendmsg (WRITE frame + END), when the connection is live and its sender idle with
+// nothing queued. False: declined, nothing sent. True: the job is on the wire (or failed
+// with the connection) and ends on its ACK as a queued one does.
+constexpr uint64_t kInlineMaxBytes = 64 * 1024;
+constexpr uint64_t kInlineMaxRuns = 32;
+bool sendInline(const std::shared_ptr<PeerConn>& c, const std::shared_ptr<TransferJob>& job);
 
 }  // namespace kvxfer::tcp

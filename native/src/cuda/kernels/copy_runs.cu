@@ -20,38 +20,70 @@ struct RunEntry {
     unsigned long long len;
 };
 
-extern "C" __global__ void __launch_bounds__(512) kvxfer_copy_runs(const RunEntry* __restrict__ table,
-                                                                   unsigned long long count,
-                                                                   unsigned long long src_base,
-                                                                   unsigned long long dst_base, int swap) {
+template <int kUnroll>
+__device__ __forceinline__ void copyOne(unsigned long long s, unsigned long long d, unsigned long long n) {
+    if (((s | d | n) & 15ull) == 0) {
+        const uint4* __restrict__ src = reinterpret_cast<const uint4*>(s);
+        uint4* __restrict__ dst = reinterpret_cast<uint4*>(d);
+        const unsigned long long n16 = n >> 4;
+        const unsigned long long step = blockDim.x;
+        unsigned long long i = threadIdx.x;
+        for (; i + (kUnroll - 1) * step < n16; i += kUnroll * step) {
+            uint4 v[kUnroll];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) v[u] = src[i + u * step];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) dst[i + u * step] = v[u];
+        }
+        for (; i < n16; i += step) dst[i] = src[i];
+    } else {
+        const unsigned char* src = reinterpret_cast<const unsigned char*>(s);
+        unsigned char* dst = reinterpret_cast<unsigned char*>(d);
+        for (unsigned long long i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
+    }
+}
+
+// A flat table: entry r copies table[r].len bytes from src_base + src to dst_base + dst.
+template <int kUnroll>
+__device__ __forceinline__ void copyRuns(const RunEntry* __restrict__ table, unsigned long long count,
+                                         unsigned long long src_base, unsigned long long dst_base, int swap) {
     for (unsigned long long r = blockIdx.x; r < count; r += gridDim.x) {
         const RunEntry e = table[r];
-        const unsigned long long s = (swap ? e.dst : e.src) + src_base;
-        const unsigned long long d = (swap ? e.src : e.dst) + dst_base;
-        const unsigned long long n = e.len;
-        if (((s | d | n) & 15ull) == 0) {
-            const uint4* __restrict__ src = reinterpret_cast<const uint4*>(s);
-            uint4* __restrict__ dst = reinterpret_cast<uint4*>(d);
-            const unsigned long long n16 = n >> 4;
-            const unsigned long long step = blockDim.x;
-            unsigned long long i = threadIdx.x;
-            for (; i + 3 * step < n16; i += 4 * step) {
-                const uint4 a = src[i];
-                const uint4 b = src[i + step];
-                const uint4 c = src[i + 2 * step];
-                const uint4 f = src[i + 3 * step];
-                dst[i] = a;
-                dst[i + step] = b;
-                dst[i + 2 * step] = c;
-                dst[i + 3 * step] = f;
-            }
-            for (; i < n16; i += step) dst[i] = src[i];
-        } else {
-            const unsigned char* src = reinterpret_cast<const unsigned char*>(s);
-            unsigned char* dst = reinterpret_cast<unsigned char*>(d);
-            for (unsigned long long i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
-        }
+        copyOne<kUnroll>((swap ? e.dst : e.src) + src_base, (swap ? e.src : e.dst) + dst_base, e.len);
     }
     // Peer stores must be performed before the completion event can tell anyone.
     __threadfence_system();
 }
+
+// Runs repeated over planes (a plan's runs x its layers and K/V, or one run list shared
+// by every region of a group): work item w copies run w % nruns of plane w / nruns, at
+// the plane's (src, dst) bases. The table is nruns + nplanes entries, not their product.
+template <int kUnroll>
+__device__ __forceinline__ void copyPlanes(const RunEntry* __restrict__ runs, unsigned long long nruns,
+                                           const RunEntry* __restrict__ planes, unsigned long long nplanes) {
+    const unsigned long long total = nruns * nplanes;
+    for (unsigned long long w = blockIdx.x; w < total; w += gridDim.x) {
+        const unsigned long long p = w / nruns;
+        const RunEntry e = runs[w - p * nruns];
+        const RunEntry b = planes[p];
+        copyOne<kUnroll>(b.src + e.src, b.dst + e.dst, e.len);
+    }
+    __threadfence_system();
+}
+
+// Variants by loads in flight per thread (16 bytes each); the host picks one
+// (KVXFER_CUDA_COPY_UNROLL, default in native/src/cuda/copy.cc).
+#define KVXFER_COPY_VARIANT(unroll)                                                                            \
+    extern "C" __global__ void __launch_bounds__(1024)                                                          \
+        kvxfer_copy_runs_u##unroll(const RunEntry* __restrict__ table, unsigned long long count,                \
+                                   unsigned long long src_base, unsigned long long dst_base, int swap) {        \
+        copyRuns<unroll>(table, count, src_base, dst_base, swap);                                               \
+    }                                                                                                           \
+    extern "C" __global__ void __launch_bounds__(1024)                                                          \
+        kvxfer_copy_planes_u##unroll(const RunEntry* __restrict__ runs, unsigned long long nruns,               \
+                                     const RunEntry* __restrict__ planes, unsigned long long nplanes) {         \
+        copyPlanes<unroll>(runs, nruns, planes, nplanes);                                                       \
+    }
+KVXFER_COPY_VARIANT(2)
+KVXFER_COPY_VARIANT(4)
+KVXFER_COPY_VARIANT(8)

@@ -1,0 +1,1 @@
+"""Integrations of kvxfer into serving frameworks (each needs its framework installed)."""
