@@ -204,10 +204,18 @@ def test_bad_handles(lib, pair):
     arr, n = parts.array()
     assert code_of(lib, lib.kvxfer_post(a, peer, 0, arr, n, ffi.NULL, 0, 0, 0, tp))[0] == "BAD_HANDLE"
     assert tp[0] == ffi.NULL
-    # A destroyed engine.
+    # A destroyed engine, and the handles made from it.
     e = engine(lib, "name=gone\nbackends=fault")
+    buf = np.zeros(4096, np.uint8)
+    r = register(lib, e, buf.ctypes.data, buf.nbytes, LAYOUT)
+    pe = add_peer(lib, e, descriptor(lib, b))
+    t0 = time.monotonic()
     check(lib, lib.kvxfer_engine_destroy(e))
+    assert time.monotonic() - t0 < 2  # the engine's threads stopped without waiting for a timeout
     assert code_of(lib, lib.kvxfer_engine_destroy(e))[0] == "BAD_HANDLE"
+    rid = ffi.new("uint32_t*")
+    assert code_of(lib, lib.kvxfer_region_id(r, rid))[0] == "BAD_HANDLE"
+    assert code_of(lib, lib.kvxfer_peer_release(pe))[0] == "BAD_HANDLE"
     assert code_of(lib, lib.kvxfer_free_shareable(ffi.cast("void*", 0x1000)))[0] == "BAD_HANDLE"
 
 
