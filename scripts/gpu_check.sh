@@ -81,6 +81,15 @@ bench() {
     --repeat "${REPEAT:-5}" --json > "$OUT/bench-gpu.jsonl" 2> "$OUT/bench-gpu.txt"
   echo "rc=$?" >> "$OUT/bench-gpu.txt"
   cat "$OUT/bench-gpu.txt"
+  bench_tcp
+}
+
+bench_tcp() {
+  log "bench tcp host-staged"
+  PYTHONPATH=bench $PY -m kvxfer_bench --memory cuda:0 --target-memory cuda:1 --backend tcp \
+    --repeat "${REPEAT_TCP:-3}" --json > "$OUT/bench-gpu-tcp.jsonl" 2> "$OUT/bench-gpu-tcp.txt"
+  echo "rc=$?" >> "$OUT/bench-gpu-tcp.txt"
+  cat "$OUT/bench-gpu-tcp.txt"
 }
 
 case "$what" in
@@ -89,6 +98,7 @@ case "$what" in
   build) machine; build ;;
   test) build && tests ;;
   bench) build && bench ;;
+  tcp) build && bench_tcp ;;
   quick) machine; build && tests ;;
-  *) echo "usage: $0 [all|build|test|sweep|bench|quick]"; exit 2 ;;
+  *) echo "usage: $0 [all|build|test|sweep|bench|tcp|quick]"; exit 2 ;;
 esac
