@@ -311,3 +311,26 @@ def test_completion_fd_signals_a_notification(lib, pair):
     check(lib, lib.kvxfer_engine_drain_completion_fd(b))
     assert select.select([fd[0]], [], [], 0)[0] == []
     assert wait_note(lib, b, b"ping", 1000) == ("a", b"ping")
+
+
+def test_keyed_waits_from_many_threads(lib, pair):
+    """Eight threads wait for eight keys on one engine; the notes arrive in reverse
+    order; each thread gets its own, none is lost or taken twice."""
+    a, b = pair()
+    _, _, _, peer, _ = setup_blocks(lib, a, b)
+    keys = [f"req-{i}".encode() for i in range(8)]
+    got: dict[bytes, object] = {}
+
+    def waiter(key: bytes) -> None:
+        got[key] = wait_note(lib, b, key, 10000)
+
+    threads = [threading.Thread(target=waiter, args=(k,)) for k in keys]
+    for th in threads:
+        th.start()
+    time.sleep(0.05)
+    for k in reversed(keys):
+        check(lib, lib.kvxfer_notify(a, peer, k, len(k), 2000))
+    for th in threads:
+        th.join(15)
+    assert got == {k: ("a", k) for k in keys}
+    assert wait_note(lib, b, None, 0) is None
