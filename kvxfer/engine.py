@@ -500,9 +500,11 @@ class Engine:
 
 
 def _region_id(remote_region: Any) -> int:
-    if type(remote_region) is int:
+    if type(remote_region) is int and 0 <= remote_region < 2**32:  # the common case, cheaply
         return remote_region
     rid = getattr(remote_region, "id", remote_region)
     if isinstance(rid, bool) or not isinstance(rid, (int, np.integer)):
         raise InvalidArgumentError(f"remote_region must be a region id (int), got {remote_region!r}")
+    if not 0 <= int(rid) < 2**32:
+        raise InvalidArgumentError(f"remote_region {int(rid)} is not a region id (0 <= id < 2**32)")
     return int(rid)

@@ -51,8 +51,10 @@ build_gxx() {
 
 build() {
   log "build"
-  if imports 2>&1 | tee -a "$OUT/build.log"; then return 0; fi
-  rm -f kvxfer/_native*.so
+  # Always from scratch: a build folder kept from an earlier checkout can hold objects
+  # compiled against older headers (the device machine keeps ignored folders between runs).
+  if [ -n "${SKIP_BUILD:-}" ] && imports 2>&1 | tee -a "$OUT/build.log"; then return 0; fi
+  rm -rf build/gpu build/gxx kvxfer/_native*.so
   if command -v cmake >/dev/null && $PY -c "import pybind11" 2>/dev/null; then
     cmake -S . -B build/gpu -DKVXFER_BUILD_PYTHON=ON -DKVXFER_WITH_IBVERBS=OFF -DCMAKE_BUILD_TYPE=Release \
       -DPython_EXECUTABLE="$(command -v $PY)" -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" >>"$OUT/build.log" 2>&1 &&
@@ -81,6 +83,15 @@ bench() {
     --repeat "${REPEAT:-5}" --json > "$OUT/bench-gpu.jsonl" 2> "$OUT/bench-gpu.txt"
   echo "rc=$?" >> "$OUT/bench-gpu.txt"
   cat "$OUT/bench-gpu.txt"
+  bench_tcp
+}
+
+bench_tcp() {
+  log "bench tcp host-staged"
+  PYTHONPATH=bench $PY -m kvxfer_bench --memory cuda:0 --target-memory cuda:1 --backend tcp \
+    --repeat "${REPEAT_TCP:-3}" --json > "$OUT/bench-gpu-tcp.jsonl" 2> "$OUT/bench-gpu-tcp.txt"
+  echo "rc=$?" >> "$OUT/bench-gpu-tcp.txt"
+  cat "$OUT/bench-gpu-tcp.txt"
 }
 
 case "$what" in
@@ -89,6 +100,7 @@ case "$what" in
   build) machine; build ;;
   test) build && tests ;;
   bench) build && bench ;;
+  tcp) build && bench_tcp ;;
   quick) machine; build && tests ;;
-  *) echo "usage: $0 [all|build|test|sweep|bench|quick]"; exit 2 ;;
+  *) echo "usage: $0 [all|build|test|sweep|bench|tcp|quick]"; exit 2 ;;
 esac

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_pkgs=()
-for p in g++ python3-venv python3-dev libgtest-dev libibverbs-dev clang-format etcd-server; do
+for p in g++ python3-venv python3-dev libgtest-dev libibverbs-dev libssl-dev clang-format etcd-server; do
   dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
 if [ "${#need_pkgs[@]}" -gt 0 ]; then

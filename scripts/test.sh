@@ -47,7 +47,7 @@ step "Python tests (host)"
 export PYTHONSAFEPATH=1
 set +e
 # tests/capi: the C ABI through cffi, against the libkvxfer.so of the C++ build above.
-KVXFER_CAPI_LIB="$PWD/build/cpp/native/libkvxfer.so" "$py" -P -m pytest tests/python tests/capi -p no:cacheprovider
+KVXFER_CAPI_LIB="$PWD/build/cpp/native/libkvxfer.so" "$py" -P -m pytest tests/python tests/capi tests/gpu tests/adversarial -p no:cacheprovider
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi

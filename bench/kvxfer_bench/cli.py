@@ -303,10 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.memory.startswith("cuda"):
         from . import gpu
 
-        if a.backend not in ("shm", "cuda_ipc"):
-            parser.error(
-                "--memory cuda:N runs through the cuda_ipc backend (host staging for tcp is not built)"
-            )
+        if a.backend not in ("shm", "cuda_ipc", "tcp"):
+            parser.error("--memory cuda:N runs through cuda_ipc, or tcp with host staging (--backend tcp)")
         try:
             gpu.parse_cuda(a.memory)
             gpu.parse_cuda(a.target_memory or a.memory)

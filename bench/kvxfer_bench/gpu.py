@@ -485,8 +485,8 @@ def table_line(rec: dict) -> str:
             f"baseline {rec['what']:<10} {rec['direction']:<16} {rec['bytes'] / GiB:6.2f} GiB "
             f"{rec['gbps']:8.1f} GB/s{extra}"
         )
-    ratio = rec.get("ratio_vs_peer_copy", rec.get("ratio_vs_d2d"))
-    vs = "peer-copy" if "ratio_vs_peer_copy" in rec else "d2d-copy"
+    vs = next(k for k in ("peer-copy", "d2d", "tcp-host") if f"ratio_vs_{k.replace('-', '_')}" in rec)
+    ratio = rec[f"ratio_vs_{vs.replace('-', '_')}"]
     return (
         f"{rec['workload']:<26} {rec['op']:<6} {rec['from']}->{rec['to']} {rec['bytes'] / GiB:5.2f} GiB "
         f"runs={rec.get('runs', '-'):<6} {rec['gbps']:8.1f} GB/s  {ratio * 100:5.1f}% of {vs}  "
@@ -517,6 +517,15 @@ def main_from_args(a, json_out: bool) -> int:
         if json_out:
             print(json.dumps(rec), flush=True)
 
+    if a.backend == "tcp":
+        import kvxfer.gpu
+
+        from . import gpu_staged
+
+        if kvxfer.gpu.cuda_status():
+            raise RuntimeError(f"CUDA is not usable here: {kvxfer.gpu.cuda_status()}")
+        emit({"type": "machine", **gpu_machine()})
+        return gpu_staged.run(opts, emit)
     return run(opts, emit)
 
 

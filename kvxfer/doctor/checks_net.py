@@ -106,7 +106,7 @@ def check_listen(ctx: Context) -> Check:
             )
         host, port = parsed
     else:
-        host, port = "0.0.0.0", 0
+        host, port = "127.0.0.1", 0  # the default: loopback only (docs/security.md)
     data["bind"] = f"{host}:{port}"
     import kvxfer
 
@@ -145,7 +145,8 @@ def check_listen(ctx: Context) -> Check:
             "net.listen",
             "warn" if not need else "fail",
             detail + "; only loopback: engines on other hosts cannot reach this one over tcp",
-            f"bring up a non-loopback interface, or bind to its address with {var}",
+            f"tcp listens on loopback unless configured (docs/security.md): bind to this host's address "
+            f"with {var}=ADDRESS:PORT (or 0.0.0.0:PORT), or bring up a non-loopback interface",
             data,
         )
     if not port:

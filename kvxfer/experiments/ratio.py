@@ -19,7 +19,7 @@ not counted (it only bounds the run's end).
 JSON lines: ``{"experiment":"ratio","n_p":..,"n_d":..,"planned":true|false,
 "throughput_rps":..,"mode":"real"|"sim","eq1_rps":..,...}`` and a ``"summary"`` line per mode
 with planned / worst, the best split and whether the planned one is within one instance.
-``--quick``: every split simulated, the planned and the worst split real (short windows).
+``--quick``: every split simulated, the planned and the worst split real at the same time (6 s windows).
 """
 
 from __future__ import annotations
@@ -54,12 +54,15 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "--splits", default="", help="real mode: n_p values to run (default: all; --quick: planned and worst)"
     )
     p.add_argument("--duration", type=float, help="measured seconds per real split (40; --quick 12)")
-    p.add_argument("--slo", type=float, default=30.0, help="real mode: TTFT deadline at the gateway (s)")
+    p.add_argument("--slo", type=float, help="real mode: TTFT deadline at the gateway (30 s; --quick 6 s)")
     p.add_argument("--sim-duration", type=float, default=600.0)
     p.add_argument("--backend", choices=("shm", "tcp"), default="shm")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    a.duration = a.duration or (12.0 if a.quick else 40.0)
+    a.duration = a.duration or (6.0 if a.quick else 40.0)
+    a.slo = a.slo or (6.0 if a.quick else 30.0)
+    if a.quick and a.sim_duration == 600.0:
+        a.sim_duration = 200.0
     return a
 
 
@@ -142,10 +145,12 @@ async def _measure(url: str, args: argparse.Namespace, users: int) -> tuple[floa
 def run_real(
     args: argparse.Namespace, ri, planned: tuple[int, int], splits: list[int]
 ) -> list[dict[str, Any]]:
+    """One deployment per split; ``--quick`` runs the splits at the same time (threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from kvxfer.serve.deployment import start_local
 
-    rows = []
-    for n_p in splits:
+    def one(n_p: int) -> dict[str, Any]:
         n_d = args.budget - n_p
         t0 = time.monotonic()
         with start_local(
@@ -164,12 +169,16 @@ def run_real(
             prefix_min_tokens=min(16, args.setting),
         ) as dep:
             rps, n = asyncio.run(_measure(dep.gateway_url, args, users_for(n_p, n_d, args)))
-        rows.append(_row(args, "real", n_p, n_d, planned, rps, ri, n))
         log(
             f"real {n_p}P+{n_d}D: {rps:.3f} req/s (Eq. 1: {ri.throughput(n_p, n_d):.3f}), "
             f"{time.monotonic() - t0:.0f} s"
         )
-    return rows
+        return _row(args, "real", n_p, n_d, planned, rps, ri, n)
+
+    if args.quick:
+        with ThreadPoolExecutor(len(splits)) as ex:
+            return list(ex.map(one, splits))
+    return [one(n_p) for n_p in splits]
 
 
 def summary(rows: list[dict[str, Any]], mode: str) -> dict[str, Any] | None:

@@ -172,10 +172,14 @@ def validate(args: argparse.Namespace) -> list[dict[str, Any]]:
         }  # fmt: skip
         log(
             f"validation {r['policy']} load {r['load']:g}: success real {r['success_rate']:.3f} "
-            f"sim {sim['success_rate']:.3f}; TTFT p50 real {r['ttft_p50_s']:.3f} sim {sim['ttft_p50_s']:.3f}"
+            f"sim {sim['success_rate']:.3f}; TTFT p50 real {_f(r['ttft_p50_s'])} sim {_f(sim['ttft_p50_s'])}"
         )
         out.append(row)
     return out
+
+
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:

@@ -114,6 +114,9 @@ class Deployment:
         self._base: WorkerConfig | None = None
         self._names = itertools.count()
         self.role_devices: dict[str, str] = {}
+        # role -> (network namespace, address there): workers of that role start inside it
+        self.role_netns: dict[str, tuple[str, str]] = {}
+        self.retired: list[str] = []  # groups scaled in
 
     def _urls(self, role: str) -> list[str]:
         return [p.url for p in self.procs.values() if p.role == role]
@@ -130,12 +133,12 @@ class Deployment:
     def aggregated_urls(self) -> list[str]:
         return self._urls("aggregated")
 
-    def spawn(self, cfg: WorkerConfig) -> WorkerProcess:
+    def spawn(self, cfg: WorkerConfig, prefix: list[str] | None = None) -> WorkerProcess:
         log = self.log_dir / f"{cfg.name}.log"
         env = child_env()
         with open(log, "wb") as err:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "kvxfer.serve.worker", cfg.to_json()],
+                [*(prefix or []), sys.executable, "-m", "kvxfer.serve.worker", cfg.to_json()],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=err,
@@ -157,8 +160,66 @@ class Deployment:
         name = f"{role}-{next(self._names)}"
         dev = self.role_devices.get(role, self._base.device)
         cfg = self._base.replace(role=role, name=name, port=0, group=group, scenario=scenario, device=dev)
-        self.spawn(cfg.replace(**overrides))
+        prefix: list[str] = []
+        if role in self.role_netns:
+            ns, addr = self.role_netns[role]
+            cfg = cfg.replace(host=addr)
+            prefix = ["ip", "netns", "exec", ns]
+        self.spawn(cfg.replace(**overrides), prefix=prefix)
         return name
+
+    def add_group(self, scenario: str | None = None, n_prefill: int = 1, n_decode: int = 1,
+                  **overrides: Any) -> str:  # fmt: skip
+        """Scale out by one P/D group (registry deployments): its workers start, the setup
+        workflow confirms them and only then routes to them. ``overrides``: WorkerConfig fields
+        of the new workers (a rolling upgrade's new settings). Returns the group's name."""
+        from .control.controller import GroupController
+
+        assert self._base is not None and self.registry is not None, "add_group needs a registry deployment"
+        group = f"g{len(self.controllers) + len(self.retired)}"
+        ctl = GroupController(self.registry, scenario or self._base.scenario, group, n_prefill, n_decode,
+                              spawn=lambda role: self.spawn_member(group, role, **overrides),
+                              stop_member=self.stop_member, ttl_s=self._base.lease_ttl_s)  # fmt: skip
+        self.controllers[group] = ctl
+        for role, count in (("prefill", n_prefill), ("decode", n_decode)):
+            for _ in range(count):
+                self.spawn_member(group, role, **overrides)
+        ctl.setup()
+        ctl.watch()
+        return group
+
+    def drain(self, names: list[str], grace_s: float = 1.0, timeout_s: float = 120.0) -> None:
+        """Waits until none of ``names`` holds a request: no busy slot, nothing queued or
+        pending, no open stream; first ``grace_s`` for the gateways to apply a route change."""
+        time.sleep(grace_s)
+        deadline = time.monotonic() + timeout_s
+        for n in names:
+            while True:
+                st = self.status(n)
+                if not (st["busy"] or st["queued"] or st["open_streams"] or st.get("running")):
+                    break
+                if time.monotonic() > deadline:
+                    raise WorkerStartError(f"{n} still busy after {timeout_s} s of draining: {st}")
+                time.sleep(0.1)
+
+    def retire_group(self, group: str) -> None:
+        """Scale in by one group [paper]: its route goes first (no new traffic), its workers
+        drain, then stop."""
+        ctl = self.controllers.pop(group)
+        ctl.retire(drain=self.drain)
+        self.retired.append(group)
+
+    def rolling_upgrade(self, **overrides: Any) -> list[str]:
+        """Replaces every group, one at a time, by a group of the same ratio with ``overrides``
+        (new worker settings): the new group is confirmed and routed before the old one is
+        retired, so capacity never drops below the original [inferred: the paper takes one group
+        down at a time]. Returns the new groups' names."""
+        new = []
+        for g in list(self.controllers):
+            ctl = self.controllers[g]
+            new.append(self.add_group(ctl.scenario, ctl.n_prefill, ctl.n_decode, **overrides))
+            self.retire_group(g)
+        return new
 
     def stop_member(self, name: str) -> None:
         """SIGTERM to one worker (it leaves its group cleanly), SIGKILL after 15 s."""
@@ -236,6 +297,7 @@ def start_local(
     groups: int = 1,
     scenario: str | list[str] = "*",
     role_devices: dict[str, str] | None = None,
+    role_netns: dict[str, tuple[str, str]] | None = None,
     **worker_options: Any,
 ) -> Deployment:
     """Starts ``n_prefill`` prefill + ``n_decode`` decode (+ ``n_aggregated`` aggregated)
@@ -252,7 +314,10 @@ def start_local(
     etcd server started here) or ``"etcd://HOST:PORT"``. Then ``groups`` P/D groups of
     ``n_prefill`` + ``n_decode`` workers each (group g serves ``scenario``, or ``scenario[g]``
     when it is a list) are set up by :mod:`kvxfer.serve.control`
-    (report, initialize order, connect and verify, healthy, route), watched, and repaired."""
+    (report, initialize order, connect and verify, healthy, route), watched, and repaired.
+    ``role_netns`` (registry deployments) starts a role's workers inside a network namespace,
+    ``{"decode": ("ns-b", "10.0.0.2")}``: ``ip netns exec ns-b``, serving on that address (use
+    ``backend="tcp"`` and a ``host`` the other namespace can reach)."""
     if n_prefill < 0 or n_decode < 0 or n_aggregated < 0 or (n_prefill + n_aggregated) == 0:
         raise ConfigError("need at least one prefill or aggregated worker, and no negative counts")
     if n_prefill and not n_decode:
@@ -268,6 +333,7 @@ def start_local(
                 "a registry deployment needs n_prefill >= 1, n_decode >= 1, groups >= 1, no aggregated"
             )
         dep.role_devices = dict(role_devices or {})
+        dep.role_netns = dict(role_netns or {})
         try:
             _start_groups(dep, base, registry, groups, scenario, n_prefill, n_decode, deadline)
             if gateway:

@@ -83,13 +83,13 @@ class KvGeometry:
         )
 
 
-def make_engine(name: str, backend: str, timeout: float = 60.0) -> kvxfer.Engine:
-    """An engine with one backend; tcp listens on 127.0.0.1, an ephemeral port."""
+def make_engine(name: str, backend: str, timeout: float = 60.0, host: str = "127.0.0.1") -> kvxfer.Engine:
+    """An engine with one backend; tcp listens on ``host`` (default 127.0.0.1), an ephemeral port."""
     from kvxfer.config import EngineConfig
 
     cfg = EngineConfig()
     if backend == "tcp":
-        cfg.backend.tcp.listen = "127.0.0.1:0"
+        cfg.backend.tcp.listen = f"{host}:0"
     return kvxfer.Engine(name, backends=[backend], config=cfg, timeout=timeout)
 
 

@@ -58,7 +58,7 @@ class WorkerBase:
         self.cfg = cfg
         self.compute = compute
         self.name = cfg.name
-        self.engine = make_engine(cfg.name, cfg.backend)
+        self.engine = make_engine(cfg.name, cfg.backend, host=cfg.host)
         self.router = NotificationRouter(self.engine)
         self.compute_pool = ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.open_streams = 0

@@ -40,6 +40,7 @@ void registerDescriptor(py::module_& m) {
             regions.append(rd);
         }
         out["regions"] = regions;
+        out["secret"] = toBytes(d.secret);
         return out;
     });
     m.def("encode_descriptor", [](py::dict d) {
@@ -67,6 +68,10 @@ void registerDescriptor(py::module_& m) {
                 r.remote_keys.emplace_back(key.begin(), key.end());
             }
             desc.regions.push_back(std::move(r));
+        }
+        if (d.contains("secret")) {
+            std::string secret = d["secret"].cast<py::bytes>();
+            desc.secret.assign(secret.begin(), secret.end());
         }
         return toBytes(encodeDescriptor(desc));
     });

@@ -235,7 +235,9 @@ void registerEngine(py::module_& m) {
         .def(
             "wait_notification",
             [](Engine& e, double timeout) {
-                const auto ms = toMillis(timeout);
+                // Capped at a day per call: time points centuries away overflow (callers loop).
+                const auto ms =
+                    std::min<std::chrono::milliseconds>(toMillis(timeout), std::chrono::hours(24));
                 py::gil_scoped_release nogil;
                 return e.waitNotification(Clock::now() + ms);
             },

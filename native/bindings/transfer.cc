@@ -291,7 +291,9 @@ void registerTransfer(py::module_& m) {
                 if (s == TransferState::kPending) {
                     py::gil_scoped_release nogil;
                     const auto now = Clock::now();
-                    const auto room = Clock::time_point::max() - now;
+                    // In milliseconds: comparing in nanoseconds would overflow for ~300 years.
+                    const auto room =
+                        std::chrono::duration_cast<std::chrono::milliseconds>(Clock::time_point::max() - now);
                     const auto until = !timeout || ms >= room ? Clock::time_point::max() : now + ms;
                     s = t.wait(until);
                 }

@@ -15,9 +15,9 @@
  * The library checks every handle it is given against the live handles of that type:
  * NULL, a released handle or a pointer that is not a handle yields KVXFER_BAD_HANDLE,
  * never a crash (a released address the allocator hands out again for a new handle of
- * the same type is that new handle). Regions, peers and transfers keep their engine's
- * memory alive; destroying the engine closes it (in-flight transfers end CANCELED) and
- * the other handles then report KVXFER_CANCELED or their final state.
+ * the same type is that new handle). Destroying an engine releases every region, peer
+ * and transfer handle made from it (they become KVXFER_BAD_HANDLE) and stops its threads
+ * before returning: after kvxfer_engine_destroy no kvxfer thread touches its memory.
  *
  * Threads: every function may be called from any thread. Bytes move on the library's
  * own threads: nobody has to poll for progress.
@@ -87,7 +87,10 @@ typedef struct kvxfer_transfer kvxfer_transfer;
 KVXFER_API kvxfer_status kvxfer_engine_create(const char* config, kvxfer_engine** out);
 /* Closes the engine: in-flight transfers end CANCELED, new work is refused. Idempotent. */
 KVXFER_API kvxfer_status kvxfer_engine_close(kvxfer_engine* engine);
-/* Closes and releases the handle. */
+/* Closes the engine (in-flight transfers end CANCELED), releases its handle and every
+ * region, peer and transfer handle made from it, waits for the canceled transfers to let
+ * go of registered memory, and stops the engine's threads. KVXFER_TIMEOUT (the handles
+ * are released all the same) if in-flight work still held the engine after 10 s. */
 KVXFER_API kvxfer_status kvxfer_engine_destroy(kvxfer_engine* engine);
 /* Copies the engine's name, NUL-terminated, into buf (cap bytes); *len = its length
  * without the NUL. buf may be NULL to ask the length; too small = KVXFER_OUT_OF_RANGE. */

@@ -204,10 +204,18 @@ def test_bad_handles(lib, pair):
     arr, n = parts.array()
     assert code_of(lib, lib.kvxfer_post(a, peer, 0, arr, n, ffi.NULL, 0, 0, 0, tp))[0] == "BAD_HANDLE"
     assert tp[0] == ffi.NULL
-    # A destroyed engine.
+    # A destroyed engine, and the handles made from it.
     e = engine(lib, "name=gone\nbackends=fault")
+    buf = np.zeros(4096, np.uint8)
+    r = register(lib, e, buf.ctypes.data, buf.nbytes, LAYOUT)
+    pe = add_peer(lib, e, descriptor(lib, b))
+    t0 = time.monotonic()
     check(lib, lib.kvxfer_engine_destroy(e))
+    assert time.monotonic() - t0 < 2  # the engine's threads stopped without waiting for a timeout
     assert code_of(lib, lib.kvxfer_engine_destroy(e))[0] == "BAD_HANDLE"
+    rid = ffi.new("uint32_t*")
+    assert code_of(lib, lib.kvxfer_region_id(r, rid))[0] == "BAD_HANDLE"
+    assert code_of(lib, lib.kvxfer_peer_release(pe))[0] == "BAD_HANDLE"
     assert code_of(lib, lib.kvxfer_free_shareable(ffi.cast("void*", 0x1000)))[0] == "BAD_HANDLE"
 
 
@@ -303,3 +311,26 @@ def test_completion_fd_signals_a_notification(lib, pair):
     check(lib, lib.kvxfer_engine_drain_completion_fd(b))
     assert select.select([fd[0]], [], [], 0)[0] == []
     assert wait_note(lib, b, b"ping", 1000) == ("a", b"ping")
+
+
+def test_keyed_waits_from_many_threads(lib, pair):
+    """Eight threads wait for eight keys on one engine; the notes arrive in reverse
+    order; each thread gets its own, none is lost or taken twice."""
+    a, b = pair()
+    _, _, _, peer, _ = setup_blocks(lib, a, b)
+    keys = [f"req-{i}".encode() for i in range(8)]
+    got: dict[bytes, object] = {}
+
+    def waiter(key: bytes) -> None:
+        got[key] = wait_note(lib, b, key, 10000)
+
+    threads = [threading.Thread(target=waiter, args=(k,)) for k in keys]
+    for th in threads:
+        th.start()
+    time.sleep(0.05)
+    for k in reversed(keys):
+        check(lib, lib.kvxfer_notify(a, peer, k, len(k), 2000))
+    for th in threads:
+        th.join(15)
+    assert got == {k: ("a", k) for k in keys}
+    assert wait_note(lib, b, None, 0) is None

@@ -3,26 +3,13 @@ there is none (CPU-only machines, CI)."""
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 
-import kvxfer
-import kvxfer.gpu
-
-
-def _gpu_count() -> tuple[int, str]:
-    status = kvxfer.gpu.cuda_status()
-    if status:
-        return 0, status
-    try:
-        import torch
-    except ImportError:
-        return 0, "torch is not installed (the GPU tests allocate CUDA memory with torch)"
-    if not torch.cuda.is_available():
-        return 0, "torch sees no CUDA device"
-    return torch.cuda.device_count(), ""
-
-
-GPUS, WHY = _gpu_count()
+sys.path.insert(0, os.path.dirname(__file__))
+from gpu_env import GPUS, WHY  # noqa: E402
 
 
 def pytest_report_header(config):

@@ -62,3 +62,31 @@ def serve(conn, name: str, device: int, layout_kwargs: dict, num_pools: int, see
             conn.send(("ok", reply))
         except Exception as e:  # noqa: BLE001
             conn.send(("error", repr(e)))
+
+
+def serve_staged(conn, device: int, layout_kwargs: dict, ids: list, chunk_layers: int) -> None:
+    """A tcp engine with a GPU pool and a pinned staging buffer: receives staged chunks."""
+    import torch
+
+    import kvxfer
+    import kvxfer.gpu_staging as st
+
+    try:
+        layout = kvxfer.KvLayout(**layout_kwargs)
+        nbytes = layout.num_layers * layout.num_kv * layout.num_blocks * layout.block_bytes
+        torch.cuda.set_device(device)
+        pool = torch.zeros(nbytes, dtype=torch.uint8, device=f"cuda:{device}")
+        engine = kvxfer.Engine("staged-target", backends=["tcp"], timeout=60.0)
+        staging = st.StagingBuffer(engine, st.staging_bytes(layout, len(ids)))
+        conn.send(("ok", (engine.descriptor(), staging.id)))
+        while True:
+            cmd, *args = conn.recv()
+            if cmd == "recv":
+                st.recv_staged(engine, pool, layout, ids, staging, tag=args[0], chunk_layers=chunk_layers)
+                conn.send(("ok", pool_digest([pool], layout, ids)))
+            elif cmd == "exit":
+                conn.send(("ok", None))
+                engine.close()
+                return
+    except Exception as e:  # reported to the test
+        conn.send(("error", repr(e)))

@@ -11,7 +11,6 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import GPUS
 
 import kvxfer
 import kvxfer.gpu
@@ -19,6 +18,7 @@ from kvxfer.errors import InvalidArgumentError, KvxferError, UnsupportedError
 
 sys.path.insert(0, os.path.dirname(__file__))
 import gpu_peer  # noqa: E402
+from gpu_env import GPUS  # noqa: E402
 
 
 def _layout(layers=4, kv=2, blocks=256, block_bytes=16384):
@@ -157,6 +157,25 @@ def test_in_process_write_read_byte_exact(one_gpu, devices):
         assert torch.equal(
             sv[:, :, torch.as_tensor(ids_c).to(src.device)].cpu(), sv[:, :, ia.to(src.device)].cpu()
         )
+    finally:
+        a.close()
+        b.close()
+
+
+def test_local_regions_on_two_gpus_in_one_transfer_is_a_typed_error(two_gpus):
+    import torch
+
+    lay = _layout(layers=1, kv=1, blocks=16, block_bytes=4096)
+    a, b = _pair()
+    try:
+        mine = [torch.zeros(_nbytes(lay), dtype=torch.uint8, device=f"cuda:{d}") for d in (0, 1)]
+        theirs = [torch.zeros(_nbytes(lay), dtype=torch.uint8, device="cuda:0") for _ in range(2)]
+        group = a.register_group(mine, lay)
+        remote = b.register_group(theirs, lay)
+        peer = a.add_peer(b.descriptor())
+        t = a.post(kvxfer.Op.WRITE, peer, group, remote.ids, local_blocks=[1, 2])
+        with pytest.raises(UnsupportedError, match="one local GPU"):
+            t.wait(30)
     finally:
         a.close()
         b.close()
@@ -364,3 +383,47 @@ def test_two_processes_vmm_memory_is_a_typed_error(one_gpu):
     finally:
         e.close()
         target.close()
+
+
+def test_tcp_host_staged_gpu_to_gpu_byte_exact(one_gpu):
+    """GPU KV over tcp through pinned host buffers (kvxfer.gpu_staging), two processes."""
+    import torch
+
+    import kvxfer.gpu_staging as st
+
+    lay = _layout(layers=6, kv=2, blocks=128, block_bytes=8192)
+    rng = np.random.default_rng(9)
+    ids_l = rng.choice(lay.num_blocks, 40, replace=False)
+    ids_r = rng.choice(lay.num_blocks, 40, replace=False)
+    dev_t = 1 if GPUS >= 2 else 0
+    ctx = mp.get_context("spawn")
+    conn, theirs = ctx.Pipe()
+    kw = {"num_layers": 6, "num_kv": 2, "num_blocks": 128, "block_bytes": 8192}
+    proc = ctx.Process(target=gpu_peer.serve_staged, args=(theirs, dev_t, kw, ids_r.tolist(), 4))
+    proc.start()
+    e = kvxfer.Engine("staged-init", backends=["tcp"], timeout=60.0)
+    try:
+        assert conn.poll(120), "the target did not start"
+        status, value = conn.recv()
+        assert status == "ok", value
+        descriptor, staging_id = value
+        pool = torch.randint(0, 256, (_nbytes(lay),), dtype=torch.uint8, device="cuda:0")
+        staging = st.StagingBuffer(e, st.staging_bytes(lay, len(ids_l)))
+        peer = e.add_peer(descriptor)
+        for round_no in range(2):  # the buffers are reused
+            pool.random_(0, 256)
+            tag = f"t{round_no}".encode()
+            conn.send(("recv", tag))
+            st.send_staged(e, peer, pool, lay, ids_l, staging, staging_id, tag=tag, chunk_layers=4)
+            assert conn.poll(60)
+            status, remote_digest = conn.recv()
+            assert status == "ok", remote_digest
+            torch.cuda.synchronize()
+            assert remote_digest == gpu_peer.pool_digest([pool], lay, ids_l)
+        conn.send(("exit",))
+        conn.recv()
+    finally:
+        e.close()
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()

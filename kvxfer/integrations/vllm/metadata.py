@@ -19,8 +19,22 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
 )
 
-# Notification a decode worker attaches to its READ: the prefill may free the blocks.
+# Notification a decode worker attaches to its READ (or sends when it gives up): the
+# prefill may free the blocks once all readers said so. Payload:
+# READ_DONE_PREFIX + b"<readers>:" + request id, readers = decode ranks reading from
+# each prefill rank (heterogeneous TP).
 READ_DONE_PREFIX = b"kvxfer-read:"
+
+
+def read_done(request_id: str, readers: int) -> bytes:
+    return READ_DONE_PREFIX + f"{readers}:{request_id}".encode()
+
+
+def parse_read_done(payload: bytes) -> tuple[str, int] | None:
+    if not payload.startswith(READ_DONE_PREFIX):
+        return None
+    head, _, rid = payload[len(READ_DONE_PREFIX) :].decode(errors="replace").partition(":")
+    return (rid, int(head)) if head.isdigit() and int(head) > 0 else None
 
 
 @dataclass
@@ -31,6 +45,10 @@ class KvxferHandshakeMetadata(KVConnectorHandshakeMetadata):
     block_size: int
     descriptor: bytes
     layer_names: list[str]  # region i of the descriptor holds layer_names[i]
+    # Page geometry of vLLM's CPU layout [blocks, kv_heads, block_size, row]; -1 when the
+    # tensors have another shape (then only equal TP and block sizes are served).
+    kv_heads: int = -1
+    row_bytes: int = -1
 
 
 @dataclass
@@ -47,6 +65,8 @@ class RecvRequest:
     descriptors: dict[int, bytes]  # prefill tp rank -> kvxfer descriptor
     layer_names: list[str]
     expires_at: float  # wall clock: the prefill frees the blocks then
+    remote_kv_heads: int = -1  # per prefill rank
+    remote_row_bytes: int = -1
 
 
 @dataclass
@@ -73,13 +93,22 @@ def encode_params(
             str(r): base64.b64encode(h.descriptor).decode() for r, h in handshakes.items()
         },
         "remote_expires_at": expires_at,
+        "remote_kv_heads": first.kv_heads,
+        "remote_row_bytes": first.row_bytes,
     }
 
 
-def decode_params(request_id: str, params: dict[str, Any], local_block_ids: list[int]) -> RecvRequest:
+def decode_params(
+    request_id: str, params: dict[str, Any], local_block_ids: list[int], skip_tokens: int = 0
+) -> RecvRequest:
+    """`skip_tokens`: prompt tokens the decode has already (a local prefix-cache hit); the
+    remote blocks holding them are not read. A hit that does not end on a prefill block
+    boundary is refused when the decode's blocks are loaded."""
     remote = list(params["remote_block_ids"])
-    # A local prefix-cache hit leaves fewer blocks to load: they are the tail.
-    remote = remote[len(remote) - len(local_block_ids) :] if len(local_block_ids) <= len(remote) else remote
+    bs = int(params["remote_block_size"])
+    if skip_tokens % bs:
+        raise ValueError(f"a local prefix of {skip_tokens} tokens does not end on a prefill block of {bs}")
+    remote = remote[skip_tokens // bs :]
     return RecvRequest(
         request_id=request_id,
         local_block_ids=list(local_block_ids),
@@ -91,4 +120,6 @@ def decode_params(request_id: str, params: dict[str, Any], local_block_ids: list
         descriptors={int(r): base64.b64decode(d) for r, d in params["remote_descriptors"].items()},
         layer_names=list(params["remote_layer_names"]),
         expires_at=float(params["remote_expires_at"]),
+        remote_kv_heads=int(params.get("remote_kv_heads", -1)),
+        remote_row_bytes=int(params.get("remote_row_bytes", -1)),
     )

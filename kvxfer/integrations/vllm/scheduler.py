@@ -53,7 +53,15 @@ class SchedulerSide:
         if num_external_tokens <= 0:
             return
         local = blocks.get_unhashed_block_ids()
-        self._to_recv[request.request_id] = decode_params(request.request_id, params, local)
+        skip = len(request.prompt_token_ids or ()) - num_external_tokens  # the local prefix hit
+        try:
+            recv = decode_params(request.request_id, params, local, skip)
+        except (KeyError, TypeError, ValueError) as e:
+            # Malformed or unusable parameters: load nothing; the worker reports the
+            # blocks as failed so vLLM's kv_load_failure_policy applies.
+            log.warning("kvxfer: request %s: bad kv_transfer_params: %s", request.request_id, e)
+            recv = RecvRequest(request.request_id, local, [], "", "", 0, 0, {}, [], 0.0)
+        self._to_recv[request.request_id] = recv
 
     # -- prefill side -----------------------------------------------------------------
     def set_handshakes(self, metadata: dict[int, Any]) -> None:

@@ -143,6 +143,14 @@ class Simulation:
             _Decode(g * cfg.n_decode + j, g) for g in range(cfg.groups) for j in range(cfg.n_decode)
         ]
         self._by_url = {p.url: p for p in self.prefills}
+        # the live members of each group (the control plane changes them: see convert())
+        self.group_prefills: list[list[str]] = [
+            [p.url for p in self.prefills if p.group == g] for g in range(cfg.groups)
+        ]
+        self.group_decodes: list[list[_Decode]] = [
+            [d for d in self.decodes if d.group == g] for g in range(cfg.groups)
+        ]
+        self.conversions: list[dict[str, Any]] = []
         self.requests: list[SimRequest] = []
         self._gate_wait: dict[tuple[int, str], list] = {}
         self._gate_busy: dict[tuple[int, str], bool] = {}
@@ -206,8 +214,7 @@ class Simulation:
         return self.policies[req.rid % len(self.policies)]
 
     def _pool(self, group: int) -> list[str]:
-        n = self.cfg.n_prefill
-        return [p.url for p in self.prefills[group * n : (group + 1) * n]]
+        return self.group_prefills[group]
 
     def _finish(self, req: SimRequest, error: str | None = None) -> None:
         if req.done is not None:
@@ -329,8 +336,7 @@ class Simulation:
     # -- decode -----------------------------------------------------------------------------
     def _hand_over(self, req: SimRequest) -> None:
         g = req.group
-        ds = self.decodes[g * self.cfg.n_decode : (g + 1) * self.cfg.n_decode]
-        open_ = [d for d in ds if len(d.pending) < self.cfg.pending]
+        open_ = [d for d in self.group_decodes[g] if len(d.pending) < self.cfg.pending]
         if not open_:
             self.at(self.now + self.cfg.decode_retry_s, self._hand_over, req)
             return
@@ -373,6 +379,62 @@ class Simulation:
         d.running = still
         self._kick(d)
         self._step(d)
+
+
+def convert(sim: Simulation, group: int, to_role: str, construct_s: float) -> bool:
+    """Turns one instance of the other role in ``group`` into ``to_role`` at a fixed budget,
+    as the control plane does it [paper: dynamic construction]: the instance leaves the route
+    or the group first (no new work), drains (a prefill: no slot held; a decode: nothing
+    pending, retrieving or running), then after ``construct_s`` (a fresh worker's start,
+    connect, verify, healthy) joins in its new role. False if that would leave the other role
+    without an instance."""
+    rec: dict[str, Any] = {"group": group, "to": to_role, "start": sim.now}
+    if to_role == "decode":
+        if len(sim.group_prefills[group]) <= 1:
+            return False
+        # the prefill with the fewest held slots leaves the route first
+        url = max(sim.group_prefills[group], key=lambda u: sim._by_url[u].free)
+        sim.group_prefills[group].remove(url)
+        p = sim._by_url[url]
+
+        def drained_p() -> None:
+            if p.free < sim.cfg.b_p or p.busy or p.queue or p.compute:
+                sim.at(sim.now + 0.05, drained_p)
+                return
+            rec["drained"] = sim.now
+            sim.at(sim.now + construct_s, join_d)
+
+        def join_d() -> None:
+            d = _Decode(len(sim.decodes), group)
+            sim.decodes.append(d)
+            sim.group_decodes[group].append(d)
+            rec["joined"] = sim.now
+
+        drained_p()
+    else:
+        if len(sim.group_decodes[group]) <= 1:
+            return False
+        d = min(sim.group_decodes[group], key=lambda d: len(d.running) + len(d.pending) + d.retrieving)
+        sim.group_decodes[group].remove(d)  # no new hand-over picks it
+
+        def drained_d() -> None:
+            if d.pending or d.running or d.joining or d.retrieving:
+                sim.at(sim.now + 0.05, drained_d)
+                return
+            rec["drained"] = sim.now
+            sim.at(sim.now + construct_s, join_p)
+
+        def join_p() -> None:
+            idx = len(sim.prefills)
+            p = _Prefill(idx, group, f"sim://g{group}/p{idx}", sim.cfg.b_p)
+            sim.prefills.append(p)
+            sim._by_url[p.url] = p
+            sim.group_prefills[group].append(p.url)
+            rec["joined"] = sim.now
+
+        drained_d()
+    sim.conversions.append(rec)
+    return True
 
 
 def summarize(reqs: Sequence[SimRequest], wall_s: float) -> dict[str, Any]:

@@ -132,6 +132,7 @@ struct PeerIdentity {
     uint64_t instance_id = 0;
     uint32_t pid = 0;
     bool same_host = false;
+    Bytes secret;  // the peer's connection capability (PeerDescriptor::secret)
 };
 
 // One part of a transfer: a local region, a remote region, and the plan between them.
@@ -255,6 +256,7 @@ struct BackendConfigs;  // config.h: one typed section per backend
 struct BackendContext {
     std::string engine_name;
     uint64_t instance_id = 0;
+    Bytes secret;                            // this engine's capability: connections must prove it
     NotificationSink* sink = nullptr;        // outlives the backend
     const BackendConfigs* config = nullptr;  // outlives the backend; the backend reads its section
 };
@@ -269,6 +271,11 @@ public:
     virtual Bytes endpointInfo() const = 0;
     // Called only for memory kinds caps().memory_kinds lists.
     virtual Result<std::unique_ptr<BackendRegion>> registerMemory(const MemorySpan& span) = 0;
+    // The region was deregistered (or the engine closed): end every peer's access to it
+    // through this backend now. When it returns, nothing a peer sends lands in the region
+    // any more (an access in progress has finished or failed). May block briefly; never
+    // on a peer. The BackendRegion itself is destroyed later, after the last local job.
+    virtual void revokeMemory(BackendRegion& region) {}
     // kUnsupported when this backend cannot reach the peer (the engine tries the next one).
     virtual Result<std::shared_ptr<BackendPeer>> connect(const PeerIdentity& peer, ByteView endpoint_info,
                                                          Clock::time_point deadline) = 0;

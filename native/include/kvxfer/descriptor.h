@@ -59,6 +59,11 @@ struct PeerDescriptor {
     uint32_t pid = 0;
     std::vector<BackendEndpoint> backends;
     std::vector<RegionDescriptor> regions;
+    // The capability to connect: every connection to this engine (tcp, shm socket) proves
+    // it with an HMAC over a fresh nonce (docs/security.md). Whoever holds the descriptor
+    // holds it: ship descriptors like passwords. Empty only in descriptors of older writers.
+    static constexpr size_t kSecretBytes = 32;
+    Bytes secret;
     bool operator==(const PeerDescriptor&) const = default;
 };
 

@@ -51,6 +51,9 @@ public:
     MemoryKind kind() const { return kind_; }
     int32_t device() const { return device_; }
     const std::optional<KvLayout>& layout() const { return layout_; }
+    // True once deregisterMemory() or the engine's close() ended it: posts fail, peers
+    // reach it no more.
+    bool deregistered() const { return deregistered_.load(std::memory_order_acquire); }
     // Null where that backend does not handle this memory kind.
     BackendRegion* backendRegion(size_t backend_index) const { return backend_regions_[backend_index].get(); }
 
@@ -64,6 +67,7 @@ private:
     MemoryKind kind_ = MemoryKind::kHost;
     int32_t device_ = -1;
     std::optional<KvLayout> layout_;
+    std::atomic<bool> deregistered_{false};
     // Declared before the registrations so it is destroyed after them: the buffer must
     // outlive every backend's view of it (an MR, a receive in progress).
     std::shared_ptr<void> owner_;  // keeps the user's buffer alive (e.g. a Python object)
@@ -152,7 +156,9 @@ public:
     // validated against the region and enables block-id transfers.
     Result<std::shared_ptr<Region>> registerMemory(const MemorySpan& span, std::optional<KvLayout> layout,
                                                    std::shared_ptr<void> owner = {});
-    // Stops publishing the region; its registration ends when the last transfer using it does.
+    // Ends the region at once: it is no longer published, local posts naming it fail, and
+    // every backend revokes peers' access (Backend::revokeMemory). Transfers already posted
+    // from it keep its memory alive until their backend lets go.
     Status deregisterMemory(const Region& region);
 
     Bytes descriptor() const;
@@ -208,10 +214,13 @@ private:
     // peer's regions, and posts once more. Jobs in flight keep the old connection alive.
     Status reconnect(Peer& peer, const BackendPeer* dead);
     void signalCompletion();
+    void revoke(Region& region);
+    Result<Transfer> postImpl(const TransferRequest& request);
     void onTerminal(TransferJob& job, bool done);
 
     EngineConfig config_;
     uint64_t instance_id_ = 0;
+    Bytes secret_;  // PeerDescriptor::secret
     std::string host_id_;
     std::vector<std::unique_ptr<Backend>> backends_;
     std::unique_ptr<DeadlineTimer> timer_;

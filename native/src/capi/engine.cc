@@ -2,6 +2,7 @@
 // registration, descriptors, peers.
 #include <charconv>
 #include <map>
+#include <thread>
 
 #include "handles.h"
 #include "kvxfer/host_memory.h"
@@ -84,9 +85,10 @@ kvxfer_kv_layout toC(const KvLayout& l) {
             l.block_stride, l.kv_stride, l.layer_stride, l.offset};
 }
 
-// Shareable buffers handed out by kvxfer_alloc_shareable, by address.
-std::mutex shareable_mutex;
-std::map<void*, std::shared_ptr<HostBuffer>> shareable;
+// Shareable buffers handed out by kvxfer_alloc_shareable, by address. Immortal, like
+// the handle tables (errors.cc): never torn down by static destructors at exit.
+std::mutex& shareable_mutex = *new std::mutex();
+std::map<void*, std::shared_ptr<HostBuffer>>& shareable = *new std::map<void*, std::shared_ptr<HostBuffer>>();
 
 }  // namespace
 }  // namespace kvxfer::capi
@@ -123,7 +125,27 @@ kvxfer_status kvxfer_engine_destroy(kvxfer_engine* engine) {
     return guarded([&] {
         auto e = engines().remove(engine);
         if (!e) return badHandle("kvxfer_engine", engine);
-        e->engine->close();
+        e->engine->close();  // in-flight transfers end CANCELED
+        const Engine* owner = e->engine.get();
+        regions().removeOwnedBy(owner);
+        peers().removeOwnedBy(owner);
+        transfers().removeOwnedBy(owner);
+        // The engine's backend threads stop only in its destructor. Run it here, on the
+        // caller's thread, once the abandoned transfers have let go of it, so that no
+        // kvxfer thread outlives the call (and none is left running at process exit).
+        std::shared_ptr<Engine> last = std::move(e->engine);
+        const auto until = Clock::now() + std::chrono::seconds(10);
+        while (last.use_count() > 1 && Clock::now() < until) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        }
+        if (last.use_count() > 1) {
+            // Still referenced by work that did not end: leave it to end on its own rather
+            // than destroy it under that work.
+            new std::shared_ptr<Engine>(std::move(last));  // deliberately never freed
+            return fail(KVXFER_TIMEOUT,
+                        "the engine handle is released, but in-flight work still held the engine 10 s after "
+                        "close; its threads are left to end on their own");
+        }
         return KVXFER_OK;
     });
 }
@@ -218,6 +240,7 @@ kvxfer_status kvxfer_register(kvxfer_engine* engine, void* base, uint64_t nbytes
         if (!r.isOk()) return fromStatus(r.status());
         auto h = std::make_shared<kvxfer_region>();
         h->region = std::move(r).value();
+        h->owner = e->engine.get();
         *out = regions().add(std::move(h));
         return KVXFER_OK;
     });
@@ -263,6 +286,7 @@ kvxfer_status kvxfer_add_peer(kvxfer_engine* engine, const uint8_t* descriptor, 
         if (!p.isOk()) return fromStatus(p.status());
         auto h = std::make_shared<kvxfer_peer>();
         h->peer = std::move(p).value();
+        h->owner = e->engine.get();
         *out = peers().add(std::move(h));
         return KVXFER_OK;
     });

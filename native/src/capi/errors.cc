@@ -12,21 +12,24 @@ thread_local std::string last_error;
 
 }  // namespace
 
+// The tables are never destroyed: handles a program still holds at exit must not be
+// released by static destructors, which run in no defined order against the core's own
+// statics (a region's release would reach backends already torn down).
 HandleTable<kvxfer_engine>& engines() {
-    static HandleTable<kvxfer_engine> t;
-    return t;
+    static auto* t = new HandleTable<kvxfer_engine>();  // immortal: see the note above
+    return *t;
 }
 HandleTable<kvxfer_region>& regions() {
-    static HandleTable<kvxfer_region> t;
-    return t;
+    static auto* t = new HandleTable<kvxfer_region>();  // immortal: see the note above
+    return *t;
 }
 HandleTable<kvxfer_peer>& peers() {
-    static HandleTable<kvxfer_peer> t;
-    return t;
+    static auto* t = new HandleTable<kvxfer_peer>();  // immortal: see the note above
+    return *t;
 }
 HandleTable<kvxfer_transfer>& transfers() {
-    static HandleTable<kvxfer_transfer> t;
-    return t;
+    static auto* t = new HandleTable<kvxfer_transfer>();  // immortal: see the note above
+    return *t;
 }
 
 kvxfer_status fail(kvxfer_status code, std::string message) {

@@ -11,6 +11,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 #include "kvxfer.h"
 #include "kvxfer/engine.h"
@@ -23,16 +24,21 @@ struct kvxfer_engine {
     std::deque<kvxfer::Notification> inbox;
 };
 
+// Region, peer and transfer handles name the engine they came from: destroying the
+// engine releases them (kvxfer_engine_destroy).
 struct kvxfer_region {
     std::shared_ptr<kvxfer::Region> region;
+    const kvxfer::Engine* owner = nullptr;
 };
 
 struct kvxfer_peer {
     std::shared_ptr<kvxfer::Peer> peer;
+    const kvxfer::Engine* owner = nullptr;
 };
 
 struct kvxfer_transfer {
     kvxfer::Transfer transfer;
+    const kvxfer::Engine* owner = nullptr;
 };
 
 namespace kvxfer::capi {
@@ -60,6 +66,21 @@ public:
         if (it == live_.end()) return nullptr;
         auto out = std::move(it->second);
         live_.erase(it);
+        return out;
+    }
+
+    // Removes every handle whose owner is `owner`; the caller drops them (outside the lock).
+    std::vector<std::shared_ptr<T>> removeOwnedBy(const Engine* owner) {
+        std::vector<std::shared_ptr<T>> out;
+        std::lock_guard<std::mutex> lock(mutex_);
+        for (auto it = live_.begin(); it != live_.end();) {
+            if (it->second->owner == owner) {
+                out.push_back(std::move(it->second));
+                it = live_.erase(it);
+            } else {
+                ++it;
+            }
+        }
         return out;
     }
 

@@ -131,6 +131,7 @@ kvxfer_status kvxfer_post(kvxfer_engine* engine, kvxfer_peer* peer, int32_t op, 
         if (!t.isOk()) return fromStatus(t.status());
         auto h = std::make_shared<kvxfer_transfer>();
         h->transfer = std::move(t).value();
+        h->owner = e->engine.get();
         *out = transfers().add(std::move(h));
         return KVXFER_OK;
     });

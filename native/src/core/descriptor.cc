@@ -15,8 +15,10 @@ namespace {
 //       | fields                                                                 (v2)
 // fields: u16 count {u16 tag, blob value}; unknown tags are skipped.
 // Region field tags: 1 = memory (u8 kind, i32 device).
+// Descriptor field tags: 1 = secret (the engine's connection capability, 32 bytes).
 constexpr size_t kHeaderBytes = 16;
 constexpr uint16_t kTagMemory = 1;
+constexpr uint16_t kTagSecret = 1;
 
 class Writer {
 public:
@@ -145,7 +147,11 @@ Bytes encodeDescriptor(const PeerDescriptor& d) {
             body.blob(f.bytes());
         }
     }
-    body.u16(0);  // descriptor-level optional fields: none yet
+    body.u16(d.secret.empty() ? 0 : 1);
+    if (!d.secret.empty()) {
+        body.u16(kTagSecret);
+        body.blob(d.secret);
+    }
     Writer out;
     out.u32(PeerDescriptor::kMagic);
     out.u16(PeerDescriptor::kVersion);
@@ -258,6 +264,10 @@ Result<PeerDescriptor> decodeDescriptor(ByteView bytes) {
             Bytes value;
             if (!r.u16(&tag) || !r.blob(&value, PeerDescriptor::kMaxBlob))
                 return malformed("descriptor field");
+            if (tag == kTagSecret) {
+                if (value.size() != PeerDescriptor::kSecretBytes) return malformed("secret field");
+                d.secret = std::move(value);
+            }
         }
     }
     if (!r.atEnd()) return malformed("trailing bytes");

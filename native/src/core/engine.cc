@@ -11,6 +11,7 @@
 
 #include "core/deadline_timer.h"
 #include "cuda/driver.h"
+#include "util/auth.h"
 
 namespace kvxfer {
 namespace {
@@ -48,6 +49,24 @@ bool sameSide(const TransferSide& a, const TransferSide& b) {
     const auto& x = std::get<ExtentSide>(a);
     const auto& y = std::get<ExtentSide>(b);
     return x.extents.data() == y.extents.data() && x.extents.size() == y.extents.size();
+}
+
+// Overlapping destination extents would make the result depend on the order the backend's
+// threads happen to copy in: refused.
+Status checkDestinationExtents(const TransferSide& side, const std::string& where) {
+    const auto* x = std::get_if<ExtentSide>(&side);
+    if (x == nullptr || x->extents.size() < 2) return Status::ok();
+    std::vector<std::pair<uint64_t, uint64_t>> spans;
+    spans.reserve(x->extents.size());
+    for (const auto& e : x->extents) spans.emplace_back(e.offset, e.offset + e.length);
+    std::sort(spans.begin(), spans.end());
+    for (size_t i = 1; i < spans.size(); ++i) {
+        if (spans[i].first < spans[i - 1].second) {
+            return Status::invalidArgument(where + "destination extents overlap at byte " +
+                                           std::to_string(spans[i].first));
+        }
+    }
+    return Status::ok();
 }
 
 }  // namespace
@@ -94,6 +113,7 @@ Result<std::shared_ptr<Engine>> Engine::create(EngineConfig config) {
     }
     std::shared_ptr<Engine> engine(new Engine(std::move(config)));
     engine->instance_id_ = randomInstanceId();
+    KVXFER_ASSIGN_OR_RETURN(engine->secret_, auth::randomSecret());
     engine->host_id_ = readHostId();
     engine->completion_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (engine->completion_fd_ < 0) return Status::systemErrno("eventfd", errno);
@@ -108,6 +128,7 @@ Result<std::shared_ptr<Engine>> Engine::create(EngineConfig config) {
     BackendContext ctx;
     ctx.engine_name = engine->config_.name;
     ctx.instance_id = engine->instance_id_;
+    ctx.secret = engine->secret_;
     ctx.sink = engine.get();
     ctx.config = &engine->config_.backend;
     for (const auto& name : names) {
@@ -190,7 +211,8 @@ Result<std::shared_ptr<Region>> Engine::registerMemory(const MemorySpan& span, s
         std::string why;
         if (span.kind == MemoryKind::kCuda) {
             const Status cuda = cuda::cudaAvailability();
-            why = cuda.isOk() ? "; start the cuda_ipc backend (backends=[\"cuda_ipc\"])" : "; " + cuda.message();
+            why = cuda.isOk() ? "; start the cuda_ipc backend (backends=[\"cuda_ipc\"])"
+                              : "; " + cuda.message();
         }
         return Status::unsupported(std::string("no started backend handles ") + memoryKindName(span.kind) +
                                    " memory (started: " + describeBackends() + ")" + why);
@@ -206,11 +228,21 @@ Result<std::shared_ptr<Region>> Engine::registerMemory(const MemorySpan& span, s
 }
 
 Status Engine::deregisterMemory(const Region& region) {
-    std::lock_guard<std::mutex> lock(control_mutex_);
-    if (region.engine_.get() != this || published_.erase(region.id_) == 0) {
-        return Status::notFound("region " + std::to_string(region.id_) + " is not registered here");
+    {
+        std::lock_guard<std::mutex> lock(control_mutex_);
+        if (region.engine_.get() != this || published_.erase(region.id_) == 0) {
+            return Status::notFound("region " + std::to_string(region.id_) + " is not registered here");
+        }
     }
+    revoke(const_cast<Region&>(region));
     return Status::ok();
+}
+
+void Engine::revoke(Region& region) {
+    if (region.deregistered_.exchange(true)) return;
+    for (size_t i = 0; i < backends_.size(); ++i) {
+        if (BackendRegion* r = region.backendRegion(i)) backends_[i]->revokeMemory(*r);
+    }
 }
 
 Bytes Engine::descriptor() const {
@@ -219,6 +251,7 @@ Bytes Engine::descriptor() const {
     d.instance_id = instance_id_;
     d.host_id = host_id_;
     d.pid = static_cast<uint32_t>(::getpid());
+    d.secret = secret_;
     for (const auto& b : backends_) d.backends.push_back({std::string(b->name()), b->endpointInfo()});
     {
         std::lock_guard<std::mutex> lock(control_mutex_);
@@ -244,7 +277,8 @@ Result<std::shared_ptr<Peer>> Engine::addPeer(ByteView bytes) {
         peer->engine_ = shared_from_this();
         peer->name_ = desc.engine_name;
         peer->instance_id_ = desc.instance_id;
-        PeerIdentity identity{desc.engine_name, desc.instance_id, desc.pid, desc.host_id == host_id_};
+        PeerIdentity identity{desc.engine_name, desc.instance_id, desc.pid, desc.host_id == host_id_,
+                              desc.secret};
         Status last = Status::unsupported("no common backend with peer '" + desc.engine_name + "'");
         for (size_t i = 0; i < backends_.size() && !peer->connection_; ++i) {
             for (const auto& ep : desc.backends) {
@@ -362,6 +396,10 @@ Status Engine::planParts(const TransferRequest& req, const PeerDescriptor& snaps
             return Status::notFound(where + "local region " + std::to_string(part.local->id()) +
                                     " is not registered with this engine");
         }
+        if (part.local->deregistered()) {
+            return Status::notFound(where + "local region " + std::to_string(part.local->id()) +
+                                    " was deregistered");
+        }
         if (part.local->backendRegion(req.peer->backend_index_) == nullptr) {
             return Status::unsupported(where + "local region " + std::to_string(part.local->id()) + " (" +
                                        memoryKindName(part.local->kind()) +
@@ -394,6 +432,8 @@ Status Engine::planParts(const TransferRequest& req, const PeerDescriptor& snaps
                 continue;
             }
         }
+        KVXFER_RETURN_IF_ERROR(
+            checkDestinationExtents(req.op == Op::kWrite ? part.remote_side : part.local_side, where));
         TransferSide local_side = part.local_side;
         TransferSide remote_side = part.remote_side;
         if (auto* b = std::get_if<BlockSide>(&local_side)) {
@@ -452,6 +492,16 @@ void Engine::onTerminal(TransferJob& job, bool done) {
 }
 
 Result<Transfer> Engine::post(const TransferRequest& req) {
+    Result<Transfer> r = postImpl(req);
+    // A post racing with close() may find its peer removed or its region revoked by it:
+    // that is the close, and says so.
+    if (!r.isOk() && r.status().code() == StatusCode::kNotFound && closed()) {
+        return Status::canceled("engine is closed");
+    }
+    return r;
+}
+
+Result<Transfer> Engine::postImpl(const TransferRequest& req) {
     const auto t0 = Clock::now();
     if (closed()) return Status::canceled("engine is closed");
     if (!req.peer) return Status::invalidArgument("no peer given");
@@ -579,7 +629,8 @@ Status Engine::reconnect(Peer& peer, const BackendPeer* dead) {
     while (key_index < desc->backends.size() && desc->backends[key_index].name != peer.backend_name_)
         ++key_index;
     if (key_index == desc->backends.size()) return Status::internal("peer descriptor lost its backend");
-    PeerIdentity identity{desc->engine_name, desc->instance_id, desc->pid, desc->host_id == host_id_};
+    PeerIdentity identity{desc->engine_name, desc->instance_id, desc->pid, desc->host_id == host_id_,
+                          desc->secret};
     KVXFER_ASSIGN_OR_RETURN(auto conn, backend.connect(identity, desc->backends[key_index].info,
                                                        deadlineAfter(config_.connect_timeout)));
     std::map<uint32_t, std::shared_ptr<BackendRemoteRegion>> imports;
@@ -673,11 +724,19 @@ EngineStats Engine::stats() const {
 
 void Engine::close() {
     std::map<std::string, std::shared_ptr<Peer>> peers;
+    std::vector<std::shared_ptr<Region>> regions;
     {
         std::lock_guard<std::mutex> lock(control_mutex_);
         if (closed_.exchange(true)) return;
         peers.swap(peers_);
+        published_.clear();
+        for (auto& [id, w] : regions_) {
+            if (auto r = w.lock()) regions.push_back(std::move(r));
+        }
     }
+    // Peers reach none of this engine's memory any more.
+    for (auto& r : regions) revoke(*r);
+    regions.clear();
     for (auto& [name, peer] : peers) {
         std::vector<std::weak_ptr<TransferJob>> jobs;
         {

@@ -111,7 +111,14 @@ bool TransferJob::toTerminal(Internal to, Status status, bool from_backend, Cloc
         std::lock_guard<std::mutex> lock(mutex_);
         const uint8_t cur = state_.load(std::memory_order_acquire);
         if (cur == kOk || cur == kFail) return false;
-        if (cur == kCommitting && !from_backend) return false;
+        // A committing job ends by its backend, or by its deadline: a hung peer must not
+        // hold a transfer past it (the notification may then have reached the peer).
+        if (cur == kCommitting && !from_backend) {
+            if (Clock::now() < deadline) return false;
+            status = Status::timeout("transfer " + std::to_string(id) +
+                                     " missed its deadline while its notification was being delivered "
+                                     "(the peer may have received it)");
+        }
         status_ = std::move(status);
         telemetry_.finished = now == Clock::time_point{} ? Clock::now() : now;
         if (on_terminal) on_terminal(*this, to == kOk);
@@ -122,14 +129,15 @@ bool TransferJob::toTerminal(Internal to, Status status, bool from_backend, Cloc
 }
 
 void TransferJob::expireIfDue(Clock::time_point now) {
-    if (state_.load(std::memory_order_acquire) == kRunning && now >= deadline) {
+    const uint8_t s = state_.load(std::memory_order_acquire);
+    if ((s == kRunning || s == kCommitting) && now >= deadline) {
         abandon(Status::timeout("transfer " + std::to_string(id) + " missed its deadline"));
     }
 }
 
 bool TransferJob::abandoned() const {
     const uint8_t s = state_.load(std::memory_order_acquire);
-    return s == kFail || (s == kRunning && Clock::now() >= deadline);
+    return s == kFail || ((s == kRunning || s == kCommitting) && Clock::now() >= deadline);
 }
 
 bool TransferJob::commitNow() { return commitAt(Clock::now()); }
@@ -232,26 +240,24 @@ TransferState TransferJob::waitUntil(Clock::time_point until) {
         if ((i & 15) == 15 && Clock::now() >= spin_until) break;
         cpuRelax();
     }
-    {
-        std::unique_lock<std::mutex> lock(mutex_);
-        cv_.wait_until(lock, std::min(until, deadline), [&] {
-            const uint8_t s = state_.load(std::memory_order_acquire);
-            return s == kOk || s == kFail;
-        });
+    // Then sleep, in slices of at most a day: condition variables overflow on time points
+    // centuries away (a saturated timeout) and would return at once. The deadline ends
+    // the job in every state (state() applies it), so waiting until it is enough.
+    constexpr auto kSlice = std::chrono::hours(24);
+    for (;;) {
+        {
+            std::unique_lock<std::mutex> lock(mutex_);
+            const auto now = Clock::now();
+            auto stop = std::min(until, deadline);
+            if (stop - now > kSlice) stop = now + kSlice;
+            cv_.wait_until(lock, stop, [&] {
+                const uint8_t s = state_.load(std::memory_order_acquire);
+                return s == kOk || s == kFail;
+            });
+        }
+        const TransferState s = state();
+        if (s != TransferState::kPending || Clock::now() >= until) return s;
     }
-    TransferState s = state();
-    // A committing job past its deadline ends only when its backend says so; the caller
-    // asked to wait until `until`, so keep waiting for that.
-    if (s == TransferState::kPending && until > Clock::now()) {
-        std::unique_lock<std::mutex> lock(mutex_);
-        cv_.wait_until(lock, until, [&] {
-            const uint8_t st = state_.load(std::memory_order_acquire);
-            return st == kOk || st == kFail;
-        });
-        lock.unlock();
-        s = state();
-    }
-    return s;
 }
 
 bool TransferJob::waitQuiesced(Clock::time_point until) {

@@ -43,7 +43,7 @@ struct CopyPool::State {
     void finalize(ActiveJob& a) {
         TransferJob& job = *a.job;
         if (job.dataDone(a.error, a.next_run == a.total_runs) == TransferJob::AfterData::kSendNotification) {
-            job.finish(commit(job));
+            if (std::optional<Status> st = commit(a.job)) job.finish(std::move(*st));
         }
     }
 
@@ -60,8 +60,11 @@ struct CopyPool::State {
                     queue.pop_front();
                     lock.unlock();
                     TransferJob& job = *a->job;
-                    job.finish(stopping ? Status::canceled("engine closed before the notification was sent")
-                                        : commit(job));
+                    if (stopping) {
+                        job.finish(Status::canceled("engine closed before the notification was sent"));
+                    } else if (std::optional<Status> st = commit(a->job)) {
+                        job.finish(std::move(*st));
+                    }
                     continue;
                 }
                 if (stopping || a->job->abandoned() || !a->error.isOk()) a->closed = true;

@@ -19,6 +19,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -31,8 +32,10 @@ public:
     // Moves runs [first, end) of the job's flattened sequence (TransferJob::run). Called
     // concurrently.
     using CopyFn = std::function<Status(TransferJob& job, uint64_t first, uint64_t end)>;
-    // Delivers job.notify to the peer; called once, after all data is visible.
-    using CommitFn = std::function<Status(TransferJob& job)>;
+    // Delivers job.notify to the peer; called once, after all data is visible. Returns the
+    // status to finish the job with, or nullopt when the notification was queued and the
+    // commit function's owner finishes the job later (so a worker never waits on a peer).
+    using CommitFn = std::function<std::optional<Status>(const std::shared_ptr<TransferJob>& job)>;
 
     CopyPool(unsigned threads, uint64_t max_chunk_runs, uint64_t target_chunk_bytes, CopyFn copy,
              CommitFn commit);

@@ -541,6 +541,7 @@ TEST_P(Conformance, SmallTransfersConcurrentWithBulk) {
 TEST_P(Conformance, SmallTransfersCancelDeadlineAndCloseEndCleanly) {
     makePair(denseLayout(1, 1, 64, 4096));
     int delivered_expected = 0;
+    int maybe_delivered = 0;
     for (int i = 0; i < 200; ++i) {
         const Extent e{static_cast<uint64_t>(i % 64) * 4096, 4096};
         TransferRequest r = extentRequest(i % 2 ? Op::kRead : Op::kWrite, peer_, a_.region, &e, &e);
@@ -553,22 +554,33 @@ TEST_P(Conformance, SmallTransfersCancelDeadlineAndCloseEndCleanly) {
         if (s == TransferState::kFailed) {
             const StatusCode c = t.status().code();
             EXPECT_TRUE(c == StatusCode::kTimeout || c == StatusCode::kCanceled) << t.status().toString();
+            // A transfer whose deadline passed while its notification was on its way ends
+            // TIMEOUT and says the peer may have it (docs/security.md).
+            if (t.status().message().find("may have received") != std::string::npos) ++maybe_delivered;
         } else {
             ++delivered_expected;
         }
         EXPECT_TRUE(t.job()->waitQuiesced(Clock::now() + 60s));
     }
-    // Exactly the DONE transfers' notifications arrive (FAILED ones never do).
-    int delivered = 0;
-    while (delivered < delivered_expected && b_.engine->waitNotification(Clock::now() + 60s))
-        delivered += static_cast<int>(b_.engine->takeNotifications().size());
-    EXPECT_EQ(delivered, delivered_expected);
-    // A standalone notification sent now arrives after any late one would have: none more.
+    // Every DONE transfer's notification arrives; FAILED ones never do, except those that
+    // timed out while committing, which may.
+    // A standalone notification sent now arrives after any late one would have.
     ASSERT_TRUE(a_.engine->notify(*peer_, Bytes{0xff}, 10s).isOk());
-    ASSERT_TRUE(b_.engine->waitNotification(Clock::now() + 60s));
-    auto rest = b_.engine->takeNotifications();
-    ASSERT_EQ(rest.size(), 1u);
-    EXPECT_EQ(rest[0].payload, Bytes{0xff});
+    int delivered = 0;
+    bool last_seen = false;
+    while (!last_seen && b_.engine->waitNotification(Clock::now() + 60s)) {
+        for (const auto& n : b_.engine->takeNotifications()) {
+            ASSERT_FALSE(last_seen) << "a notification arrived after the standalone one";
+            if (n.payload == Bytes{0xff}) {
+                last_seen = true;
+            } else {
+                ++delivered;
+            }
+        }
+    }
+    ASSERT_TRUE(last_seen);
+    EXPECT_GE(delivered, delivered_expected);
+    EXPECT_LE(delivered, delivered_expected + maybe_delivered);
 
     // close() while small transfers are posted from another thread: every handle ends.
     std::vector<Transfer> handles;

@@ -70,11 +70,17 @@ TEST(TransferJob, LateFinishWithoutObserverStillTimesOut) {
     j->finish(Status::canceled("backend stopped"));
     EXPECT_EQ(j->state(), TransferState::kFailed);
     EXPECT_EQ(j->status().code(), StatusCode::kTimeout);
+    // Committed before its deadline (notification on its way) but acknowledged after it: a
+    // hung peer must not hold a transfer past its deadline, so it ends TIMEOUT, and says the
+    // peer may have received the notification.
     auto k = makeJob(std::chrono::milliseconds(5));
-    ASSERT_TRUE(k->commitNow());  // committed before its deadline: may finish late
+    ASSERT_TRUE(k->commitNow());
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
     k->finish(Status::ok());
-    EXPECT_EQ(k->state(), TransferState::kDone);
+    EXPECT_EQ(k->state(), TransferState::kFailed);
+    EXPECT_EQ(k->status().code(), StatusCode::kTimeout);
+    EXPECT_NE(k->status().message().find("may have received"), std::string::npos);
+    EXPECT_TRUE(k->quiesced());
 }
 
 TEST(TransferJob, CancelIsPushedToTheBackendOnce) {

@@ -202,7 +202,7 @@ def test_expired_lease_is_not_read(pair):
     assert not d.kv[h.LAYER_NAMES[0]][[10, 11]].view(torch.int16).any()  # nothing was read
 
 
-def test_unsupported_shapes_are_refused(pair):
+def test_unsupported_tp_split_is_refused(pair):
     p, d = pair()
     _, params = p.finish_prefill("r9", 64, [1, 2])
     params["remote_tp_size"] = 2
@@ -240,3 +240,81 @@ def test_real_vllm_pd_run(tmp_path):
     assert dec["pd"] == dec["agg"]
     assert dec["control"]["tokens"] != dec["agg"]["tokens"]
     assert len(pre["held"]) == 2 and pre["still_held"] == []
+
+
+def _pair(prefill: dict, decode: dict):
+    p = h.Instance("kv_producer", "P", {"backends": ["fault"]}, seed=5, **prefill)
+    d = h.Instance("kv_consumer", "D", {"backends": ["fault"]}, seed=None, **decode)
+    return p, d
+
+
+def _move(p, d, rid, tokens, pblocks, dblocks):
+    ok, params = p.finish_prefill(rid, tokens, pblocks)
+    assert ok
+    d.admit(rid, tokens, params, dblocks)
+    assert d.run_until(lambda: rid in d.recvd, timeout=10)
+    assert not d.load_errors
+    assert p.run_until(lambda: rid in p.sent, timeout=10)  # every prefill rank was read
+    assert p.leftovers() == CLEAN and d.leftovers() == CLEAN
+
+
+def i16(t):
+    return t.view(torch.int16)
+
+
+def test_decode_tp2_reads_head_slices():
+    """Prefill TP 1 (2 KV heads) -> decode TP 2 (1 head per rank): each decode rank reads
+    its head slice of the prefill's pages; the prefill frees after both ranks read."""
+    p, d = _pair({}, {"tp_size": 2})
+    try:
+        _move(p, d, "t1", 96, [4, 9, 2], [30, 31, 7])
+        for name in h.LAYER_NAMES:
+            for rank in range(2):
+                got, src = i16(d.kvs[rank][name][[30, 31, 7]]), i16(p.kv[name][[4, 9, 2]])
+                assert torch.equal(got[:, 0], src[:, rank])
+            assert not i16(d.kvs[0][name][:7]).any()
+    finally:
+        p.close()
+        d.close()
+
+
+def test_prefill_tp2_into_decode_tp1():
+    """Prefill TP 2 (1 head per rank) -> decode TP 1 (2 heads): the decode reads from both
+    prefill ranks, one transfer each; both prefill ranks free their blocks."""
+    p, d = _pair({"tp_size": 2}, {})
+    try:
+        _move(p, d, "t2", 64, [1, 2], [60, 61])
+        for name in h.LAYER_NAMES:
+            got = i16(d.kv[name][[60, 61]])
+            for rank in range(2):
+                assert torch.equal(got[:, rank], i16(p.kvs[rank][name][[1, 2]])[:, 0])
+    finally:
+        p.close()
+        d.close()
+
+
+def test_different_block_sizes():
+    """Prefill blocks of 32 tokens -> decode blocks of 64: two prefill pages fill one
+    decode page, head by head."""
+    p, d = _pair({}, {"block_size": 64})
+    try:
+        _move(p, d, "t3", 128, [8, 3, 12, 5], [40, 17])
+        for name in h.LAYER_NAMES:
+            src = i16(p.kv[name])
+            got = i16(d.kv[name])
+            for dblock, (a, b) in zip([40, 17], [(8, 3), (12, 5)], strict=True):
+                assert torch.equal(got[dblock][:, :32], src[a])
+                assert torch.equal(got[dblock][:, 32:], src[b])
+    finally:
+        p.close()
+        d.close()
+
+
+def test_malformed_params_fail_the_load_not_the_step(pair):
+    p, d = pair()
+    _, params = p.finish_prefill("r10", 64, [1, 2])
+    del params["remote_descriptors"]
+    d.admit("r10", 64, params, [10, 11])
+    assert d.run_until(lambda: "r10" in d.recvd, timeout=5)
+    assert d.load_errors == {10, 11}
+    assert d.leftovers() == CLEAN

@@ -30,7 +30,9 @@ LAYER_NAMES = [f"model.layers.{i}.self_attn.attn" for i in range(LAYERS)]
 MODULE = "kvxfer.integrations.vllm"
 
 
-def vllm_config(role: str, engine_id: str, **extra) -> VllmConfig:
+def vllm_config(
+    role: str, engine_id: str, block_size: int = BLOCK_SIZE, tp_size: int = 1, **extra
+) -> VllmConfig:
     extra.setdefault("backends", ["shm", "tcp"])
     extra.setdefault("tcp_listen", "127.0.0.1:0")
     cfg = VllmConfig(
@@ -42,13 +44,14 @@ def vllm_config(role: str, engine_id: str, **extra) -> VllmConfig:
             kv_connector_extra_config=extra,
         )
     )
-    cfg.cache_config.block_size = BLOCK_SIZE
+    cfg.cache_config.block_size = block_size
     cfg.scheduler_config.disable_hybrid_kv_cache_manager = True
+    cfg.parallel_config.tensor_parallel_size = tp_size  # set after validation: no real TP group
     return cfg
 
 
-def kv_cache_config() -> KVCacheConfig:
-    spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=KV_HEADS, head_size=HEAD, dtype=DTYPE)
+def kv_cache_config(block_size: int = BLOCK_SIZE, kv_heads: int = KV_HEADS) -> KVCacheConfig:
+    spec = FullAttentionSpec(block_size=block_size, num_kv_heads=kv_heads, head_size=HEAD, dtype=DTYPE)
     per_layer = NUM_BLOCKS * spec.page_size_bytes
     return KVCacheConfig(
         num_blocks=NUM_BLOCKS,
@@ -62,11 +65,13 @@ def kv_cache_config() -> KVCacheConfig:
     )
 
 
-def kv_tensors(seed: int | None) -> dict[str, torch.Tensor]:
+def kv_tensors(
+    seed: int | None, block_size: int = BLOCK_SIZE, kv_heads: int = KV_HEADS
+) -> dict[str, torch.Tensor]:
     """The CPU attention backend's per-layer shape: [blocks, kv heads, block size, 2 * head]."""
     out = {}
     for i, name in enumerate(LAYER_NAMES):
-        shape = (NUM_BLOCKS, KV_HEADS, BLOCK_SIZE, 2 * HEAD)
+        shape = (NUM_BLOCKS, kv_heads, block_size, 2 * HEAD)
         if seed is None:
             out[name] = torch.zeros(shape, dtype=DTYPE)
         else:
@@ -88,37 +93,64 @@ def blocks(ids: list[int]) -> KVCacheBlocks:
 
 @dataclass
 class Instance:
+    """One vLLM instance: a scheduler-side connector and `tp_size` worker-side ones (tp
+    ranks are set by hand: there is no real TP group), each with its own KV tensors of
+    KV_HEADS // tp_size heads. ``kv`` is rank 0's."""
+
     role: str
     engine_id: str
     extra: dict = field(default_factory=dict)
     seed: int | None = None
+    tp_size: int = 1
+    block_size: int = BLOCK_SIZE
 
     def __post_init__(self) -> None:
-        self.config = vllm_config(self.role, self.engine_id, **self.extra)
-        kcc = kv_cache_config()
+        heads = KV_HEADS // self.tp_size
+        self.config = vllm_config(self.role, self.engine_id, self.block_size, self.tp_size, **self.extra)
+        kcc = kv_cache_config(self.block_size, heads)
         self.scheduler = KVConnectorFactory.create_connector(self.config, KVConnectorRole.SCHEDULER, kcc)
-        self.worker = KVConnectorFactory.create_connector(self.config, KVConnectorRole.WORKER, kcc)
-        self.kv = kv_tensors(self.seed)
-        self.worker.register_kv_caches(self.kv)
+        self.workers, self.kvs, handshakes = [], [], {}
+        for rank in range(self.tp_size):
+            w = KVConnectorFactory.create_connector(self.config, KVConnectorRole.WORKER, kcc)
+            w.worker_side.tp_rank = rank
+            kv = kv_tensors(None if self.seed is None else self.seed + 1000 * rank, self.block_size, heads)
+            w.register_kv_caches(kv)
+            handshakes[(0, rank)] = w.get_handshake_metadata()
+            self.workers.append(w)
+            self.kvs.append(kv)
+        self.worker, self.kv = self.workers[0], self.kvs[0]
         # What vLLM's EngineCore does after the workers registered their caches.
-        self.scheduler.set_xfer_handshake_metadata_pp_aware({(0, 0): self.worker.get_handshake_metadata()})
+        self.scheduler.set_xfer_handshake_metadata_pp_aware(handshakes)
         self.sent: set[str] = set()
         self.recvd: set[str] = set()
         self.load_errors: set[int] = set()
+        self._partial: dict[tuple[str, str], int] = {}
 
     def step(self) -> None:
-        """One engine step: scheduler metadata -> worker -> output back to the scheduler."""
+        """One engine step: scheduler metadata -> every worker -> the output back to the
+        scheduler, a request finished once every worker reported it (as vLLM's
+        KVOutputAggregator does)."""
         meta = self.scheduler.build_connector_meta(None)
-        self.worker.bind_connector_metadata(meta)
-        self.worker.start_load_kv(None)
-        self.worker.wait_for_save()
-        sent, recvd = self.worker.get_finished(set())
-        self.load_errors |= self.worker.get_block_ids_with_load_errors()
-        self.worker.clear_connector_metadata()
-        out = KVConnectorOutput(finished_sending=sent, finished_recving=recvd)
+        done = {"sent": set(), "recvd": set()}
+        for w in self.workers:
+            w.bind_connector_metadata(meta)
+            w.start_load_kv(None)
+            w.wait_for_save()
+            sent, recvd = w.get_finished(set())
+            self.load_errors |= w.get_block_ids_with_load_errors()
+            w.clear_connector_metadata()
+            for kind, ids in (("sent", sent), ("recvd", recvd)):
+                for rid in ids or ():
+                    n = self._partial.get((kind, rid), 0) + 1
+                    if n == self.tp_size:
+                        self._partial.pop((kind, rid), None)
+                        done[kind].add(rid)
+                    else:
+                        self._partial[(kind, rid)] = n
+        out = KVConnectorOutput(finished_sending=done["sent"] or None, finished_recving=done["recvd"] or None)
         self.scheduler.update_connector_output(out)
-        self.sent |= sent or set()
-        self.recvd |= recvd or set()
+        self.sent |= done["sent"]
+        self.recvd |= done["recvd"]
 
     def run_until(self, cond, timeout: float, period: float = 0.01) -> bool:
         deadline = time.monotonic() + timeout
@@ -146,12 +178,15 @@ class Instance:
         return req, n, is_async
 
     def leftovers(self) -> dict:
-        s = self.scheduler.scheduler_side
-        return {
-            "scheduler_pending": s.has_pending(),
-            **self.worker.worker_side.pending(),
-            "notifications": len(self.worker.worker_side.engine.notifications()),
-        }
+        out = {"scheduler_pending": self.scheduler.scheduler_side.has_pending()}
+        for key in ("loads", "sends", "early_reads", "notifications"):
+            out[key] = 0
+        for w in self.workers:
+            for key, n in w.worker_side.pending().items():
+                out[key] += n
+            out["notifications"] += len(w.worker_side.engine.notifications())
+        return out
 
     def close(self) -> None:
-        self.worker.shutdown()
+        for w in self.workers:
+            w.shutdown()

@@ -71,3 +71,13 @@ def test_ratio_experiment_in_the_simulator_plans_the_best_split():
     assert sum(r["planned"] for r in splits) == 1 and all(r["mode"] == "sim" for r in splits)
     (s,) = [r for r in rows if r.get("summary")]
     assert s["within_one_of_best"] and s["planned_vs_worst"] >= 1.6
+
+
+def test_adapt_experiment_converges_to_the_new_best_split_without_drops():
+    cmd = [sys.executable, "-m", "kvxfer.cli", "experiment", "adapt", "--json", "--end", "800"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (row,) = [json.loads(x) for x in out.stdout.splitlines()]
+    assert row["experiment"] == "adapt" and row["mode"] == "sim"
+    assert row["from"] != row["best_static"] and row["to"] == row["best_static"]  # the shift moved the best
+    assert row["converge_s"] is not None and row["throughput_vs_static"] >= 0.9 and row["dropped"] == 0

@@ -62,7 +62,7 @@ struct CudaRemoteRegion : BackendRemoteRegion {
     std::string bus_id;
     cuda::CUipcMemHandle handle{};
     std::mutex mutex;  // guards mappings (opened by the progress thread, read by it only)
-    std::map<int, std::shared_ptr<cudaipc::IpcMapping>> mappings;
+    std::map<int, std::unique_ptr<cudaipc::IpcMapping>> mappings;
 };
 
 std::string socketName(uint64_t instance) {

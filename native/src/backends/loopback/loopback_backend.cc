@@ -65,9 +65,10 @@ class LoopbackBackend final : public Backend {
 public:
     explicit LoopbackBackend(const BackendContext& ctx)
         : endpoint_(std::make_shared<Endpoint>()),
-          pool_(std::max(1u, ctx.config->loopback.threads), 1024, 8 << 20, copyRuns, [](TransferJob& job) {
-              return deliverTo(static_cast<LoopbackPeer&>(*job.peer), job.notify);
-          }) {
+          pool_(std::max(1u, ctx.config->loopback.threads), 1024, 8 << 20, copyRuns,
+                [](const std::shared_ptr<TransferJob>& job) -> std::optional<Status> {
+                    return deliverTo(static_cast<LoopbackPeer&>(*job->peer), job->notify);
+                }) {
         caps_.lanes = pool_.threads();
         caps_.inline_max_bytes = ctx.config->loopback.inline_max_bytes;
         endpoint_->sink = ctx.sink;

@@ -19,21 +19,28 @@
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <optional>
 #include <sstream>
 #include <thread>
+#include <unordered_map>
 
 #include "backends/factories.h"
+#include "backends/shm/exports.h"
 #include "kvxfer/config.h"
 #include "kvxfer/host_memory.h"
+#include "util/auth.h"
 #include "util/copy_pool.h"
 #include "util/fast_copy.h"
 #include "util/scoped_fd.h"
@@ -77,93 +84,304 @@ sockaddr_un abstractAddress(const std::string& name, socklen_t* len) {
     return addr;
 }
 
-struct ShmPeer : BackendPeer {
+// The notification socket's handshake (SOCK_SEQPACKET: one message each), docs/security.md:
+//   initiator -> target  HELLO      u32 kMagic, u64 instance, 32-byte nonce, name
+//   target -> initiator  CHALLENGE  u32 kMagic, 32-byte nonce, HMAC(secret, kTargetLabel ||
+//                                   initiator nonce || target nonce)
+//   initiator -> target  PROOF      u32 kMagic, HMAC(secret, kInitiatorLabel || target nonce
+//                                   || initiator nonce || u64 instance || name)
+//   target -> initiator  WELCOME    u32 kMagic, with the export table's memfd (SCM_RIGHTS)
+// then notifications from the initiator: 'N' + payload. The target closes a connection
+// that breaks the sequence, fails the proof, or comes from another uid (SO_PEERCRED).
+constexpr uint32_t kMagic = 0x3153564b;  // "KVS1"
+constexpr std::string_view kTargetLabel{"kvxfer-shm-target\0", 18};
+constexpr std::string_view kInitiatorLabel{"kvxfer-shm-initiator\0", 21};
+constexpr uint8_t kNotifyMessage = 'N';
+constexpr size_t kMaxConnections = 4096;
+
+Status sendMessage(int fd, const Bytes& msg, int pass_fd = -1) {
+    iovec iov{const_cast<uint8_t*>(msg.data()), msg.size()};
+    msghdr mh{};
+    mh.msg_iov = &iov;
+    mh.msg_iovlen = 1;
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
+    if (pass_fd >= 0) {
+        mh.msg_control = control;
+        mh.msg_controllen = sizeof(control);
+        cmsghdr* c = CMSG_FIRSTHDR(&mh);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(sizeof(int));
+        std::memcpy(CMSG_DATA(c), &pass_fd, sizeof(int));
+    }
+    for (;;) {
+        const ssize_t k = ::sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (k == static_cast<ssize_t>(msg.size())) return Status::ok();
+        if (k < 0 && errno == EINTR) continue;
+        return Status::systemErrno("shm: handshake send", k < 0 ? errno : EIO);
+    }
+}
+
+// Receives one message by `deadline` (poll), with at most one passed fd.
+Status recvMessage(int fd, Bytes* msg, Fd* passed, Clock::time_point deadline) {
+    msg->resize(512);
+    for (;;) {
+        const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now()).count();
+        if (left <= 0) return Status::timeout("shm: handshake timed out");
+        pollfd p{fd, POLLIN, 0};
+        const int r = ::poll(&p, 1, static_cast<int>(std::min<int64_t>(left, 1000)));
+        if (r < 0 && errno != EINTR) return Status::systemErrno("shm: handshake poll", errno);
+        if (r <= 0) continue;
+        iovec iov{msg->data(), msg->size()};
+        msghdr mh{};
+        mh.msg_iov = &iov;
+        mh.msg_iovlen = 1;
+        alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
+        mh.msg_control = control;
+        mh.msg_controllen = sizeof(control);
+        const ssize_t k = ::recvmsg(fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
+        if (k < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+        if (k <= 0) return Status::peerUnreachable("shm: the peer closed its socket during the handshake");
+        for (cmsghdr* c = CMSG_FIRSTHDR(&mh); c != nullptr; c = CMSG_NXTHDR(&mh, c)) {
+            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS && passed != nullptr) {
+                int got = -1;
+                std::memcpy(&got, CMSG_DATA(c), sizeof(int));
+                *passed = Fd(got);
+            }
+        }
+        msg->resize(static_cast<size_t>(k));
+        return Status::ok();
+    }
+}
+
+class Notifier;
+
+// One notification (of a job, or standalone) waiting for room in the peer's socket.
+struct Outgoing {
+    std::shared_ptr<TransferJob> job;  // null for a standalone notify()
+    Bytes msg;
+    Clock::time_point deadline;
+    // Standalone notify(): the caller waits for `done`.
+    std::shared_ptr<std::pair<std::mutex, std::condition_variable>> sync;
+    std::shared_ptr<std::optional<Status>> result;
+};
+
+struct ShmPeer : BackendPeer, std::enable_shared_from_this<ShmPeer> {
     std::string name;
     pid_t pid = 0;
     Fd pidfd;
-    std::mutex send_mutex;
-    Fd notify_socket;
+    Fd notify_socket;  // non-blocking
     std::string self_name;
     uint64_t self_instance = 0;
+    std::shared_ptr<Notifier> notifier;
+    std::shared_ptr<shm::TableMapping> exports;  // the peer's export table (its WELCOME)
+    // Notifications not sent yet, in order; while it is not empty, new ones queue behind.
+    std::mutex send_mutex;
+    std::deque<Outgoing> outbox;
 
     bool exited() const {
         pollfd p{pidfd.fd, POLLIN, 0};
         return ::poll(&p, 1, 0) > 0;
     }
 
-    // The notification without blocking and without allocating (the inline path): false
-    // when the peer's socket is full (nothing was sent; use send()), else the outcome.
-    bool trySend(ByteView payload, Status* out) {
-        uint8_t head[8 + 2];
-        std::memcpy(head, &self_instance, 8);
-        const uint16_t n = static_cast<uint16_t>(self_name.size());
-        std::memcpy(head + 8, &n, 2);
-        iovec iov[3] = {{head, sizeof(head)},
-                        {const_cast<char*>(self_name.data()), self_name.size()},
-                        {const_cast<uint8_t*>(payload.data()), payload.size()}};
-        msghdr msg{};
-        msg.msg_iov = iov;
-        msg.msg_iovlen = 3;
-        const size_t total = sizeof(head) + self_name.size() + payload.size();
-        std::unique_lock<std::mutex> lock(send_mutex, std::try_to_lock);
-        if (!lock.owns_lock()) return false;
+    // The sender's identity was proven at connect time: a notification is only its payload.
+    static Bytes message(ByteView payload) {
+        Bytes msg(1 + payload.size());
+        msg[0] = kNotifyMessage;
+        if (!payload.empty()) std::memcpy(msg.data() + 1, payload.data(), payload.size());
+        return msg;
+    }
+
+    // One non-blocking attempt: OK, kUnavailable (no room now: EAGAIN) or an error.
+    enum class Sent : uint8_t { kOk, kNoRoom, kError };
+    Sent trySend(const Bytes& msg, Status* error) {
         for (;;) {
-            const ssize_t k = ::sendmsg(notify_socket.fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
-            if (k == static_cast<ssize_t>(total)) {
-                *out = Status::ok();
-                return true;
-            }
+            const ssize_t k = ::send(notify_socket.fd, msg.data(), msg.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+            if (k == static_cast<ssize_t>(msg.size())) return Sent::kOk;
             if (k < 0 && errno == EINTR) continue;
-            if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return false;
+            if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return Sent::kNoRoom;
             if (k < 0 && (errno == EPIPE || errno == ECONNRESET || errno == ECONNREFUSED)) {
-                *out = Status::peerUnreachable("shm peer '" + name + "' closed its notification socket");
-                return true;
+                *error = Status::peerUnreachable("shm peer '" + name + "' closed its notification socket");
+            } else {
+                *error = Status::systemErrno("shm notification send to '" + name + "'", k < 0 ? errno : EIO);
             }
-            *out = Status::systemErrno("shm notification send to '" + name + "'", k < 0 ? errno : EIO);
-            return true;
+            return Sent::kError;
         }
     }
 
-    Status send(ByteView payload) {
-        Bytes msg;
-        msg.resize(8 + 2 + self_name.size() + payload.size());
-        std::memcpy(msg.data(), &self_instance, 8);
-        const uint16_t n = static_cast<uint16_t>(self_name.size());
-        std::memcpy(msg.data() + 8, &n, 2);
-        std::memcpy(msg.data() + 10, self_name.data(), self_name.size());
-        if (!payload.empty()) std::memcpy(msg.data() + 10 + self_name.size(), payload.data(), payload.size());
-        std::lock_guard<std::mutex> lock(send_mutex);
-        for (;;) {
-            const ssize_t k = ::send(notify_socket.fd, msg.data(), msg.size(), MSG_NOSIGNAL);
-            if (k == static_cast<ssize_t>(msg.size())) return Status::ok();
-            if (k < 0 && errno == EINTR) continue;
-            if (k < 0 && (errno == EPIPE || errno == ECONNRESET || errno == ECONNREFUSED)) {
-                return Status::peerUnreachable("shm peer '" + name + "' closed its notification socket");
-            }
-            return Status::systemErrno("shm notification send to '" + name + "'", k < 0 ? errno : EIO);
-        }
-    }
+    // Sends at once when the socket has room and nothing is queued; otherwise queues the
+    // message for the notifier thread and returns nullopt.
+    std::optional<Status> sendOrQueue(Outgoing out);
 };
 
-// Remote key: u8 kind (0 = reach by CMA, 1 = memfd) [i32 fd in the owner, u64 offset].
-constexpr uint8_t kKeyCma = 0;
-constexpr uint8_t kKeyMemfd = 1;
+// The one thread per backend that sends queued notifications when their peer's socket has
+// room again, and ends each at its deadline if it never does. Copy workers never wait for
+// a peer: a stopped peer costs one queue entry per notification, not a worker.
+class Notifier {
+public:
+    Notifier() : wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
+
+    void start(const std::shared_ptr<Notifier>& self) {
+        thread_ = std::thread([self] { self->run(); });
+    }
+    void stop() {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            stopping_ = true;
+        }
+        wake();
+        if (thread_.get_id() == std::this_thread::get_id()) {
+            thread_.detach();
+        } else if (thread_.joinable()) {
+            thread_.join();
+        }
+    }
+    void watch(std::shared_ptr<ShmPeer> peer) {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            peers_.push_back(std::move(peer));
+        }
+        wake();
+    }
+
+private:
+    void wake() {
+        const uint64_t one = 1;
+        (void)!::write(wake_.fd, &one, sizeof(one));
+    }
+
+    // Sends what fits of `peer`'s outbox, ends expired entries. True when the outbox is empty.
+    static bool drain(ShmPeer& peer, Clock::time_point now, Clock::time_point* next_deadline) {
+        std::vector<std::pair<Outgoing, Status>> ended;
+        bool empty = false;
+        {
+            std::lock_guard<std::mutex> lock(peer.send_mutex);
+            while (!peer.outbox.empty()) {
+                Outgoing& head = peer.outbox.front();
+                Status error;
+                if (now >= head.deadline || (head.job && head.job->abandoned())) {
+                    error = Status::timeout("shm peer '" + peer.name +
+                                            "' did not take the notification by its deadline "
+                                            "(its socket stayed full: the peer is stopped or slow)");
+                } else {
+                    const auto sent = peer.trySend(head.msg, &error);
+                    if (sent == ShmPeer::Sent::kNoRoom) {
+                        *next_deadline = std::min(*next_deadline, head.deadline);
+                        break;
+                    }
+                }
+                ended.emplace_back(std::move(head), std::move(error));
+                peer.outbox.pop_front();
+            }
+            empty = peer.outbox.empty();
+        }
+        for (auto& [out, st] : ended) complete(out, std::move(st));
+        return empty;
+    }
+
+public:
+    static void complete(Outgoing& out, Status st) {
+        if (out.job) {
+            out.job->finish(std::move(st));
+            return;
+        }
+        {
+            std::lock_guard<std::mutex> lock(out.sync->first);
+            *out.result = std::move(st);
+        }
+        out.sync->second.notify_all();
+    }
+
+private:
+    void run() {
+        std::vector<std::shared_ptr<ShmPeer>> peers;
+        std::vector<pollfd> fds;
+        for (;;) {
+            {
+                std::lock_guard<std::mutex> lock(mutex_);
+                if (stopping_) break;
+                for (auto& p : peers_) {
+                    if (std::find(peers.begin(), peers.end(), p) == peers.end())
+                        peers.push_back(std::move(p));
+                }
+                peers_.clear();
+            }
+            auto next = Clock::time_point::max();
+            const auto now = Clock::now();
+            std::erase_if(peers, [&](const auto& p) { return drain(*p, now, &next); });
+            fds.assign(1, pollfd{wake_.fd, POLLIN, 0});
+            for (const auto& p : peers) fds.push_back({p->notify_socket.fd, POLLOUT, 0});
+            int timeout_ms = -1;
+            if (next != Clock::time_point::max()) {
+                const auto left = std::chrono::ceil<std::chrono::milliseconds>(next - Clock::now()).count();
+                timeout_ms = static_cast<int>(std::clamp<int64_t>(left, 0, 60000));
+            }
+            ::poll(fds.data(), fds.size(), timeout_ms);
+            uint64_t v = 0;
+            (void)!::read(wake_.fd, &v, sizeof(v));
+        }
+        // Closing: end whatever is still queued.
+        for (auto& p : peers) {
+            std::deque<Outgoing> left;
+            {
+                std::lock_guard<std::mutex> lock(p->send_mutex);
+                left.swap(p->outbox);
+            }
+            for (auto& out : left) complete(out, Status::canceled("shm backend is closing"));
+        }
+    }
+
+    Fd wake_;
+    std::mutex mutex_;
+    bool stopping_ = false;
+    std::vector<std::shared_ptr<ShmPeer>> peers_;  // newly non-empty outboxes
+    std::thread thread_;
+};
+
+std::optional<Status> ShmPeer::sendOrQueue(Outgoing out) {
+    {
+        std::lock_guard<std::mutex> lock(send_mutex);
+        if (outbox.empty()) {
+            Status error;
+            const Sent sent = trySend(out.msg, &error);
+            if (sent == Sent::kOk) return Status::ok();
+            if (sent == Sent::kError) return error;
+        }
+        outbox.push_back(std::move(out));
+        if (outbox.size() > 1) return std::nullopt;  // the notifier already watches this peer
+    }
+    notifier->watch(shared_from_this());
+    return std::nullopt;
+}
+
+// Remote key: u8 version (2), u32 slot, u64 tag: a reference into the target's export
+// table (exports.h), never an fd or an address the initiator would trust.
+constexpr uint8_t kKeyVersion = 2;
+constexpr size_t kKeyBytes = 13;
 
 struct ShmRegion : BackendRegion {
-    std::optional<ShareableRange> shareable;
+    std::shared_ptr<shm::ExportTable> exports;
+    uint32_t slot = 0;
+    uint64_t tag = 0;
+    ~ShmRegion() override {
+        exports->revoke(slot);
+        exports->release(slot);
+    }
     Bytes remoteKey() const override {
-        if (!shareable) return {kKeyCma};
-        Bytes key(13);
-        key[0] = kKeyMemfd;
-        const int32_t fd = shareable->fd;
-        std::memcpy(key.data() + 1, &fd, 4);
-        std::memcpy(key.data() + 5, &shareable->offset, 8);
+        Bytes key(kKeyBytes);
+        key[0] = kKeyVersion;
+        std::memcpy(key.data() + 1, &slot, 4);
+        std::memcpy(key.data() + 5, &tag, 8);
         return key;
     }
 };
 
-// The peer's region as this process reaches it: mapped (memfd) or by address (CMA).
+// The peer's region as this process reaches it: mapped (memfd) or by address (CMA), and
+// always through its export slot, checked around every chunk.
 struct ShmRemoteRegion : BackendRemoteRegion {
+    std::shared_ptr<shm::TableMapping> exports;  // keeps `slot` mapped
+    shm::Slot* slot = nullptr;
+    uint64_t tag = 0;
     uint8_t* mapped = nullptr;  // start of the region in our mapping, or null for CMA
     void* mapping = nullptr;
     size_t mapping_bytes = 0;
@@ -196,7 +414,13 @@ Status cmaError(const ShmPeer& peer, int err) {
 Status copyPartRuns(TransferJob& job, uint64_t first, uint64_t end, bool liveness_checked) {
     auto& peer = static_cast<ShmPeer&>(*job.peer);
     const JobPart& part = job.parts[job.partOf(first)];
-    if (uint8_t* mapped = static_cast<ShmRemoteRegion*>(part.remote.backend)->mapped) {
+    auto& import = *static_cast<ShmRemoteRegion*>(part.remote.backend);
+    shm::SlotUse use(*import.slot, import.tag);
+    if (!use.ok()) {
+        return Status::remote("shm peer '" + peer.name +
+                              "' no longer exports the region (deregistered or closed)");
+    }
+    if (uint8_t* mapped = import.mapped) {
         // The mapping outlives the peer, so liveness is checked explicitly.
         if (!liveness_checked && peer.exited()) return cmaError(peer, ESRCH);
         for (uint64_t i = first; i < end; ++i) {
@@ -261,18 +485,96 @@ Status copyChunk(TransferJob& job, uint64_t first, uint64_t end, bool liveness_c
     return Status::ok();
 }
 
-// State shared with the listener thread, so the thread never touches the backend.
+// State shared with the listener thread, so the thread never touches the backend. It
+// serves every inbound connection on one epoll loop: the handshake, then notifications.
 struct Listener {
     NotificationSink* sink = nullptr;
+    Bytes secret;
+    std::shared_ptr<shm::ExportTable> exports;
     Fd listen_fd;
     Fd stop_fd;
     Fd epoll_fd;
-    // Accepted connections, closed with the listener: a peer then sees its notification
-    // sends refused instead of queueing into a socket nobody reads.
-    std::vector<Fd> accepted;
+    struct Conn {
+        enum State : uint8_t { kHello, kProof, kOpen } state = kHello;
+        auth::Nonce mine{};
+        Bytes theirs;
+        uint64_t instance = 0;
+        std::string name;
+    };
+    std::unordered_map<int, Conn> conns;
 
-    void dropAccepted(int fd) {
-        std::erase_if(accepted, [fd](const Fd& a) { return a.fd == fd; });
+    void drop(int fd) {
+        ::epoll_ctl(epoll_fd.fd, EPOLL_CTL_DEL, fd, nullptr);
+        ::close(fd);
+        conns.erase(fd);
+    }
+
+    void accept() {
+        const int c = ::accept4(listen_fd.fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+        if (c < 0) return;
+        ucred cred{};
+        socklen_t len = sizeof(cred);
+        // Only this user's processes; and a bounded number of connections.
+        if (::getsockopt(c, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || cred.uid != ::geteuid() ||
+            conns.size() >= kMaxConnections) {
+            ::close(c);
+            return;
+        }
+        epoll_event ev{};
+        ev.events = EPOLLIN;
+        ev.data.fd = c;
+        if (::epoll_ctl(epoll_fd.fd, EPOLL_CTL_ADD, c, &ev) != 0) {
+            ::close(c);
+            return;
+        }
+        conns[c] = Conn{};
+    }
+
+    // One message of connection `fd`; false: close it.
+    bool onMessage(int fd, Conn& conn, const uint8_t* m, size_t k) {
+        uint32_t magic = 0;
+        switch (conn.state) {
+            case Conn::kHello: {
+                if (k < 4 + 8 + auth::kNonceBytes + 1 ||
+                    k > 4 + 8 + auth::kNonceBytes + PeerDescriptor::kMaxName)
+                    return false;
+                std::memcpy(&magic, m, 4);
+                if (magic != kMagic) return false;
+                std::memcpy(&conn.instance, m + 4, 8);
+                conn.theirs.assign(m + 12, m + 12 + auth::kNonceBytes);
+                conn.name.assign(reinterpret_cast<const char*>(m + 12 + auth::kNonceBytes),
+                                 k - 12 - auth::kNonceBytes);
+                auto nonce = auth::randomNonce();
+                if (!nonce.isOk()) return false;
+                conn.mine = *nonce;
+                const auth::Mac ours =
+                    auth::mac(secret, {auth::view(kTargetLabel), conn.theirs, auth::view(conn.mine)});
+                Bytes reply(4);
+                std::memcpy(reply.data(), &kMagic, 4);
+                reply.insert(reply.end(), conn.mine.begin(), conn.mine.end());
+                reply.insert(reply.end(), ours.begin(), ours.end());
+                conn.state = Conn::kProof;
+                return sendMessage(fd, reply).isOk();
+            }
+            case Conn::kProof: {
+                if (k != 4 + auth::kMacBytes) return false;
+                std::memcpy(&magic, m, 4);
+                if (magic != kMagic) return false;
+                const auth::Mac expected =
+                    auth::mac(secret, {auth::view(kInitiatorLabel), auth::view(conn.mine), conn.theirs,
+                                       auth::view(conn.instance), auth::view(conn.name)});
+                if (!auth::equal(auth::view(expected), ByteView(m + 4, auth::kMacBytes))) return false;
+                Bytes welcome(4);
+                std::memcpy(welcome.data(), &kMagic, 4);
+                conn.state = Conn::kOpen;
+                return sendMessage(fd, welcome, exports->fd()).isOk();
+            }
+            case Conn::kOpen:
+                if (k < 1 || m[0] != kNotifyMessage) return false;
+                sink->deliver(conn.name, conn.instance, Bytes(m + 1, m + k));
+                return true;
+        }
+        return false;
     }
 
     void run() {
@@ -284,36 +586,25 @@ struct Listener {
             if (n < 0) return;
             for (int i = 0; i < n; ++i) {
                 const int fd = events[i].data.fd;
-                if (fd == stop_fd.fd) return;
+                if (fd == stop_fd.fd) {
+                    for (auto& [c, conn] : conns) ::close(c);
+                    conns.clear();
+                    return;
+                }
                 if (fd == listen_fd.fd) {
-                    const int c = ::accept4(listen_fd.fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-                    if (c >= 0) {
-                        accepted.emplace_back(c);
-                        epoll_event ev{};
-                        ev.events = EPOLLIN;
-                        ev.data.fd = c;
-                        ::epoll_ctl(epoll_fd.fd, EPOLL_CTL_ADD, c, &ev);
-                    }
+                    accept();
                     continue;
                 }
+                auto it = conns.find(fd);
+                if (it == conns.end()) continue;
                 for (;;) {
                     const ssize_t k = ::recv(fd, buf.data(), buf.size(), 0);
                     if (k < 0 && errno == EINTR) continue;
                     if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
-                    if (k <= 0) {
-                        ::epoll_ctl(epoll_fd.fd, EPOLL_CTL_DEL, fd, nullptr);
-                        dropAccepted(fd);
+                    if (k <= 0 || !onMessage(fd, it->second, buf.data(), static_cast<size_t>(k))) {
+                        drop(fd);
                         break;
                     }
-                    if (k < 10) continue;  // malformed: ignore
-                    uint64_t instance = 0;
-                    uint16_t name_len = 0;
-                    std::memcpy(&instance, buf.data(), 8);
-                    std::memcpy(&name_len, buf.data() + 8, 2);
-                    if (10u + name_len > static_cast<size_t>(k)) continue;
-                    std::string name(reinterpret_cast<char*>(buf.data() + 10), name_len);
-                    sink->deliver(std::move(name), instance,
-                                  Bytes(buf.begin() + 10 + name_len, buf.begin() + k));
                 }
             }
         }
@@ -327,6 +618,8 @@ public:
         ::prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0);
         auto listener = std::make_shared<Listener>();
         listener->sink = ctx.sink;
+        listener->secret = ctx.secret;
+        KVXFER_ASSIGN_OR_RETURN(listener->exports, shm::ExportTable::create());
         listener->listen_fd = Fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
         if (listener->listen_fd.fd < 0) return Status::systemErrno("shm: socket(AF_UNIX)", errno);
         const std::string name = socketName(ctx.instance_id);
@@ -351,6 +644,7 @@ public:
     }
 
     ~ShmBackend() override {
+        notifier_->stop();
         const uint64_t one = 1;
         (void)::write(listener_->stop_fd.fd, &one, sizeof(one));
         if (thread_.get_id() == std::this_thread::get_id()) {
@@ -378,13 +672,85 @@ public:
     }
 
     Result<std::unique_ptr<BackendRegion>> registerMemory(const MemorySpan& span) override {
+        const uint64_t base = reinterpret_cast<uint64_t>(span.base);
+        uint32_t kind = shm::kSlotCma;  // any memory: cross-memory attach
+        int32_t fd = -1;
+        uint64_t ino = 0, offset = 0;
+        if (auto range = findShareableRange(span.base, span.length)) {  // a kvxfer.empty buffer: mapped
+            struct stat st {};
+            if (::fstat(range->fd, &st) == 0) {
+                kind = shm::kSlotMemfd;
+                fd = range->fd;
+                ino = st.st_ino;
+                offset = range->offset;
+            }
+        }
+        auto& exports = listener_->exports;
+        KVXFER_ASSIGN_OR_RETURN(auto slot, exports->publish(kind, base, span.length, fd, ino, offset));
         auto region = std::make_unique<ShmRegion>();
-        region->shareable = findShareableRange(span.base, span.length);  // else CMA: nothing to pin
+        region->exports = exports;
+        region->slot = slot.first;
+        region->tag = slot.second;
         return std::unique_ptr<BackendRegion>(std::move(region));
     }
 
+    void revokeMemory(BackendRegion& region) override {
+        auto& r = static_cast<ShmRegion&>(region);
+        r.exports->revoke(r.slot);
+    }
+
+    // The initiator's side of the socket handshake (top of this file): proves the peer's
+    // secret, checks the peer's proof, and receives its export table.
+    Status handshake(ShmPeer& peer, const PeerIdentity& identity, Clock::time_point deadline) const {
+        if (identity.secret.size() != PeerDescriptor::kSecretBytes) {
+            return Status::badDescriptor("shm peer '" + identity.name + "' published no connection secret");
+        }
+        const int fd = peer.notify_socket.fd;
+        KVXFER_ASSIGN_OR_RETURN(const auth::Nonce mine, auth::randomNonce());
+        Bytes hello(4 + 8);
+        std::memcpy(hello.data(), &kMagic, 4);
+        std::memcpy(hello.data() + 4, &self_instance_, 8);
+        hello.insert(hello.end(), mine.begin(), mine.end());
+        hello.insert(hello.end(), self_name_.begin(), self_name_.end());
+        KVXFER_RETURN_IF_ERROR(sendMessage(fd, hello));
+        Bytes msg;
+        KVXFER_RETURN_IF_ERROR(recvMessage(fd, &msg, nullptr, deadline));
+        uint32_t magic = 0;
+        if (msg.size() != 4 + auth::kNonceBytes + auth::kMacBytes ||
+            (std::memcpy(&magic, msg.data(), 4), magic != kMagic)) {
+            return Status::peerUnreachable("shm peer '" + identity.name + "': malformed handshake");
+        }
+        const ByteView theirs(msg.data() + 4, auth::kNonceBytes);
+        const auth::Mac expected =
+            auth::mac(identity.secret, {auth::view(kTargetLabel), auth::view(mine), theirs});
+        if (!auth::equal(auth::view(expected),
+                         ByteView(msg.data() + 4 + auth::kNonceBytes, auth::kMacBytes))) {
+            return Status::peerUnreachable("shm peer '" + identity.name +
+                                           "' could not prove its descriptor's secret");
+        }
+        const auth::Mac proof =
+            auth::mac(identity.secret, {auth::view(kInitiatorLabel), theirs, auth::view(mine),
+                                        auth::view(self_instance_), auth::view(self_name_)});
+        Bytes out(4);
+        std::memcpy(out.data(), &kMagic, 4);
+        out.insert(out.end(), proof.begin(), proof.end());
+        KVXFER_RETURN_IF_ERROR(sendMessage(fd, out));
+        Fd table;
+        Status st = recvMessage(fd, &msg, &table, deadline);
+        if (!st.isOk() || msg.size() != 4 || table.fd < 0) {
+            return Status::peerUnreachable("shm peer '" + identity.name + "' refused the connection" +
+                                           (st.isOk() ? std::string() : ": " + st.message()));
+        }
+        struct stat tst {};
+        if (::fstat(table.fd, &tst) != 0 || static_cast<uint64_t>(tst.st_size) < shm::kTableBytes) {
+            return Status::peerUnreachable("shm peer '" + identity.name + "' sent a malformed export table");
+        }
+        peer.exports = std::make_shared<shm::TableMapping>();
+        return peer.exports->map(table.fd);
+    }
+
     Result<std::shared_ptr<BackendPeer>> connect(const PeerIdentity& identity, ByteView info,
-                                                 Clock::time_point) override {
+                                                 Clock::time_point deadline) override {
         if (!identity.same_host) return Status::unsupported("shm reaches engines on this host only");
         if (info.size() < 13 || info.size() > 12 + 64) {
             return Status::badDescriptor("shm endpoint info of peer '" + identity.name + "' is malformed");
@@ -412,13 +778,15 @@ public:
                                            " now belongs to another process");
         }
         const std::string sock(reinterpret_cast<const char*>(info.data() + 12), info.size() - 12);
-        peer->notify_socket = Fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
+        peer->notifier = notifier_;
+        peer->notify_socket = Fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
         socklen_t len = 0;
         sockaddr_un addr = abstractAddress(sock, &len);
         if (::connect(peer->notify_socket.fd, reinterpret_cast<sockaddr*>(&addr), len) != 0) {
             return Status::peerUnreachable("shm peer '" + identity.name +
                                            "' notification socket: " + std::strerror(errno));
         }
+        KVXFER_RETURN_IF_ERROR(handshake(*peer, identity, deadline));
         return std::shared_ptr<BackendPeer>(std::move(peer));
     }
 
@@ -426,23 +794,41 @@ public:
                                                                     const RegionDescriptor& region,
                                                                     ByteView key) override {
         auto& peer = static_cast<ShmPeer&>(backend_peer);
-        auto remote = std::make_unique<ShmRemoteRegion>();
-        if (key.empty() || key[0] > kKeyMemfd || (key[0] == kKeyMemfd && key.size() != 13)) {
-            return Status::badDescriptor("shm key of region " + std::to_string(region.id) + " of peer '" +
-                                         peer.name + "' is malformed");
+        const std::string what = "shm region " + std::to_string(region.id) + " of peer '" + peer.name + "'";
+        if (key.size() != kKeyBytes || key[0] != kKeyVersion)
+            return Status::badDescriptor(what + ": malformed key");
+        uint32_t index = 0;
+        uint64_t tag = 0;
+        std::memcpy(&index, key.data() + 1, 4);
+        std::memcpy(&tag, key.data() + 5, 8);
+        if (index >= shm::kSlots || tag == 0) return Status::badDescriptor(what + ": malformed key");
+        shm::Slot& slot = peer.exports->slots[index];
+        // The descriptor must describe exactly what the peer exports now.
+        shm::SlotUse use(slot, tag);
+        const uint32_t kind = slot.kind;
+        const uint64_t base = slot.base, length = slot.length, ino = slot.ino, offset = slot.offset;
+        const int32_t remote_fd = slot.fd;
+        if (!use.ok() || base != region.base_address || length != region.length) {
+            return Status::badDescriptor(
+                what + " does not match what the peer exports (stale or forged descriptor)");
         }
-        if (key[0] == kKeyCma) return std::unique_ptr<BackendRemoteRegion>(std::move(remote));
-        int32_t remote_fd = 0;
-        uint64_t offset = 0;
-        std::memcpy(&remote_fd, key.data() + 1, 4);
-        std::memcpy(&offset, key.data() + 5, 8);
-        // Take a copy of the peer's memfd (same permission check as CMA) and map it.
-        // Failure is not fatal: the region is then reached by CMA.
+        auto remote = std::make_unique<ShmRemoteRegion>();
+        remote->exports = peer.exports;
+        remote->slot = &slot;
+        remote->tag = tag;
+        if (kind != shm::kSlotMemfd) return std::unique_ptr<BackendRemoteRegion>(std::move(remote));
+        // Take a copy of the peer's memfd (same permission check as CMA), check it is the
+        // exported one and large enough, and map it. Failure is not fatal: CMA then.
         Fd fd(static_cast<int>(::syscall(SYS_pidfd_getfd, peer.pidfd.fd, remote_fd, 0)));
-        if (fd.fd < 0) return std::unique_ptr<BackendRemoteRegion>(std::move(remote));
+        struct stat st {};
+        if (fd.fd < 0 || ::fstat(fd.fd, &st) != 0 || static_cast<uint64_t>(st.st_ino) != ino ||
+            offset > static_cast<uint64_t>(st.st_size) ||
+            length > static_cast<uint64_t>(st.st_size) - offset) {
+            return std::unique_ptr<BackendRemoteRegion>(std::move(remote));
+        }
         const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
         const uint64_t head = offset % page;
-        const size_t bytes = static_cast<size_t>(head + region.length);
+        const size_t bytes = static_cast<size_t>(head + length);
         // Not populated: setting up page tables for the whole region would make add_peer
         // grow with the peer's memory (0.45 s for 5 GiB); pages are mapped as copies touch
         // them (the memfd's pages exist already, so each fault is a minor one).
@@ -470,18 +856,26 @@ public:
         // the job machine checks its deadline and cancellation after the copy.
         const Status st = copyChunk(*job, 0, job->num_runs, /*liveness_checked=*/true);
         if (job->dataDone(st, true) == TransferJob::AfterData::kSendNotification) {
-            Status sent;
-            if (peer.trySend(job->notify, &sent)) {
-                job->finish(std::move(sent));
-            } else {
-                pool_.commitLater(job);  // the socket is full or busy: a worker sends it
-            }
+            // Sent at once, or queued to the notifier (which finishes the job).
+            if (auto sent =
+                    peer.sendOrQueue({job, ShmPeer::message(job->notify), job->deadline, nullptr, nullptr}))
+                job->finish(std::move(*sent));
         }
         return true;
     }
 
-    Status notify(BackendPeer& peer, ByteView payload, Clock::time_point) override {
-        return static_cast<ShmPeer&>(peer).send(payload);
+    Status notify(BackendPeer& backend_peer, ByteView payload, Clock::time_point deadline) override {
+        auto& peer = static_cast<ShmPeer&>(backend_peer);
+        Outgoing out{nullptr, peer.message(payload), deadline,
+                     std::make_shared<std::pair<std::mutex, std::condition_variable>>(),
+                     std::make_shared<std::optional<Status>>()};
+        auto sync = out.sync;
+        auto result = out.result;
+        if (std::optional<Status> now = peer.sendOrQueue(std::move(out))) return *now;
+        // Queued: the notifier ends it by its deadline.
+        std::unique_lock<std::mutex> lock(sync->first);
+        sync->second.wait(lock, [&] { return result->has_value(); });
+        return **result;
     }
 
 private:
@@ -496,9 +890,13 @@ private:
                                       : std::min(4u, std::max(1u, std::thread::hardware_concurrency())),
               kMaxIov, 64 << 20,
               [](TransferJob& job, uint64_t first, uint64_t end) { return copyChunk(job, first, end); },
-              [](TransferJob& job) { return static_cast<ShmPeer&>(*job.peer).send(job.notify); }) {
+              [](const std::shared_ptr<TransferJob>& job) {
+                  auto& peer = static_cast<ShmPeer&>(*job->peer);
+                  return peer.sendOrQueue({job, peer.message(job->notify), job->deadline, nullptr, nullptr});
+              }) {
         caps_.lanes = pool_.threads();  // copy threads share a job
         caps_.inline_max_bytes = ctx.config->shm.inline_max_bytes;
+        notifier_->start(notifier_);
         thread_ = std::thread([l = listener_] { l->run(); });
     }
 
@@ -509,6 +907,7 @@ private:
     std::string self_name_;
     uint64_t self_instance_;
     uint64_t start_time_;
+    std::shared_ptr<Notifier> notifier_ = std::make_shared<Notifier>();
     CopyPool pool_;
     std::thread thread_;
 };

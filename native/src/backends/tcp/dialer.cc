@@ -12,6 +12,73 @@
 #include "backends/tcp/tcp_internal.h"
 
 namespace kvxfer::tcp {
+namespace {
+
+// The initiator's side of the authenticated handshake (tcp_wire.h): HELLO, CHALLENGE
+// (checks the target's proof), PROOF, HELLO_ACK.
+template <typename Check>
+Status handshake(const PeerConn& c, int fd, Check&& hs_check) {
+    if (c.peer_secret.size() != PeerDescriptor::kSecretBytes) {
+        return Status::badDescriptor("peer '" + c.peer_name +
+                                     "' published no connection secret (a kvxfer older than the "
+                                     "authenticated tcp wire)");
+    }
+    KVXFER_ASSIGN_OR_RETURN(const auth::Nonce mine, auth::randomNonce());
+    std::vector<uint8_t> hello;
+    appendFrame(hello,
+                {.type = kHello,
+                 .aux = static_cast<uint32_t>(c.self_name.size()),
+                 .job = c.self_instance,
+                 .a = c.peer_instance,
+                 .b = c.link},
+                c.self_name.data(), c.self_name.size());
+    hello.insert(hello.end(), mine.begin(), mine.end());
+    KVXFER_RETURN_IF_ERROR(sendBytes(fd, hello.data(), hello.size(), hs_check, "hello"));
+    // A refusal (HELLO_ACK) or the challenge.
+    uint8_t hb[kHeaderBytes];
+    Header h;
+    auto readAck = [&]() -> Status {
+        if (h.b > kMaxMessageBytes)
+            return Status::peerUnreachable("not a kvxfer tcp endpoint (bad HELLO reply)");
+        std::string msg(h.b, '\0');
+        if (h.b) KVXFER_RETURN_IF_ERROR(recvBytes(fd, msg.data(), msg.size(), hs_check, "hello"));
+        if (h.aux != 0) return statusFromWire(h.aux, msg);
+        if (h.job != c.peer_instance) return Status::peerUnreachable("another engine instance answered");
+        return Status::ok();
+    };
+    KVXFER_RETURN_IF_ERROR(recvBytes(fd, hb, sizeof(hb), hs_check, "hello"));
+    if (!decodeHeader(hb, &h)) return Status::peerUnreachable("not a kvxfer tcp endpoint (bad HELLO reply)");
+    if (h.type == kHelloAck) {
+        Status st = readAck();
+        return st.isOk() ? Status::peerUnreachable("peer accepted a HELLO without authentication") : st;
+    }
+    if (h.type != kChallenge || h.b != 2 * auth::kNonceBytes)
+        return Status::peerUnreachable("not a kvxfer tcp endpoint (bad HELLO reply)");
+    uint8_t challenge[2 * auth::kNonceBytes];
+    KVXFER_RETURN_IF_ERROR(recvBytes(fd, challenge, sizeof(challenge), hs_check, "hello"));
+    const ByteView theirs(challenge, auth::kNonceBytes);
+    const ByteView their_proof(challenge + auth::kNonceBytes, auth::kMacBytes);
+    const auth::Mac expected = auth::mac(c.peer_secret, {auth::view(kTargetLabel), auth::view(mine), theirs});
+    if (!auth::equal(auth::view(expected), their_proof)) {
+        return Status::peerUnreachable("tcp peer '" + c.peer_name +
+                                       "' could not prove its descriptor's secret (another process "
+                                       "listens at its address)");
+    }
+    const uint64_t instance = c.self_instance;
+    const uint64_t link = c.link;
+    const auth::Mac proof =
+        auth::mac(c.peer_secret, {auth::view(kInitiatorLabel), theirs, auth::view(mine), auth::view(instance),
+                                  auth::view(link), auth::view(c.self_name)});
+    std::vector<uint8_t> out;
+    appendFrame(out, {.type = kProof, .b = proof.size()}, proof.data(), proof.size());
+    KVXFER_RETURN_IF_ERROR(sendBytes(fd, out.data(), out.size(), hs_check, "hello"));
+    KVXFER_RETURN_IF_ERROR(recvBytes(fd, hb, sizeof(hb), hs_check, "hello"));
+    if (!decodeHeader(hb, &h) || h.type != kHelloAck)
+        return Status::peerUnreachable("not a kvxfer tcp endpoint (bad HELLO reply)");
+    return readAck();
+}
+
+}  // namespace
 
 // Opens and handshakes a connection to the peer, trying its addresses in order, until
 // `deadline` or until `give_up()` (the job or notification it is for was abandoned).
@@ -71,30 +138,7 @@ Result<Fd> dial(const PeerConn& c, Clock::time_point deadline, const std::functi
             const int flags = ::fcntl(fd.fd, F_GETFL);
             ::fcntl(fd.fd, F_SETFL, flags & ~O_NONBLOCK);
             setSliceTimeouts(fd.fd);
-            // HELLO: who we are, and which instance we expect to find.
-            std::vector<uint8_t> hello;
-            appendFrame(hello,
-                        {.type = kHello,
-                         .aux = static_cast<uint32_t>(c.self_name.size()),
-                         .job = c.self_instance,
-                         .a = c.peer_instance},
-                        c.self_name.data(), c.self_name.size());
-            auto hs_check = check(deadline);
-            st = sendBytes(fd.fd, hello.data(), hello.size(), hs_check, "hello");
-            uint8_t hb[kHeaderBytes];
-            if (st.isOk()) st = recvBytes(fd.fd, hb, sizeof(hb), hs_check, "hello");
-            Header h;
-            if (st.isOk() && (!decodeHeader(hb, &h) || h.type != kHelloAck || h.b > kMaxMessageBytes)) {
-                st = Status::peerUnreachable("not a kvxfer tcp endpoint (bad HELLO reply)");
-            }
-            std::string msg;
-            if (st.isOk() && h.b) {
-                msg.resize(h.b);
-                st = recvBytes(fd.fd, msg.data(), msg.size(), hs_check, "hello");
-            }
-            if (st.isOk() && h.aux != 0) st = statusFromWire(h.aux, msg);
-            if (st.isOk() && h.job != c.peer_instance)
-                st = Status::peerUnreachable("another engine instance answered");
+            st = handshake(c, fd.fd, check(deadline));
             if (st.isOk()) return fd;
             if (st.code() == StatusCode::kCanceled) return st;
         } else if (st.code() == StatusCode::kCanceled) {

@@ -19,9 +19,13 @@ Status scanPending(PeerConn& c, Session& s, Clock::time_point now, Clock::time_p
         for (auto it = s.pending.begin(); it != s.pending.end();) {
             Pending& p = it->second;
             const TransferJob& job = *p.job;
-            if (!p.streaming && p.committed && pastDeadline(job.deadline, now, kStallGrace)) {
-                kill = Status::peerUnreachable(c.label() + " did not acknowledge transfer " +
-                                               std::to_string(job.id) + " by its deadline");
+            if (!p.streaming && p.committed && pastDeadline(job.deadline, now)) {
+                // The core ended it TIMEOUT at its deadline; its memory is no longer touched
+                // (END sent), so let go now. A late ACK finds no entry and is ignored.
+                finish.emplace_back(p.job, Status::timeout(c.label() + " did not acknowledge transfer " +
+                                                           std::to_string(job.id) + " by its deadline"));
+                it = s.pending.erase(it);
+                continue;
             } else if (!p.streaming && !p.committed && job.op == Op::kWrite && p.awaiting_ack &&
                        job.abandoned()) {
                 finish.emplace_back(p.job, Status::canceled("tcp: write abandoned"));

@@ -8,46 +8,49 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <unordered_map>
 #include <vector>
 
 namespace kvxfer::tcp {
 
 struct RegionEntry {
+    uint64_t tag = 0;  // random per registration: what a peer names (a stale tag reaches nothing)
     uint64_t base = 0;
     uint64_t length = 0;
     std::atomic<bool> alive{true};
     uint32_t pins = 0;  // guarded by RegionTable::mutex_
 };
 
-// Every range registered with this backend. A receiver pins the entries a frame touches
-// while it moves bytes; unregistering waits for the pins (a pinning thread notices
-// `alive` turning false within one poll slice and lets go).
+// Every range registered with this backend, by tag. A receiver pins the entries a frame
+// touches while it moves bytes; removing (deregister, close, drop) waits for the pins (a
+// pinning thread notices `alive` turning false within one poll slice and lets go).
 class RegionTable {
 public:
-    std::shared_ptr<RegionEntry> add(uint64_t base, uint64_t length) {
+    std::shared_ptr<RegionEntry> add(uint64_t tag, uint64_t base, uint64_t length) {
         auto e = std::make_shared<RegionEntry>();
+        e->tag = tag;
         e->base = base;
         e->length = length;
         std::lock_guard<std::mutex> lock(mutex_);
-        entries_.push_back(e);
+        entries_[tag] = e;
         return e;
     }
+    // Idempotent: after it returns no byte moves into or out of the entry's range.
     void remove(const std::shared_ptr<RegionEntry>& e) {
         std::unique_lock<std::mutex> lock(mutex_);
         e->alive.store(false, std::memory_order_release);
         cv_.wait(lock, [&] { return e->pins == 0; });
-        std::erase(entries_, e);
+        if (auto it = entries_.find(e->tag); it != entries_.end() && it->second == e) entries_.erase(it);
     }
-    // The live entry containing [addr, addr + len), pinned; null when there is none.
-    std::shared_ptr<RegionEntry> pin(uint64_t addr, uint64_t len) {
+    // The live entry `tag` when it contains [addr, addr + len), pinned; null otherwise.
+    std::shared_ptr<RegionEntry> pin(uint64_t tag, uint64_t addr, uint64_t len) {
         std::lock_guard<std::mutex> lock(mutex_);
-        for (const auto& e : entries_) {
-            if (contains(*e, addr, len) && e->alive.load(std::memory_order_acquire)) {
-                ++e->pins;
-                return e;
-            }
-        }
-        return nullptr;
+        auto it = entries_.find(tag);
+        if (it == entries_.end()) return nullptr;
+        const auto& e = it->second;
+        if (!contains(*e, addr, len) || !e->alive.load(std::memory_order_acquire)) return nullptr;
+        ++e->pins;
+        return e;
     }
     void unpin(RegionEntry& e) {
         std::lock_guard<std::mutex> lock(mutex_);
@@ -60,7 +63,7 @@ public:
 private:
     std::mutex mutex_;
     std::condition_variable cv_;
-    std::vector<std::shared_ptr<RegionEntry>> entries_;
+    std::unordered_map<uint64_t, std::shared_ptr<RegionEntry>> entries_;
 };
 
 // The entries pinned for one frame.
@@ -68,11 +71,11 @@ class Pins {
 public:
     explicit Pins(RegionTable& table) : table_(table) {}
     ~Pins() { release(); }
-    bool pin(uint64_t addr, uint64_t len) {
+    bool pin(uint64_t tag, uint64_t addr, uint64_t len) {
         for (const auto& e : held_) {
-            if (RegionTable::contains(*e, addr, len)) return true;
+            if (e->tag == tag && RegionTable::contains(*e, addr, len)) return true;
         }
-        auto e = table_.pin(addr, len);
+        auto e = table_.pin(tag, addr, len);
         if (!e) return false;
         held_.push_back(std::move(e));
         return true;
@@ -92,11 +95,5 @@ private:
     RegionTable& table_;
     std::vector<std::shared_ptr<RegionEntry>> held_;
 };
-
-// Orders an inbound connection against the later ones of the same initiator instance.
-// When a dead connection is replaced (reconnect), bytes of abandoned jobs may still sit
-// in the old socket's receive queue; they must never land after the new connection has
-// delivered newer data. A new HELLO therefore marks every older connection of that
-// initiator superseded and waits until none is inside a memory section; a superseded
 
 }  // namespace kvxfer::tcp

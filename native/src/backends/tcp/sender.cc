@@ -36,9 +36,11 @@ private:
     std::optional<Clock::time_point> idle_since_;
 };
 
-// Runs [first, end) of a job's flattened runs that fit one frame.
+// Runs [first, end) of a job's flattened runs that fit one frame: one remote region (the
+// frame names its tag), at most kMaxBatchRuns runs and kMaxBatchBytes bytes.
 uint64_t batchEnd(const TransferJob& job, uint64_t first, uint64_t* bytes) {
-    const uint64_t n = job.num_runs;
+    const uint32_t part = job.partOf(first);
+    const uint64_t n = part + 1 < job.parts.size() ? job.parts[part + 1].first_run : job.num_runs;
     uint64_t end = first;
     *bytes = 0;
     while (end < n && end - first < kMaxBatchRuns) {
@@ -48,6 +50,10 @@ uint64_t batchEnd(const TransferJob& job, uint64_t first, uint64_t* bytes) {
         ++end;
     }
     return end;
+}
+
+uint64_t regionTag(const TransferJob& job, uint64_t run) {
+    return static_cast<const TcpRemoteRegion*>(job.parts[job.partOf(run)].remote.backend)->tag;
 }
 
 void appendTable(std::vector<uint8_t>& out, const TransferJob& job, uint64_t first, uint64_t end) {
@@ -92,7 +98,11 @@ void streamWrite(PeerConn& c, const std::shared_ptr<Session>& s, const std::shar
         uint64_t bytes = 0;
         const uint64_t end = batchEnd(*job, i, &bytes);
         head.assign(kHeaderBytes, 0);
-        encodeHeader({.type = kWrite, .aux = static_cast<uint32_t>(end - i), .job = job->id, .b = bytes},
+        encodeHeader({.type = kWrite,
+                      .aux = static_cast<uint32_t>(end - i),
+                      .job = job->id,
+                      .a = regionTag(*job, i),
+                      .b = bytes},
                      head.data());
         appendTable(head, *job, i, end);
         cur.clear();
@@ -164,7 +174,11 @@ void streamRead(PeerConn& c, const std::shared_ptr<Session>& s, const std::share
             ++s->pending.at(job->id).reads_outstanding;
         }
         head.assign(kHeaderBytes, 0);
-        encodeHeader({.type = kReadReq, .aux = static_cast<uint32_t>(end - i), .job = job->id, .b = bytes},
+        encodeHeader({.type = kReadReq,
+                      .aux = static_cast<uint32_t>(end - i),
+                      .job = job->id,
+                      .a = regionTag(*job, i),
+                      .b = bytes},
                      head.data());
         appendTable(head, *job, i, end);
         st = sendBytes(fd, head.data(), head.size(), check, "tcp send");
@@ -273,7 +287,8 @@ void senderLoop(const std::shared_ptr<PeerConn>& c) {
 }
 
 bool sendInline(const std::shared_ptr<PeerConn>& c, const std::shared_ptr<TransferJob>& job) {
-    if (job->op != Op::kWrite || job->num_runs > kInlineMaxRuns) return false;
+    // One WRITE frame names one region tag: a job over several regions takes the sender.
+    if (job->op != Op::kWrite || job->num_runs > kInlineMaxRuns || job->parts.size() != 1) return false;
     std::shared_ptr<Session> s;
     {
         std::lock_guard<std::mutex> lock(c->mutex);
@@ -309,7 +324,12 @@ bool sendInline(const std::shared_ptr<PeerConn>& c, const std::shared_ptr<Transf
         bytes += r.length;
     }
     if (n > 0) {
-        encodeHeader({.type = kWrite, .aux = static_cast<uint32_t>(n), .job = job->id, .b = bytes}, head);
+        encodeHeader({.type = kWrite,
+                      .aux = static_cast<uint32_t>(n),
+                      .job = job->id,
+                      .a = regionTag(*job, 0),
+                      .b = bytes},
+                     head);
         iov[0] = {head, kHeaderBytes + 16 * n};
         k = 1 + n;
     }

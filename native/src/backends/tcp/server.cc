@@ -15,9 +15,10 @@
 namespace kvxfer::tcp {
 
 // Registers a new connection of `initiator`, fencing off its older ones.
-std::shared_ptr<InboundFence> Shared::newFence(uint64_t initiator) {
+std::shared_ptr<InboundFence> Shared::newFence(uint64_t initiator, uint64_t link) {
     auto fence = std::make_shared<InboundFence>();
     std::vector<std::shared_ptr<InboundFence>> older;
+    const std::pair<uint64_t, uint64_t> key{initiator, link};
     {
         std::lock_guard<std::mutex> lock(fence_mutex);
         for (auto it = fences.begin(); it != fences.end();) {
@@ -26,10 +27,10 @@ std::shared_ptr<InboundFence> Shared::newFence(uint64_t initiator) {
                 it = fences.erase(it);
                 continue;
             }
-            if (it->first == initiator) older.push_back(std::move(f));
+            if (it->first == key) older.push_back(std::move(f));
             ++it;
         }
-        fences.emplace(initiator, fence);
+        fences.emplace(key, fence);
     }
     for (auto& f : older) {
         f->superseded.store(true);
@@ -40,6 +41,12 @@ std::shared_ptr<InboundFence> Shared::newFence(uint64_t initiator) {
 }
 
 namespace {
+
+// The one answer to a run the target refuses: the same whatever was wrong (unknown or stale
+// tag, outside the region, deregistered), so replies cannot be used to map its memory.
+constexpr const char* kRefused =
+    "tcp peer: the target refused the access (the region is not registered there any more, or the "
+    "range lies outside it)";
 
 class InboundConnection {
 public:
@@ -93,6 +100,8 @@ private:
         return sendBytes(fd_, out_.data(), out_.size(), stopCheck(), "tcp target reply");
     }
 
+    // The target's side of the authenticated handshake (tcp_wire.h). Nothing but a HELLO,
+    // then a PROOF, is read before it succeeds; a refusal never names this instance.
     Status handshake() {
         const auto deadline = Clock::now() + kHandshakeTimeout;
         auto check = [&](bool) {
@@ -106,21 +115,42 @@ private:
         if (!decodeHeader(hb, &h) || h.type != kHello || h.aux == 0 || h.aux > kMaxNameBytes) {
             return Status::remote("malformed HELLO");
         }
-        peer_name_.resize(h.aux);
-        KVXFER_RETURN_IF_ERROR(recvBytes(fd_, peer_name_.data(), peer_name_.size(), check, "tcp hello"));
+        std::vector<uint8_t> body(h.aux + auth::kNonceBytes);
+        KVXFER_RETURN_IF_ERROR(recvBytes(fd_, body.data(), body.size(), check, "tcp hello"));
+        peer_name_.assign(reinterpret_cast<const char*>(body.data()), h.aux);
+        const ByteView theirs(body.data() + h.aux, auth::kNonceBytes);
         peer_instance_ = h.job;
-        Header ack{.type = kHelloAck, .job = sh_.instance};
+        const uint64_t link = h.b;
+        auto refuse = [&](StatusCode code, const std::string& msg) {
+            (void)reply({.type = kHelloAck, .aux = static_cast<uint32_t>(code), .b = msg.size()}, msg);
+            return Status(code, msg);
+        };
         if (h.a != sh_.instance) {
-            const std::string msg = "engine '" + sh_.name + "' listening here is another instance (" +
-                                    std::to_string(sh_.instance) + ", not " + std::to_string(h.a) +
-                                    "): the peer restarted";
-            ack.aux = static_cast<uint32_t>(StatusCode::kPeerUnreachable);
-            ack.b = msg.size();
-            (void)reply(ack, msg);
-            return Status::peerUnreachable(msg);
+            return refuse(StatusCode::kPeerUnreachable,
+                          "no engine instance of that id listens here (the peer restarted)");
         }
-        fence_ = sh_.newFence(peer_instance_);
-        return reply(ack);
+        KVXFER_ASSIGN_OR_RETURN(const auth::Nonce mine, auth::randomNonce());
+        const auth::Mac ours = auth::mac(sh_.secret, {auth::view(kTargetLabel), theirs, auth::view(mine)});
+        std::vector<uint8_t> challenge(mine.begin(), mine.end());
+        challenge.insert(challenge.end(), ours.begin(), ours.end());
+        out_.clear();
+        appendFrame(out_, {.type = kChallenge, .b = challenge.size()}, challenge.data(), challenge.size());
+        KVXFER_RETURN_IF_ERROR(sendBytes(fd_, out_.data(), out_.size(), check, "tcp hello"));
+        KVXFER_RETURN_IF_ERROR(recvBytes(fd_, hb, sizeof(hb), check, "tcp hello"));
+        uint8_t proof[auth::kMacBytes];
+        if (!decodeHeader(hb, &h) || h.type != kProof || h.b != sizeof(proof)) {
+            return refuse(StatusCode::kRemote, "authentication failed");
+        }
+        KVXFER_RETURN_IF_ERROR(recvBytes(fd_, proof, sizeof(proof), check, "tcp hello"));
+        const uint64_t instance = peer_instance_;
+        const auth::Mac expected =
+            auth::mac(sh_.secret, {auth::view(kInitiatorLabel), auth::view(mine), theirs,
+                                   auth::view(instance), auth::view(link), auth::view(peer_name_)});
+        if (!auth::equal(auth::view(expected), ByteView(proof, sizeof(proof)))) {
+            return refuse(StatusCode::kRemote, "authentication failed");
+        }
+        fence_ = sh_.newFence(peer_instance_, link);
+        return reply({.type = kHelloAck, .job = sh_.instance});
     }
 
     // Reads and checks a run table of `n` runs totalling `bytes`. False: malformed.
@@ -157,13 +187,9 @@ private:
         if (failed_.count(h.job)) return discard(h.b);  // already failed: drop the rest
         Pins pins(sh_.regions);
         for (uint32_t i = 0; i < h.aux; ++i) {
-            if (!pins.pin(runAddr(i), runLen(i))) {
+            if (!pins.pin(h.a, runAddr(i), runLen(i))) {
                 pins.release();
-                char buf[160];
-                std::snprintf(
-                    buf, sizeof(buf), "range [0x%llx, +%llu) is outside every region registered with '",
-                    static_cast<unsigned long long>(runAddr(i)), static_cast<unsigned long long>(runLen(i)));
-                failJob(h.job, Status::remote("tcp peer: write to " + std::string(buf) + sh_.name + "'"));
+                failJob(h.job, Status::remote(kRefused));
                 return discard(h.b);
             }
         }
@@ -177,8 +203,7 @@ private:
             if (fence_->superseded.load()) return Status::canceled("tcp: superseded by a newer connection");
             if (!pins.alive()) {
                 region_gone = true;
-                return Status::remote("tcp peer: a destination region of '" + sh_.name +
-                                      "' was deregistered during the transfer");
+                return Status::remote("tcp peer: a destination region was deregistered during the transfer");
             }
             return Status::ok();
         };
@@ -213,13 +238,8 @@ private:
         if (!readTable(h)) return false;
         Pins pins(sh_.regions);
         for (uint32_t i = 0; i < h.aux; ++i) {
-            if (!pins.pin(runAddr(i), runLen(i))) {
-                char buf[160];
-                std::snprintf(buf, sizeof(buf),
-                              "tcp peer: read of [0x%llx, +%llu) is outside every region registered with '",
-                              static_cast<unsigned long long>(runAddr(i)),
-                              static_cast<unsigned long long>(runLen(i)));
-                const std::string msg = buf + sh_.name + "'";
+            if (!pins.pin(h.a, runAddr(i), runLen(i))) {
+                const std::string msg = kRefused;
                 return reply({.type = kReadData,
                               .aux = static_cast<uint32_t>(StatusCode::kRemote),
                               .job = h.job,

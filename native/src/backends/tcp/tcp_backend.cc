@@ -3,8 +3,9 @@
 //
 // Bind address: TcpConfig::listen (EngineConfig.backend.tcp.listen, or the environment
 // overlay KVXFER_TCP_LISTEN): "HOST:PORT", ":PORT", "HOST:" or "HOST" with HOST an IPv4
-// literal, "localhost" or "*". A malformed value fails engine creation. Empty: 0.0.0.0:0,
-// every interface and an ephemeral port.
+// literal, "localhost" or "*". A malformed value fails engine creation. Empty: 127.0.0.1:0,
+// loopback only and an ephemeral port (docs/security.md: an engine is reachable from a
+// network only when its configuration names an address).
 // The descriptor publishes the port and, for a wildcard bind, every IPv4 address of this
 // host (getifaddrs; non-loopback first, loopback last); for a specific bind, that address.
 // connect() tries them in order, giving each a share of the time left.
@@ -63,12 +64,19 @@ struct TcpRegion final : BackendRegion {
     std::shared_ptr<Shared> shared;
     std::shared_ptr<RegionEntry> entry;
     ~TcpRegion() override { shared->regions.remove(entry); }
+    // Remote key: the registration's u64 tag (little-endian), named by every frame.
+    Bytes remoteKey() const override {
+        Bytes key(8);
+        putLe(key.data(), entry->tag, 8);
+        return key;
+    }
 };
 
 class TcpBackend final : public Backend {
 public:
     static Result<std::unique_ptr<Backend>> create(const BackendContext& ctx) {
         BindSpec bind;
+        bind.host = htonl(INADDR_LOOPBACK);  // only a configured address opens the engine to a network
         if (const std::string& listen = ctx.config->tcp.listen; !listen.empty()) {
             auto parsed = parseBind(listen, true);
             if (!parsed) {
@@ -81,6 +89,7 @@ public:
         sh->sink = ctx.sink;
         sh->name = ctx.engine_name;
         sh->instance = ctx.instance_id;
+        sh->secret = ctx.secret;
         sh->listen_fd = Fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
         if (sh->listen_fd.fd < 0) return Status::systemErrno("tcp: socket", errno);
         const int one = 1;
@@ -140,8 +149,16 @@ public:
         const uint64_t length = span.length;
         auto r = std::make_unique<TcpRegion>();
         r->shared = shared_;
-        r->entry = shared_->regions.add(reinterpret_cast<uint64_t>(base), length);
+        uint64_t tag = 0;
+        while (tag == 0)
+            KVXFER_RETURN_IF_ERROR(auth::randomBytes(reinterpret_cast<uint8_t*>(&tag), sizeof(tag)));
+        r->entry = shared_->regions.add(tag, reinterpret_cast<uint64_t>(base), length);
         return std::unique_ptr<BackendRegion>(std::move(r));
+    }
+
+    void revokeMemory(BackendRegion& region) override {
+        auto& r = static_cast<TcpRegion&>(region);
+        r.shared->regions.remove(r.entry);
     }
 
     Result<std::shared_ptr<BackendPeer>> connect(const PeerIdentity& identity, ByteView info,
@@ -154,6 +171,10 @@ public:
         c->peer_instance = identity.instance_id;
         c->self_name = self_name_;
         c->self_instance = self_instance_;
+        c->peer_secret = identity.secret;
+        while (c->link == 0) {
+            KVXFER_RETURN_IF_ERROR(auth::randomBytes(reinterpret_cast<uint8_t*>(&c->link), sizeof(c->link)));
+        }
         KVXFER_ASSIGN_OR_RETURN(Fd fd, dial(*c, deadline));
         startSession(c, std::move(fd));
         c->sender = std::thread([c] { senderLoop(c); });
@@ -162,9 +183,16 @@ public:
         return std::shared_ptr<BackendPeer>(std::move(peer));
     }
 
-    Result<std::unique_ptr<BackendRemoteRegion>> importRemoteRegion(BackendPeer&, const RegionDescriptor&,
-                                                                    ByteView) override {
-        return std::make_unique<BackendRemoteRegion>();
+    Result<std::unique_ptr<BackendRemoteRegion>> importRemoteRegion(BackendPeer& peer,
+                                                                    const RegionDescriptor& region,
+                                                                    ByteView key) override {
+        if (key.size() != 8) {
+            return Status::badDescriptor("tcp key of region " + std::to_string(region.id) + " of " +
+                                         static_cast<TcpPeer&>(peer).conn->label() + " is malformed");
+        }
+        auto remote = std::make_unique<TcpRemoteRegion>();
+        remote->tag = getLe(key.data(), 8);
+        return std::unique_ptr<BackendRemoteRegion>(std::move(remote));
     }
 
     Status submit(const std::shared_ptr<TransferJob>& job) override {

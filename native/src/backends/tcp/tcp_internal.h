@@ -30,6 +30,7 @@
 #include "backends/tcp/region_table.h"
 #include "backends/tcp/tcp_wire.h"
 #include "kvxfer/backend.h"
+#include "util/auth.h"
 
 namespace kvxfer::tcp {
 
@@ -78,6 +79,9 @@ bool decodeEndpoint(ByteView info, uint16_t* port, std::vector<uint32_t>* addrs)
 // delivered newer data. A new HELLO therefore marks every older connection of that
 // initiator superseded and waits until none is inside a memory section; a superseded
 // connection moves no more bytes and closes.
+// Keyed by (initiator instance, link id): only the initiator's own connection object can
+// supersede its connections (an authenticated client naming another initiator's instance
+// cannot cut that initiator's connection).
 struct InboundFence {
     std::mutex section;  // held while bytes move to or from registered memory
     std::atomic<bool> superseded{false};
@@ -88,6 +92,7 @@ struct Shared {
     NotificationSink* sink = nullptr;
     std::string name;
     uint64_t instance = 0;
+    Bytes secret;  // this engine's capability (auth.h)
     RegionTable regions;
     std::atomic<bool> stopping{false};
     Fd listen_fd;
@@ -102,10 +107,10 @@ struct Shared {
     std::list<Inbound> inbound;
 
     std::mutex fence_mutex;
-    std::multimap<uint64_t, std::weak_ptr<InboundFence>> fences;  // by initiator instance
+    std::multimap<std::pair<uint64_t, uint64_t>, std::weak_ptr<InboundFence>> fences;  // (instance, link)
 
-    // Registers a new connection of `initiator`, fencing off its older ones (server.cc).
-    std::shared_ptr<InboundFence> newFence(uint64_t initiator);
+    // Registers a new connection of (initiator, link), fencing off its older ones (server.cc).
+    std::shared_ptr<InboundFence> newFence(uint64_t initiator, uint64_t link);
 };
 
 // The listener thread: accepts connections and serves each on its own thread until
@@ -181,6 +186,8 @@ struct PeerConn {
     std::vector<uint32_t> addrs;
     std::string self_name;
     uint64_t self_instance = 0;
+    Bytes peer_secret;  // proves the connection to the peer (its descriptor's secret)
+    uint64_t link = 0;  // random; HELLO carries it, the target fences by it
 
     std::atomic<bool> stopping{false};
     std::mutex mutex;
@@ -203,6 +210,11 @@ struct PeerConn {
             if (r.joinable()) r.detach();
         }
     }
+};
+
+// The import of a peer's region: the tag its WRITE / READ_REQ frames name.
+struct TcpRemoteRegion final : BackendRemoteRegion {
+    uint64_t tag = 0;
 };
 
 struct TcpPeer final : BackendPeer {

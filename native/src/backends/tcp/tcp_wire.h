@@ -9,18 +9,32 @@
 // followed by a body whose size is a function of the header, checked against the limits
 // below before anything is read. Initiator -> target:
 //
-//   HELLO      job = initiator instance, a = expected target instance, aux = name length;
-//              body: initiator engine name.
-//   WRITE      job, aux = run count n, b = payload bytes; body: n x (u64 address, u64
-//              length) then the payloads of those runs, concatenated.
+//   HELLO      job = initiator instance, a = expected target instance, b = link id (random
+//              per initiator connection object: what fencing keys on), aux = name length;
+//              body: initiator engine name, then a 32-byte initiator nonce.
+//   PROOF      b = 32; body: HMAC-SHA256(target secret, "kvxfer-tcp-initiator\0" || target
+//              nonce || initiator nonce || u64 initiator instance || u64 link || name).
+//   WRITE      job, a = region tag (the target region's remote key), aux = run count n,
+//              b = payload bytes; body: n x (u64 address, u64 length) then the payloads of
+//              those runs, concatenated. Every run lies in the region the tag names.
 //   END        job, aux = flags (kEndNotify, kEndAbort), b = notification length; body:
 //              the notification. Ends a WRITE (and carries a READ's notification).
-//   READ_REQ   job, aux = run count n, b = total bytes; body: n x (u64 address, u64 length).
+//   READ_REQ   job, a = region tag, aux = run count n, b = total bytes; body: n x (u64
+//              address, u64 length).
 //   NOTIFY     job = sequence number, b = payload length; body: the payload.
 //
 // Target -> initiator:
 //
-//   HELLO_ACK  aux = status code, job = target instance, b = message length; body: message.
+//   CHALLENGE  b = 64; body: 32-byte target nonce, then HMAC-SHA256(target secret,
+//              "kvxfer-tcp-target\0" || initiator nonce || target nonce) (the target
+//              proves the secret too). Sent only when HELLO named this instance.
+//   HELLO_ACK  aux = status code, job = target instance (0 when refused), b = message
+//              length; body: message. Ends the handshake: after PROOF (OK, or refused),
+//              or at once for a HELLO naming another instance (refused, the right
+//              instance is not told). A refused connection is closed.
+//
+// Until HELLO_ACK(OK) the target acts on nothing else; its error replies never carry
+// addresses, region bounds, tags or instance ids (docs/security.md).
 //   ACK        job, aux = status code, b = message length; body: message. Answers an END
 //              without kEndAbort, after the notification was delivered.
 //   READ_DATA  job, aux = status code, b = body length; body: the requested bytes in run
@@ -37,6 +51,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -46,7 +61,7 @@
 namespace kvxfer::tcp {
 
 constexpr uint16_t kMagic = 0x544b;
-constexpr uint8_t kVersion = 1;
+constexpr uint8_t kVersion = 2;  // 2: authenticated handshake, region tags
 constexpr size_t kHeaderBytes = 32;
 
 enum FrameType : uint8_t {
@@ -59,7 +74,13 @@ enum FrameType : uint8_t {
     kAck = 7,
     kReadData = 8,
     kNotifyAck = 9,
+    kChallenge = 10,
+    kProof = 11,
 };
+
+// Labels of the handshake MACs (the trailing NUL is part of each).
+constexpr std::string_view kTargetLabel{"kvxfer-tcp-target\0", 18};
+constexpr std::string_view kInitiatorLabel{"kvxfer-tcp-initiator\0", 21};
 
 constexpr uint32_t kEndNotify = 1;  // the END carries a notification to deliver
 constexpr uint32_t kEndAbort = 2;   // the initiator gave up on the job: no ACK, no delivery

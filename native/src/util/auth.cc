@@ -1,0 +1,45 @@
+#include "util/auth.h"
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/hmac.h>
+#include <openssl/rand.h>
+
+namespace kvxfer::auth {
+
+Status randomBytes(uint8_t* out, size_t n) {
+    if (RAND_bytes(out, static_cast<int>(n)) != 1) return Status::system("OpenSSL RAND_bytes failed");
+    return Status::ok();
+}
+
+Result<Bytes> randomSecret() {
+    Bytes s(PeerDescriptor::kSecretBytes);
+    KVXFER_RETURN_IF_ERROR(randomBytes(s.data(), s.size()));
+    return s;
+}
+
+Result<Nonce> randomNonce() {
+    Nonce n{};
+    KVXFER_RETURN_IF_ERROR(randomBytes(n.data(), n.size()));
+    return n;
+}
+
+Mac mac(ByteView secret, std::initializer_list<ByteView> parts) {
+    Bytes data;
+    for (ByteView p : parts) data.insert(data.end(), p.begin(), p.end());
+    Mac out{};
+    unsigned len = 0;
+    // On failure the all-zero MAC never equals a real proof of a random nonce.
+    if (HMAC(EVP_sha256(), secret.data(), static_cast<int>(secret.size()), data.data(), data.size(),
+             out.data(), &len) == nullptr ||
+        len != out.size()) {
+        out.fill(0);
+    }
+    return out;
+}
+
+bool equal(ByteView a, ByteView b) {
+    return a.size() == b.size() && CRYPTO_memcmp(a.data(), b.data(), a.size()) == 0;
+}
+
+}  // namespace kvxfer::auth
