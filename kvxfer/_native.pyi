@@ -53,6 +53,7 @@ class TransferState:
 
 class LoopbackConfig:
     threads: int
+    inline_max_bytes: int
     def __init__(self) -> None: ...
 
 class FaultConfig:
@@ -61,10 +62,12 @@ class FaultConfig:
 
 class ShmConfig:
     threads: int
+    inline_max_bytes: int
     def __init__(self) -> None: ...
 
 class TcpConfig:
     listen: str
+    inline_max_bytes: int
     def __init__(self) -> None: ...
 
 class IbverbsConfig:

@@ -17,6 +17,7 @@ from . import _native
 @dataclass
 class LoopbackConfig:
     threads: int = 1  # copy threads
+    inline_max_bytes: int = 64 * 1024  # transfers up to this size run on the posting thread
 
 
 @dataclass
@@ -29,6 +30,7 @@ class FaultConfig:
 @dataclass
 class ShmConfig:
     threads: int = 0  # copy threads; 0 = min(4, cores)
+    inline_max_bytes: int = 64 * 1024  # transfers up to this size run on the posting thread
 
 
 @dataclass
@@ -36,6 +38,7 @@ class TcpConfig:
     # "HOST:PORT", ":PORT", "HOST:" or "HOST" (IPv4 literal, "localhost" or "*");
     # "" = every interface, an ephemeral port.
     listen: str = ""
+    inline_max_bytes: int = 64 * 1024  # transfers up to this size run on the posting thread
 
 
 @dataclass

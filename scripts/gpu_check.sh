@@ -51,8 +51,10 @@ build_gxx() {
 
 build() {
   log "build"
-  if imports 2>&1 | tee -a "$OUT/build.log"; then return 0; fi
-  rm -f kvxfer/_native*.so
+  # Always from scratch: a build folder kept from an earlier checkout can hold objects
+  # compiled against older headers (the device machine keeps ignored folders between runs).
+  if [ -n "${SKIP_BUILD:-}" ] && imports 2>&1 | tee -a "$OUT/build.log"; then return 0; fi
+  rm -rf build/gpu build/gxx kvxfer/_native*.so
   if command -v cmake >/dev/null && $PY -c "import pybind11" 2>/dev/null; then
     cmake -S . -B build/gpu -DKVXFER_BUILD_PYTHON=ON -DKVXFER_WITH_IBVERBS=OFF -DCMAKE_BUILD_TYPE=Release \
       -DPython_EXECUTABLE="$(command -v $PY)" -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" >>"$OUT/build.log" 2>&1 &&

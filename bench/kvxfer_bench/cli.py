@@ -437,6 +437,8 @@ def _latency(a: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return EXIT_USAGE  # not reached
     if a.target:
         parser.error("--latency runs on one host (it spawns its target)")
+    if a.backend == "loopback":
+        parser.error("--latency spawns a target process: use shm or tcp (bench/cpp/latency.cc: loopback)")
     table = sys.stderr if a.json else sys.stdout
 
     def emit(rec: dict) -> None:

@@ -57,24 +57,30 @@ def _target_main(backend: str, nbytes: int) -> int:
     wake.listen(1)
 
     def serve_tcp() -> None:
-        c, _ = tcp.accept()
-        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         buf = bytearray(nbytes + 32)
         view = memoryview(buf)
         ack = bytes(32)
-        while True:
-            got = 0
-            while got < len(buf):
-                k = c.recv_into(view[got:])
-                if k == 0:
-                    return
-                got += k
-            c.sendall(ack)
+        while True:  # one connection per run
+            c, _ = tcp.accept()
+            c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with c:
+                while True:
+                    got = 0
+                    while got < len(buf):
+                        k = c.recv_into(view[got:])
+                        if k == 0:
+                            break
+                        got += k
+                    if got < len(buf):
+                        break
+                    c.sendall(ack)
 
     def serve_wake() -> None:
-        c, _ = wake.accept()
-        while c.recv(1):
-            c.send(b"\1")
+        while True:  # one connection per run
+            c, _ = wake.accept()
+            with c:
+                while c.recv(1):
+                    c.send(b"\1")
 
     for fn in (serve_tcp, serve_wake):
         threading.Thread(target=fn, daemon=True).start()
@@ -143,7 +149,7 @@ def _run_kvxfer(eng, peer, region, remote, src, nbytes: int, depth: int, request
 
 
 def _run_tcp_baseline(port: int, nbytes: int, requests: int) -> dict:
-    c = socket.create_connection(("127.0.0.1", port))
+    c = socket.create_connection(("127.0.0.1", port), timeout=60)
     c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     payload = bytes(nbytes + 32)
     ack = bytearray(32)
@@ -165,6 +171,7 @@ def _run_tcp_baseline(port: int, nbytes: int, requests: int) -> dict:
 
 def _run_wake_baseline(name: str, src: np.ndarray, nbytes: int, requests: int) -> dict:
     c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.settimeout(60)  # a baseline must never hang the bench
     c.connect("\0" + name)
     dst = np.empty_like(src)
     lat: list[float] = []

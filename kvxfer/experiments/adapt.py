@@ -14,6 +14,11 @@ by the recovery experiment, 6 s here).
 
 Baseline: the best static split for the new workload (all splits simulated, same users).
 
+``--mode real``: the same loop over a registry group of profiled worker processes; a move is
+``remove_member`` (route and order first, drain, stop) then ``add_member`` (a new process of
+the other role joins by the setup workflow); the baseline is a static run of the Eq. 1 split
+for the new answers (and of the starting split). Minutes, not part of ``--quick``.
+
 JSON line: ``{"experiment":"adapt","converge_s":..,"throughput_vs_static":..,"dropped":..,
 "mode":"sim","from":[n_p,n_d],"to":[n_p,n_d],"best_static":[n_p,n_d],...}``
 """
@@ -24,6 +29,7 @@ import argparse
 import itertools
 import json
 import sys
+import time
 from typing import Any
 
 
@@ -49,6 +55,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--construct", type=float, default=6.0, help="drain-to-joined rebuild time (s)")
     p.add_argument("--profile", default="smollm2")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--mode",
+        choices=("sim", "real"),
+        nargs="+",
+        default=["sim"],
+        help="real: worker processes (profiled) in a registry group; minutes, not --quick",
+    )
+    p.add_argument("--real-shift-at", type=float, default=40.0, help="real mode: seconds before the shift")
+    p.add_argument("--real-end", type=float, default=150.0, help="real mode: run length (s)")
+    p.add_argument("--real-period", type=float, default=10.0, help="real mode: monitor period (s)")
     return p.parse_args(argv)
 
 
@@ -161,6 +177,196 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _real_load(url: str, args: argparse.Namespace, users: int, out_of, stop, results: list) -> Any:
+    """Closed-loop users; a request's output length is ``out_of(seconds since start)``."""
+    import asyncio
+
+    import numpy as np
+
+    from kvxfer.serve import loadgen
+    from kvxfer.serve.workload import Fixed, Scenario, Workload
+
+    wl = Workload(
+        [Scenario("s", args.setting, Fixed(args.prompt - args.setting), Fixed(args.output))], unit="char"
+    )
+
+    async def main() -> None:
+        client = loadgen._client(url, 120.0)
+        t0 = time.monotonic()
+        ids = itertools.count()
+
+        async def user(u: int) -> None:
+            rng = np.random.default_rng([args.seed, u])
+            await asyncio.sleep(u * 2.0 / users)
+            while not stop.is_set():
+                req = wl.make(
+                    "s", args.prompt - args.setting, out_of(time.monotonic() - t0), rng, f"u{u}-{next(ids)}"
+                )
+                r = await loadgen.send(client, req, ttft_slo_s=60.0, t0=t0, user=u)
+                results.append((time.monotonic() - t0, r))
+
+        try:
+            await asyncio.gather(*(user(u) for u in range(users)))
+        finally:
+            await client.close()
+
+    return asyncio.run(main())
+
+
+def _real_rate(results: list, t0: float, t1: float) -> float:
+    return sum(1 for t, r in results if r.error is None and t0 <= t < t1) / (t1 - t0)
+
+
+def run_real(args: argparse.Namespace) -> dict[str, Any]:
+    """The same controller loop over real worker processes in a registry group: a move is
+    ``remove_member`` (route and order first, drain, stop) then ``add_member`` (a new process
+    of the other role joins by the setup workflow)."""
+    import threading
+
+    from kvxfer.serve.control.ratio import RatioInputs, RatioMonitor, plan
+    from kvxfer.serve.deployment import start_local
+    from kvxfer.serve.machine import machine
+    from kvxfer.serve.profile import load_profile
+
+    prof = load_profile(args.profile)
+    new_out = round(args.output * args.growth)
+
+    def inputs(out: int) -> RatioInputs:
+        return RatioInputs.from_profile(prof, args.prompt, out, args.b_d, args.setting)
+
+    start = plan(inputs(args.output), args.budget)
+    users = args.budget * (args.b_d + args.pending)
+    opts = dict(
+        mode="profiled",
+        model="smollm2",
+        b_p=1,
+        b_d=args.b_d,
+        pending=args.pending,
+        tokenizer="bytes:49152",
+        max_prompt_tokens=args.prompt + 16,
+        max_new_tokens=new_out + 8,
+        ttft_slo_s=60.0,
+        prefix_min_tokens=min(16, args.setting),
+        registry="sqlite",
+    )
+    window = (args.real_end - 0.35 * (args.real_end - args.real_shift_at), args.real_end)
+
+    def measure_static(n_p: int) -> float:
+        results: list = []
+        stop = threading.Event()
+        with start_local(n_p, args.budget - n_p, **opts) as dep:
+            th = threading.Thread(
+                target=_real_load, args=(dep.gateway_url, args, users, lambda _t: new_out, stop, results)
+            )
+            th.start()
+            time.sleep(window[1] - window[0] + 15.0)
+            stop.set()
+            th.join(180)
+        return _real_rate(results, 15.0, window[1] - window[0] + 15.0)
+
+    static = {n_p: measure_static(n_p) for n_p in sorted({start[0], plan(inputs(new_out), args.budget)[0]})}
+    log(
+        f"real static for {new_out} output tokens: "
+        + ", ".join(f"{p}P+{args.budget - p}D {v:.3f} req/s" for p, v in static.items())
+    )
+    results: list = []
+    stop = threading.Event()
+    moves: list[dict[str, Any]] = []
+    timeline = []
+    with start_local(*start, **opts) as dep:
+        ctl = dep.controllers["g0"]
+        th = threading.Thread(
+            target=_real_load,
+            args=(
+                dep.gateway_url,
+                args,
+                users,
+                lambda t: args.output if t < args.real_shift_at else new_out,
+                stop,
+                results,
+            ),
+        )
+        t_begin = time.monotonic()
+        th.start()
+        mon = RatioMonitor(rise=0.1, cooldown=1)
+        mover: threading.Thread | None = None
+        seen = 0
+        t = args.real_period
+        while t <= args.real_end:
+            time.sleep(max(0.0, t_begin + t - time.monotonic()))
+            done = [r for _, r in results[seen:] if r.error is None]
+            seen = len(results)
+            for r in done:
+                mon.observe(r.e2e_s, r.ttft_s or 0.0)
+            action = mon.decide()
+            outs = [r.completion_tokens for r in done] or [args.output]
+            target = plan(inputs(round(sum(outs) / len(outs))), args.budget)
+            n_p = sum(1 for r in ctl.members.values() if r == "prefill")
+            n_d = len(ctl.members) - n_p
+            moved = None
+            if (action or moves) and (n_p, n_d) != target and (mover is None or not mover.is_alive()):
+                frm, to = ("prefill", "decode") if target[0] < n_p else ("decode", "prefill")
+                victim = sorted(n for n, r in ctl.members.items() if r == frm)[0]
+                rec = {"start": time.monotonic() - t_begin, "from": frm, "to": to, "victim": victim}
+
+                def move(rec=rec, victim=victim, to=to) -> None:
+                    ctl.remove_member(victim, drain=lambda name: dep.drain([name]))
+                    rec["new"] = ctl.add_member(to)
+                    rec["joined"] = time.monotonic() - t_begin
+
+                mover = threading.Thread(target=move)
+                mover.start()
+                moves.append(rec)
+                moved = to
+            timeline.append(
+                {
+                    "t": t,
+                    "n_p": n_p,
+                    "n_d": n_d,
+                    "monitor": action,
+                    "target": list(target),
+                    "moved": moved,
+                    "rps": _real_rate(results, t - args.real_period, t),
+                }
+            )
+            log(
+                f"real t={t:.0f}s {n_p}P+{n_d}D monitor {action} target {target} moved {moved} "
+                f"{timeline[-1]['rps']:.2f} req/s"
+            )
+            t += args.real_period
+        if mover is not None:
+            mover.join(120)
+        stop.set()
+        th.join(180)
+        final = (
+            sum(1 for r in ctl.members.values() if r == "prefill"),
+            sum(1 for r in ctl.members.values() if r == "decode"),
+        )
+    joined = [m["joined"] for m in moves if "joined" in m]
+    best_p = max(static, key=static.get)
+    return {
+        "experiment": "adapt",
+        "converge_s": (max(joined) - args.real_shift_at) if joined else None,
+        "throughput_vs_static": _real_rate(results, *window) / static[best_p],
+        "dropped": sum(1 for _, r in results if r.error),
+        "mode": "real",
+        "from": list(start),
+        "to": list(final),
+        "best_static": [best_p, args.budget - best_p],
+        "throughput_rps": _real_rate(results, *window),
+        "static_rps": {f"{p}P+{args.budget - p}D": v for p, v in static.items()},
+        "output_tokens": [args.output, new_out],
+        "moves": len(moves),
+        "period_s": args.real_period,
+        "requests": len(results),
+        "errors": sorted({r.error for _, r in results if r.error}),
+        "timeline": timeline,
+        "profile": f"{prof.model} ({prof.machine})",
+        "machine": machine(),
+        "shift_at": args.real_shift_at,
+    }
+
+
 def plot(row: dict[str, Any], path: str) -> None:
     import matplotlib
 
@@ -192,6 +398,17 @@ def plot(row: dict[str, Any], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(list(sys.argv[1:] if argv is None else argv))
+    if "real" in args.mode:
+        real = run_real(args)
+        print(
+            json.dumps({k: v for k, v in real.items() if k != "timeline"})
+            if args.json
+            else f"real: converged in {real['converge_s']} s from {real['from']} to {real['to']}: "
+            f"{real['throughput_vs_static']:.3f} of the best static, dropped {real['dropped']}",
+            flush=True,
+        )
+        if "sim" not in args.mode:
+            return 0
     row = run(args)
     row["shift_at"] = args.shift_at
     if args.json:

@@ -12,10 +12,17 @@ namespace kvxfer::py_bindings {
 void registerConfig(py::module_& m) {
     py::class_<LoopbackConfig>(m, "LoopbackConfig")
         .def(py::init<>())
-        .def_readwrite("threads", &LoopbackConfig::threads);
+        .def_readwrite("threads", &LoopbackConfig::threads)
+        .def_readwrite("inline_max_bytes", &LoopbackConfig::inline_max_bytes);
     py::class_<FaultConfig>(m, "FaultConfig").def(py::init<>()).def_readwrite("script", &FaultConfig::script);
-    py::class_<ShmConfig>(m, "ShmConfig").def(py::init<>()).def_readwrite("threads", &ShmConfig::threads);
-    py::class_<TcpConfig>(m, "TcpConfig").def(py::init<>()).def_readwrite("listen", &TcpConfig::listen);
+    py::class_<ShmConfig>(m, "ShmConfig")
+        .def(py::init<>())
+        .def_readwrite("threads", &ShmConfig::threads)
+        .def_readwrite("inline_max_bytes", &ShmConfig::inline_max_bytes);
+    py::class_<TcpConfig>(m, "TcpConfig")
+        .def(py::init<>())
+        .def_readwrite("listen", &TcpConfig::listen)
+        .def_readwrite("inline_max_bytes", &TcpConfig::inline_max_bytes);
     py::class_<IbverbsConfig>(m, "IbverbsConfig")
         .def(py::init<>())
         .def_readwrite("device", &IbverbsConfig::device)

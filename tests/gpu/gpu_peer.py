@@ -90,3 +90,60 @@ def serve_staged(conn, device: int, layout_kwargs: dict, ids: list, chunk_layers
                 return
     except Exception as e:  # reported to the test
         conn.send(("error", repr(e)))
+
+
+def staged_initiator(result, target_device: int) -> None:
+    """Sends two staged rounds GPU0 -> the target's GPU over tcp; reports per round whether
+    the target's blocks equal ours (sha256)."""
+    import multiprocessing as mp
+
+    import numpy as np
+    import torch
+
+    import kvxfer
+    import kvxfer.gpu_staging as st
+
+    kw = {"num_layers": 6, "num_kv": 2, "num_blocks": 128, "block_bytes": 8192}
+    lay = kvxfer.KvLayout(**kw)
+    rng = np.random.default_rng(9)
+    ids_l = rng.choice(lay.num_blocks, 40, replace=False)
+    ids_r = rng.choice(lay.num_blocks, 40, replace=False)
+    ctx = mp.get_context("spawn")
+    conn, theirs = ctx.Pipe()
+    proc = ctx.Process(target=serve_staged, args=(theirs, target_device, kw, ids_r.tolist(), 4))
+    proc.start()
+    try:
+        if not conn.poll(120):
+            raise TimeoutError("the staged target did not start")
+        status, value = conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"target: {value}")
+        descriptor, staging_id = value
+        e = kvxfer.Engine("staged-init", backends=["tcp"], timeout=60.0)
+        nbytes = 6 * 2 * 128 * 8192
+        pool = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device="cuda:0")
+        staging = st.StagingBuffer(e, st.staging_bytes(lay, len(ids_l)))
+        peer = e.add_peer(descriptor)
+        oks = []
+        for round_no in range(2):  # the buffers are reused
+            pool.random_(0, 256)
+            tag = f"t{round_no}".encode()
+            conn.send(("recv", tag))
+            st.send_staged(e, peer, pool, lay, ids_l, staging, staging_id, tag=tag, chunk_layers=4)
+            if not conn.poll(60):
+                raise TimeoutError("the staged target did not answer")
+            status, remote_digest = conn.recv()
+            if status != "ok":
+                raise RuntimeError(f"target: {remote_digest}")
+            torch.cuda.synchronize()
+            oks.append(remote_digest == pool_digest([pool], lay, ids_l))
+        conn.send(("exit",))
+        conn.recv()
+        e.close()
+        result.send(("ok", oks))
+    except Exception as ex:  # noqa: BLE001 - reported to the test
+        result.send(("error", repr(ex)))
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()

@@ -177,3 +177,39 @@ def test_shm_peer_with_large_shareable_memory_is_mapped_lazily_and_byte_exact():
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("backend", [b for b in IN_PROCESS if b in ("loopback", "shm", "tcp")])
+def test_inline_threshold_is_configurable_and_both_paths_agree(backend, monkeypatch):
+    """inline_max_bytes=0 sends every transfer to the backend's threads; the environment
+    overlay sets it too. Both paths move the same bytes and deliver the notification."""
+    from kvxfer.config import EngineConfig
+
+    section = backend  # the config section of each of these backends has the backend's name
+    for inline in (0, 1 << 20):
+        cfg = EngineConfig()
+        getattr(cfg.backend, section).inline_max_bytes = inline
+        a = kvxfer.Engine("a", backends=[backend], config=cfg)
+        b = kvxfer.Engine("b", backends=[backend])
+        try:
+            assert a.backend_caps()[backend]["inline_max_bytes"] == inline
+            src = np.arange(SLOT * 4, dtype=np.uint32).view(np.uint8)
+            dst = np.zeros_like(src)
+            ra, rb = a.register(src), b.register(dst)
+            peer = a.add_peer(b.descriptor())
+            key = f"inline-{inline}".encode()
+            a.post_extent(Op.WRITE, peer, ra, rb.id, 0, 0, src.size, notify=key).wait()
+            assert b.wait_notification(key, timeout=60).payload == key
+            assert np.array_equal(src, dst)
+        finally:
+            a.close()
+            b.close()
+    monkeypatch.setenv(f"KVXFER_{section.upper()}_INLINE_MAX_BYTES", "0")
+    e = kvxfer.Engine("env", backends=[backend])
+    try:
+        assert e.backend_caps()[backend]["inline_max_bytes"] == 0
+    finally:
+        e.close()
+    monkeypatch.setenv(f"KVXFER_{section.upper()}_INLINE_MAX_BYTES", "-1")
+    with pytest.raises(errors.InvalidArgumentError, match="INLINE_MAX_BYTES"):
+        kvxfer.Engine("bad", backends=[backend])

@@ -1,8 +1,9 @@
 """etcd v3 registry, for clusters: talks to etcd's JSON gRPC gateway (``/v3/...``) over HTTP.
 
-Why not a gRPC client library: the maintained Python etcd v3 clients pin old protobuf
-releases [our choice, see docs/pd-serve-control.md]; the gateway ships with every etcd >= 3.3
-(Debian 12's ``etcd-server`` is 3.4) and needs only the standard library. Keys and values
+Why not a gRPC client library [our choice, see docs/pd-serve-control.md]: the gateway ships
+with every etcd >= 3.3 (Debian 12's ``etcd-server`` is 3.4) and needs only the standard
+library: no grpcio or protobuf dependency, and the calls stay synchronous like the other
+backends'. Keys and values
 travel base64-encoded; 64-bit numbers as JSON strings. etcd rounds a lease TTL up to whole
 seconds (and to its minimum TTL). Watches use the streaming ``/v3/watch`` endpoint.
 """

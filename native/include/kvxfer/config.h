@@ -20,16 +20,22 @@ namespace kvxfer {
 
 struct LoopbackConfig {
     uint32_t threads = 1;  // copy threads
+    // Transfers of at most this many bytes run on the posting thread (the inline path).
+    uint64_t inline_max_bytes = 64 * 1024;
 };
 
 struct ShmConfig {
     uint32_t threads = 0;  // copy threads; 0 = min(4, cores)
+    // Transfers of at most this many bytes run on the posting thread (the inline path).
+    uint64_t inline_max_bytes = 64 * 1024;
 };
 
 struct TcpConfig {
     // Listening address: "HOST:PORT", ":PORT", "HOST:" or "HOST" (IPv4 literal,
     // "localhost" or "*"). "" = every interface, an ephemeral port.
     std::string listen;
+    // Transfers of at most this many bytes run on the posting thread (the inline path).
+    uint64_t inline_max_bytes = 64 * 1024;
 };
 
 struct IbverbsConfig {

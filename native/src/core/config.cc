@@ -45,6 +45,10 @@ const std::vector<Var>& vars() {
              c.backend.loopback.threads = static_cast<uint32_t>(v);
              return true;
          }},
+        {"KVXFER_LOOPBACK_INLINE_MAX_BYTES", "backend.loopback.inline_max_bytes",
+         [](EngineConfig& c, const std::string& s) {
+             return parseU64(s, 0, 16ull << 20, &c.backend.loopback.inline_max_bytes);
+         }},
         {"KVXFER_FAULT_SCRIPT", "backend.fault.script",
          [](EngineConfig& c, const std::string& s) {
              c.backend.fault.script = s;
@@ -57,10 +61,18 @@ const std::vector<Var>& vars() {
              c.backend.shm.threads = static_cast<uint32_t>(v);
              return true;
          }},
+        {"KVXFER_SHM_INLINE_MAX_BYTES", "backend.shm.inline_max_bytes",
+         [](EngineConfig& c, const std::string& s) {
+             return parseU64(s, 0, 16ull << 20, &c.backend.shm.inline_max_bytes);
+         }},
         {"KVXFER_TCP_LISTEN", "backend.tcp.listen",
          [](EngineConfig& c, const std::string& s) {
              c.backend.tcp.listen = s;
              return true;
+         }},
+        {"KVXFER_TCP_INLINE_MAX_BYTES", "backend.tcp.inline_max_bytes",
+         [](EngineConfig& c, const std::string& s) {
+             return parseU64(s, 0, 16ull << 20, &c.backend.tcp.inline_max_bytes);
          }},
         {"KVXFER_IBVERBS_DEVICE", "backend.ibverbs.device",
          [](EngineConfig& c, const std::string& s) {

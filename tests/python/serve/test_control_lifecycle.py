@@ -1,5 +1,6 @@
-"""Group lifecycle under load with real processes: scale out by a group, scale in by a group
-(route removed first, drained, stopped) and a rolling upgrade, with no request failing."""
+"""Group lifecycle under load with real processes: a member added to and one removed from a
+running group (the ratio's steps), scale out by a group, scale in by a group (route removed
+first, drained, stopped) and a rolling upgrade, with no request failing."""
 
 from __future__ import annotations
 
@@ -39,11 +40,17 @@ class Load:
             t.join(60)
 
 
-def test_scale_out_scale_in_and_rolling_upgrade_drop_no_request(tmp_path):
+def test_ratio_steps_scale_out_scale_in_and_rolling_upgrade_drop_no_request(tmp_path):
     with start_local(1, 1, registry="sqlite", b_p=2, b_d=4, log_dir=tmp_path / "logs") as dep:
         load = Load(dep.gateway_url)
         try:
             time.sleep(1.0)
+            ctl0 = dep.controllers["g0"]
+            newp = ctl0.add_member("prefill")  # a ratio step: one more prefill joins the running group
+            assert len(ctl0.route()) == 2
+            (oldp,) = [n for n, r in ctl0.members.items() if r == "prefill" and n != newp]
+            ctl0.remove_member(oldp, drain=lambda name: dep.drain([name]))  # and one leaves, drained
+            assert ctl0.route() == [dep.procs[newp].url] and not dep.procs[oldp].alive
             g1 = dep.add_group("*", 1, 1)  # scale out
             assert len(read_routes(dep.registry)["*"]) == 2
             old = [n for n in dep.controllers["g0"].members]

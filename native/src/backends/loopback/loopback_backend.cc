@@ -15,9 +15,9 @@
 namespace kvxfer {
 namespace {
 
-// The inline path: below this size a copy on the posting thread costs less than a
-// hand-off to a copy thread (docs/benchmarks.md, latency).
-constexpr uint64_t kInlineMaxBytes = 64 * 1024;
+// The inline path (LoopbackConfig::inline_max_bytes, 64 KiB by default: below it a copy on
+// the posting thread costs less than a hand-off to a copy thread; docs/benchmarks.md,
+// Latency) takes jobs of at most this many runs.
 constexpr uint64_t kInlineMaxRuns = 64;
 
 // Process-wide directory of live loopback endpoints, keyed by engine instance id.
@@ -70,7 +70,7 @@ public:
                     return deliverTo(static_cast<LoopbackPeer&>(*job->peer), job->notify);
                 }) {
         caps_.lanes = pool_.threads();
-        caps_.inline_max_bytes = kInlineMaxBytes;
+        caps_.inline_max_bytes = ctx.config->loopback.inline_max_bytes;
         endpoint_->sink = ctx.sink;
         endpoint_->name = ctx.engine_name;
         endpoint_->instance = ctx.instance_id;

@@ -50,9 +50,9 @@ namespace {
 
 constexpr size_t kMaxIov = 1024;  // UIO_MAXIOV
 constexpr size_t kMaxMessage = 64 * 1024 + 512;
-// The inline path (the posting thread copies): below this size a copy costs less than
-// handing the job to a copy thread and waking the caller (docs/benchmarks.md, latency).
-constexpr uint64_t kInlineMaxBytes = 64 * 1024;
+// The inline path (the posting thread copies; ShmConfig::inline_max_bytes, 64 KiB by
+// default: below it a copy costs less than handing the job to a copy thread and waking the
+// caller; docs/benchmarks.md, Latency) takes jobs of at most this many runs.
 constexpr uint64_t kInlineMaxRuns = 64;
 
 uint64_t processStartTime(pid_t pid) {
@@ -948,7 +948,7 @@ private:
                   return peer.sendOrQueue({job, peer.message(job->notify), job->deadline, nullptr, nullptr});
               }) {
         caps_.lanes = pool_.threads();  // copy threads share a job
-        caps_.inline_max_bytes = kInlineMaxBytes;
+        caps_.inline_max_bytes = ctx.config->shm.inline_max_bytes;
         notifier_->start(notifier_);
         thread_ = std::thread([l = listener_] { l->run(); });
     }

@@ -243,13 +243,11 @@ private:
           port_(port),
           self_name_(ctx.engine_name),
           self_instance_(ctx.instance_id) {
+        caps_.inline_max_bytes = ctx.config->tcp.inline_max_bytes;
         listener_ = std::thread([s = shared_] { listenLoop(s); });
     }
 
-    BackendCaps caps_{.same_process_only = false,
-                      .same_host_only = false,
-                      .max_run_bytes = kMaxRunBytes,
-                      .inline_max_bytes = kInlineMaxBytes};
+    BackendCaps caps_{.same_process_only = false, .same_host_only = false, .max_run_bytes = kMaxRunBytes};
     std::shared_ptr<Shared> shared_;
     uint32_t bind_host_;
     uint16_t port_;

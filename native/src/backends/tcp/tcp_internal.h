@@ -277,7 +277,7 @@ void senderLoop(const std::shared_ptr<PeerConn>& c);
 // one sendmsg (WRITE frame + END), when the connection is live and its sender idle with
 // nothing queued. False: declined, nothing sent. True: the job is on the wire (or failed
 // with the connection) and ends on its ACK as a queued one does.
-constexpr uint64_t kInlineMaxBytes = 64 * 1024;
+// (TcpConfig::inline_max_bytes sets the size, 64 KiB by default.)
 constexpr uint64_t kInlineMaxRuns = 32;
 bool sendInline(const std::shared_ptr<PeerConn>& c, const std::shared_ptr<TransferJob>& job);
 
