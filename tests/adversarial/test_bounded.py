@@ -105,3 +105,49 @@ def test_shm_reader_that_stops_taking_holds_senders_back_without_loss():
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.skipif(not available("tcp"), reason="this build has no tcp backend")
+def test_tcp_target_threads_do_not_grow_with_connected_peers():
+    """200 authenticated idle peers and 8 busy ones: the target's threads stay flat (idle
+    connections are parked, workers serve only busy ones), and every busy peer's bytes are
+    exact."""
+    import os
+
+    from hostile import HostileClient, tcp_port
+
+    target = kvxfer.Engine("target", backends=["tcp"])
+    pools = [np.zeros(1 << 20, np.uint8) for _ in range(8)]
+    regions = [target.register(p) for p in pools]
+    desc = target.descriptor()
+    before = len(os.listdir("/proc/self/task"))
+    idle = []
+    senders = []
+    try:
+        for i in range(200):
+            c = HostileClient(tcp_port(desc), timeout=30)
+            assert c.authenticate(desc, initiator=10_000 + i, link=i + 1) == 0
+            idle.append(c)
+        time.sleep(0.3)
+        grown = len(os.listdir("/proc/self/task")) - before
+        assert grown <= 4, f"{grown} threads for 200 idle peers"
+        transfers = []
+        for i in range(8):
+            eng = kvxfer.Engine(f"busy-{i}", backends=["tcp"])
+            src = np.full(1 << 20, i + 1, np.uint8)
+            rs = eng.register(src)
+            peer = eng.add_peer(desc)
+            ext = [[0, 1 << 20]]
+            senders.append((eng, src, rs))
+            transfers.append(
+                eng.post(Op.WRITE, peer, rs, regions[i].id, local_extents=ext, remote_extents=ext)
+            )
+        for t in transfers:
+            t.wait(30)
+        assert all((pools[i] == i + 1).all() for i in range(8))
+    finally:
+        for c in idle:
+            c.close()
+        for eng, _, _ in senders:
+            eng.close()
+        target.close()

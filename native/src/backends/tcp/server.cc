@@ -2,6 +2,7 @@
 // (HELLO handshake, WRITE / END / READ_REQ / NOTIFY frames checked against the region table),
 // and the fencing of an initiator's older connections when it reconnects.
 #include <poll.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -48,18 +49,30 @@ constexpr const char* kRefused =
     "tcp peer: the target refused the access (the region is not registered there any more, or the "
     "range lies outside it)";
 
+}  // namespace
+
+// One inbound connection. Served by a pool worker only while it has frames to read: between
+// frames it is parked in the listener's epoll set, so idle peers cost no thread.
 class InboundConnection {
 public:
-    InboundConnection(Shared& shared, int fd) : sh_(shared), fd_(fd) {}
+    InboundConnection(Shared& shared, int fd) : sh_(shared), fd_(fd), owned_(fd) {}
+    int fd() const { return fd_; }
 
-    void serve() {
-        if (!handshake().isOk()) return;
+    // Serves frames until none is waiting. True: park the connection (it stays open);
+    // false: close it (EOF, error, malformed frame, superseded, refused handshake).
+    bool serveSome() {
+        if (!fence_ && !handshake().isOk()) return false;
         uint8_t hb[kHeaderBytes];
         for (;;) {
-            if (!recvBytes(fd_, hb, sizeof(hb), stopCheck(), "tcp target").isOk()) return;
+            if (fence_->superseded.load()) return false;  // the initiator reconnected: stale stream
+            uint8_t probe = 0;
+            const ssize_t k = ::recv(fd_, &probe, 1, MSG_PEEK | MSG_DONTWAIT);
+            if (k == 0) return false;
+            if (k < 0) return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
+            if (!recvBytes(fd_, hb, sizeof(hb), stopCheck(), "tcp target").isOk()) return false;
             Header h;
-            if (!decodeHeader(hb, &h)) return;      // malformed: close
-            if (fence_->superseded.load()) return;  // the initiator reconnected: stale stream
+            if (!decodeHeader(hb, &h)) return false;      // malformed: close
+            if (fence_->superseded.load()) return false;  // the initiator reconnected: stale stream
             bool ok = false;
             switch (h.type) {
                 case kWrite:
@@ -77,7 +90,7 @@ public:
                 default:
                     ok = false;
             }
-            if (!ok) return;
+            if (!ok) return false;
         }
     }
 
@@ -284,6 +297,7 @@ private:
 
     Shared& sh_;
     int fd_;
+    Fd owned_;  // closed with the connection object
     std::string peer_name_;
     uint64_t peer_instance_ = 0;
     std::vector<uint8_t> table_;
@@ -293,51 +307,108 @@ private:
     std::shared_ptr<InboundFence> fence_;
 };
 
-void reapInbound(Shared& sh) {
-    std::list<Shared::Inbound> finished;
-    {
-        std::lock_guard<std::mutex> lock(sh.mutex);
-        for (auto it = sh.inbound.begin(); it != sh.inbound.end();) {
-            if (it->done->load()) {
-                finished.splice(finished.end(), sh.inbound, it++);
-            } else {
-                ++it;
-            }
+namespace {
+
+// A pool worker: serves ready connections; parks them again (one-shot epoll) or closes them.
+void workerLoop(const std::shared_ptr<Shared>& sh) {
+    for (;;) {
+        std::shared_ptr<InboundConnection> c;
+        {
+            std::unique_lock<std::mutex> lock(sh->mutex);
+            ++sh->idle_workers;
+            sh->cv.wait(lock, [&] { return sh->stopping.load() || !sh->ready.empty(); });
+            --sh->idle_workers;
+            if (sh->stopping.load()) return;
+            c = std::move(sh->ready.front());
+            sh->ready.pop_front();
         }
+        if (c->serveSome() && !sh->stopping.load()) {
+            epoll_event ev{};
+            ev.events = EPOLLIN | EPOLLONESHOT;
+            ev.data.fd = c->fd();
+            if (::epoll_ctl(sh->epoll_fd.fd, EPOLL_CTL_MOD, c->fd(), &ev) == 0) continue;
+        }
+        ::shutdown(c->fd(), SHUT_RDWR);
+        std::lock_guard<std::mutex> lock(sh->mutex);
+        sh->conns.erase(c->fd());  // the fd closes with the last reference (`c`, below)
     }
-    for (auto& in : finished) in.thread.join();
+}
+
+void onAccept(const std::shared_ptr<Shared>& sh, int c) {
+    std::lock_guard<std::mutex> lock(sh->mutex);
+    if (sh->conns.size() >= kMaxInbound) {  // bounded: refuse instead of growing
+        ::close(c);
+        return;
+    }
+    tuneConnection(c);
+    setSliceTimeouts(c);
+    auto conn = std::make_shared<InboundConnection>(*sh, c);
+    epoll_event ev{};
+    ev.events = EPOLLIN | EPOLLONESHOT;
+    ev.data.fd = c;
+    if (::epoll_ctl(sh->epoll_fd.fd, EPOLL_CTL_ADD, c, &ev) != 0) return;  // conn closes the fd
+    sh->conns.emplace(c, std::move(conn));
+}
+
+void onReadable(const std::shared_ptr<Shared>& sh, int fd) {
+    std::lock_guard<std::mutex> lock(sh->mutex);
+    auto it = sh->conns.find(fd);
+    if (it == sh->conns.end()) return;
+    sh->ready.push_back(it->second);
+    // The pool grows only with connections that are busy at the same time, never with
+    // connected ones.
+    if (sh->idle_workers == 0 && sh->workers.size() < kMaxWorkers) {
+        sh->workers.emplace_back([sh] { workerLoop(sh); });
+    }
+    sh->cv.notify_one();
 }
 
 }  // namespace
 
+void stopServing(Shared& sh) {
+    std::vector<std::thread> workers;
+    {
+        std::lock_guard<std::mutex> lock(sh.mutex);
+        for (auto& [fd, c] : sh.conns) ::shutdown(fd, SHUT_RDWR);  // wakes workers inside a frame
+        workers.swap(sh.workers);
+    }
+    sh.cv.notify_all();
+    for (auto& t : workers) t.join();
+    std::lock_guard<std::mutex> lock(sh.mutex);
+    sh.ready.clear();
+    sh.conns.clear();
+}
+
 void listenLoop(const std::shared_ptr<Shared>& sh) {
+    for (int fd : {sh->listen_fd.fd, sh->wake_fd.fd}) {
+        epoll_event ev{};
+        ev.events = EPOLLIN;
+        ev.data.fd = fd;
+        ::epoll_ctl(sh->epoll_fd.fd, EPOLL_CTL_ADD, fd, &ev);
+    }
+    epoll_event events[64];
     for (;;) {
-        pollfd fds[2] = {{sh->listen_fd.fd, POLLIN, 0}, {sh->wake_fd.fd, POLLIN, 0}};
-        const int r = ::poll(fds, 2, 1000);
+        const int n = ::epoll_wait(sh->epoll_fd.fd, events, 64, 1000);
         if (sh->stopping.load()) return;
-        reapInbound(*sh);
-        if (r <= 0 || !(fds[0].revents & POLLIN)) continue;
-        const int c = ::accept4(sh->listen_fd.fd, nullptr, nullptr, SOCK_CLOEXEC);
-        if (c < 0) {
-            if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
-                std::this_thread::sleep_for(10ms);  // do not spin on a pending connection
+        for (int i = 0; i < n; ++i) {
+            const int fd = events[i].data.fd;
+            if (fd == sh->wake_fd.fd) continue;
+            if (fd != sh->listen_fd.fd) {
+                onReadable(sh, fd);
+                continue;
             }
-            continue;
+            for (;;) {
+                const int c = ::accept4(sh->listen_fd.fd, nullptr, nullptr, SOCK_CLOEXEC);
+                if (c >= 0) {
+                    onAccept(sh, c);
+                    continue;
+                }
+                if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+                    std::this_thread::sleep_for(10ms);  // do not spin on a pending connection
+                }
+                break;
+            }
         }
-        std::lock_guard<std::mutex> lock(sh->mutex);
-        if (sh->inbound.size() >= kMaxInbound) {  // bounded: refuse instead of growing
-            ::close(c);
-            continue;
-        }
-        tuneConnection(c);
-        setSliceTimeouts(c);
-        auto done = std::make_shared<std::atomic<bool>>(false);
-        sh->inbound.push_back({Fd(c), {}, done});
-        sh->inbound.back().thread = std::thread([sh, c, done] {
-            InboundConnection(*sh, c).serve();
-            ::shutdown(c, SHUT_RDWR);
-            done->store(true);
-        });
     }
 }
 

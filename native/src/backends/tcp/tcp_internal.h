@@ -24,6 +24,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -40,6 +41,7 @@ constexpr uint64_t kReadWindowBytes = 64ull << 20;  // outstanding READ bytes pe
 constexpr auto kStallGrace = 1000ms;                // see "kills the connection" in tcp_backend.cc
 constexpr auto kHandshakeTimeout = 10s;             // target side: HELLO must arrive by then
 constexpr size_t kMaxInbound = 4096;                // target side: connections served at once
+constexpr size_t kMaxWorkers = 64;                  // target side: frames served at once
 constexpr auto kScanInterval = 100ms;
 constexpr int kSocketBufferBytes = 8 << 20;
 constexpr size_t kScratchBytes = 256 * 1024;
@@ -88,7 +90,9 @@ struct InboundFence {
     std::atomic<bool> superseded{false};
 };
 
-// State shared by the backend, its listener and its inbound connection threads.
+class InboundConnection;
+
+// State shared by the backend, its listener and its inbound connection workers.
 struct Shared {
     NotificationSink* sink = nullptr;
     std::string name;
@@ -99,13 +103,16 @@ struct Shared {
     Fd listen_fd;
     Fd wake_fd;
 
-    struct Inbound {
-        Fd fd;
-        std::thread thread;
-        std::shared_ptr<std::atomic<bool>> done;
-    };
+    // Inbound connections (server.cc): parked in `epoll_fd` (one-shot) while idle between
+    // frames; the listener hands readable ones to a pool of workers that grows only with
+    // connections busy at the same time (at most kMaxWorkers), never with connected ones.
+    Fd epoll_fd;
     std::mutex mutex;
-    std::list<Inbound> inbound;
+    std::condition_variable cv;
+    std::unordered_map<int, std::shared_ptr<InboundConnection>> conns;  // by fd
+    std::deque<std::shared_ptr<InboundConnection>> ready;
+    std::vector<std::thread> workers;
+    size_t idle_workers = 0;
 
     std::mutex fence_mutex;
     std::multimap<std::pair<uint64_t, uint64_t>, std::weak_ptr<InboundFence>> fences;  // (instance, link)
@@ -114,9 +121,11 @@ struct Shared {
     std::shared_ptr<InboundFence> newFence(uint64_t initiator, uint64_t link);
 };
 
-// The listener thread: accepts connections and serves each on its own thread until
-// `sh->stopping`.
+// The listener thread: accepts connections and hands the readable ones to the worker pool
+// until `sh->stopping`.
 void listenLoop(const std::shared_ptr<Shared>& sh);
+// After the listener returned: wakes and joins the workers, closes every connection.
+void stopServing(Shared& sh);
 
 // ---- initiator side ------------------------------------------------------------------------
 
