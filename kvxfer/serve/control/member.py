@@ -16,8 +16,9 @@ A later order (a member left or joined) is applied the same way: new peers are c
 verified, departed ones forgotten. A prefill learns a new decode (``worker.on_peer``) only once
 that decode has answered its ``kvx-hello``, i.e. once the decode knows the prefill: the decode
 metadata reaches the prefills after the connection is confirmed [paper: dynamic construction].
-If the lease is lost (the registry declared us dead), the agent calls ``on_lost`` (the worker process exits: a removed member does not come back under
-the same name, exactly one replacement takes its place).
+If the lease is lost (the registry declared us dead), the agent calls ``on_lost`` (the worker
+process exits: a removed member does not come back under the same name, exactly one
+replacement takes its place).
 """
 
 from __future__ import annotations
