@@ -97,6 +97,15 @@ class BadDescriptorError(InvalidArgumentError):
     code = "BAD_DESCRIPTOR"
 
 
+class BackPressureError(KvxferError):
+    """A bounded queue on the receiving side is full: its application is not taking
+    notifications (``Engine.notifications()`` / ``wait_notification``). Nothing was lost:
+    the bytes are in place, the notification was not queued, and the sender is told."""
+
+    code = "BACK_PRESSURE"
+    retryable = True
+
+
 class InternalError(KvxferError):
     """A kvxfer bug or a broken internal contract. Please report it."""
 
@@ -118,6 +127,7 @@ _BY_CODE: dict[str, type[KvxferError]] = {
         CanceledError,
         BadDescriptorError,
         InternalError,
+        BackPressureError,
     )
 }
 

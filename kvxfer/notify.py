@@ -40,9 +40,16 @@ class Mailbox:
         self._order: deque[Notification] = deque()  # arrival order, every undelivered note
         self._listeners: list[Callable[[], None]] = []
 
+    # The mailbox holds at most this many undelivered notifications; beyond it, they stay
+    # in the native engine's queue, whose own bound makes senders see BackPressureError.
+    MAX_HELD = 65536
+
     def drain(self) -> int:
         """Moves what the native engine received into the mailbox; returns how many."""
-        rows = self._native.notifications(0)
+        room = self.MAX_HELD - len(self._order)
+        if room <= 0:
+            return 0
+        rows = self._native.notifications(room)
         if not rows:
             return 0
         with self._lock:

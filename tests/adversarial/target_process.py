@@ -50,6 +50,14 @@ def serve(conn, name: str, backend: str) -> None:
                 (rid,) = args
                 engine.deregister(regions.pop(rid))
                 reply = None
+            elif cmd == "deregister_and_watch":
+                # Deregisters while a peer is writing, then watches the memory: once
+                # deregister() returned, not one more byte may change.
+                rid, watch_s = args
+                engine.deregister(regions.pop(rid))
+                before = buffers[rid].copy()
+                time.sleep(watch_s)
+                reply = int((buffers[rid] != before).sum())
             elif cmd == "bytes":
                 rid, start, n = args
                 reply = buffers[rid][start : start + n].tobytes()

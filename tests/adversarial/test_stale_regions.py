@@ -9,6 +9,8 @@ from __future__ import annotations
 import multiprocessing as mp
 import signal
 import struct
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -82,6 +84,39 @@ def test_old_region_id_never_reaches_a_new_registration_of_the_same_memory(case)
         s.write(new_rid).wait()
         assert s.target.ask("bytes", new_rid, 0, SIZE) == b"\xee" * SIZE
     finally:
+        s.close()
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_deregister_racing_a_stream_of_writes_ends_access_when_it_returns(case):
+    """Lifetime race: the peer keeps writing while the target deregisters. In-flight writes
+    finish or fail, and from the moment deregister() returns nothing lands."""
+    s = Setup(*case)
+    stop = threading.Event()
+    outcomes = {"done": 0, "failed": 0}
+
+    def writer():
+        k = 0
+        while not stop.is_set():
+            k += 1
+            s.src[:] = k % 250 + 1  # every write changes every byte it lands on
+            try:
+                s.write(s.rid).wait()
+                outcomes["done"] += 1
+            except errors.KvxferError:
+                outcomes["failed"] += 1
+
+    th = threading.Thread(target=writer)
+    try:
+        th.start()
+        time.sleep(0.3)  # writes are flowing
+        changed = s.target.ask("deregister_and_watch", s.rid, 0.5)
+        stop.set()
+        th.join(30)
+        assert changed == 0, f"{changed} bytes changed after deregister() returned"
+        assert outcomes["done"] > 0 and outcomes["failed"] > 0, outcomes
+    finally:
+        stop.set()
         s.close()
 
 

@@ -244,11 +244,16 @@ private:
     Status status_;
 };
 
-// Delivery of notifications that a backend receives from peers.
+// Delivery of notifications that a backend receives from peers. The queue behind it is
+// bounded: kBackPressure means nothing was queued, and the backend must make the sender
+// see it (an error reply that fails the sender's transfer, or not reading the sender's
+// socket until there is room): a notification is never dropped silently.
 class NotificationSink {
 public:
     virtual ~NotificationSink() = default;
-    virtual void deliver(std::string peer_name, uint64_t peer_instance, Bytes payload) = 0;
+    virtual Status deliver(std::string peer_name, uint64_t peer_instance, Bytes payload) = 0;
+    // Called by the sink when room appears after a kBackPressure (any thread, cheap).
+    virtual void onRoom(std::function<void()> fn) {}
 };
 
 struct BackendConfigs;  // config.h: one typed section per backend

@@ -195,7 +195,8 @@ public:
 private:
     friend class Region;
     explicit Engine(EngineConfig config);
-    void deliver(std::string peer_name, uint64_t peer_instance, Bytes payload) override;
+    Status deliver(std::string peer_name, uint64_t peer_instance, Bytes payload) override;
+    void onRoom(std::function<void()> fn) override;
     struct PlannedPart {
         std::shared_ptr<const Plan> plan;
         const RegionDescriptor* remote = nullptr;
@@ -235,6 +236,8 @@ private:
     mutable std::mutex notify_mutex_;
     std::condition_variable notify_cv_;
     std::deque<Notification> notifications_;
+    uint64_t queued_bytes_ = 0;                        // payload bytes in notifications_
+    std::vector<std::function<void()>> room_waiters_;  // onRoom(), called when taking frees room
 
     int completion_fd_ = -1;
     std::mutex completion_mutex_;

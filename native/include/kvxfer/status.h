@@ -26,6 +26,7 @@ enum class StatusCode : uint8_t {
     kCanceled,         // cancel() was called
     kBadDescriptor,    // malformed, truncated or incompatible peer metadata
     kInternal,         // a kvxfer bug or a broken internal contract
+    kBackPressure,     // a bounded queue is full (the receiver is not keeping up); nothing was lost
 };
 
 const char* statusCodeName(StatusCode code);
@@ -48,6 +49,7 @@ public:
     static Status canceled(std::string m) { return {StatusCode::kCanceled, std::move(m)}; }
     static Status badDescriptor(std::string m) { return {StatusCode::kBadDescriptor, std::move(m)}; }
     static Status internal(std::string m) { return {StatusCode::kInternal, std::move(m)}; }
+    static Status backPressure(std::string m) { return {StatusCode::kBackPressure, std::move(m)}; }
 
     bool isOk() const { return code_ == StatusCode::kOk; }
     explicit operator bool() const { return isOk(); }

@@ -690,9 +690,23 @@ std::vector<uint64_t> Engine::drainCompletions() {
     return out;
 }
 
-void Engine::deliver(std::string peer_name, uint64_t peer_instance, Bytes payload) {
+// The received-notification queue's bounds: a receiver that never takes notifications
+// stops its senders (typed back-pressure) instead of growing without limit.
+constexpr size_t kMaxQueuedNotifications = 65536;
+constexpr uint64_t kMaxQueuedNotificationBytes = 64ull << 20;
+
+Status Engine::deliver(std::string peer_name, uint64_t peer_instance, Bytes payload) {
     {
         std::lock_guard<std::mutex> lock(notify_mutex_);
+        if (notifications_.size() >= kMaxQueuedNotifications ||
+            queued_bytes_ + payload.size() > kMaxQueuedNotificationBytes) {
+            return Status::backPressure("engine '" + config_.name + "' has " +
+                                        std::to_string(notifications_.size()) + " notifications (" +
+                                        std::to_string(queued_bytes_) +
+                                        " bytes) waiting to be taken, the limit: its application is not "
+                                        "taking them");
+        }
+        queued_bytes_ += payload.size();
         notifications_.push_back({std::move(peer_name), peer_instance, std::move(payload)});
     }
     {
@@ -701,14 +715,27 @@ void Engine::deliver(std::string peer_name, uint64_t peer_instance, Bytes payloa
     }
     notify_cv_.notify_all();
     signalCompletion();
+    return Status::ok();
+}
+
+void Engine::onRoom(std::function<void()> fn) {
+    std::lock_guard<std::mutex> lock(notify_mutex_);
+    room_waiters_.push_back(std::move(fn));
 }
 
 std::vector<Notification> Engine::takeNotifications(size_t max) {
-    std::lock_guard<std::mutex> lock(notify_mutex_);
-    const size_t n = max == 0 ? notifications_.size() : std::min(max, notifications_.size());
-    std::vector<Notification> out(std::make_move_iterator(notifications_.begin()),
-                                  std::make_move_iterator(notifications_.begin() + n));
-    notifications_.erase(notifications_.begin(), notifications_.begin() + n);
+    std::vector<Notification> out;
+    std::vector<std::function<void()>> waiters;
+    {
+        std::lock_guard<std::mutex> lock(notify_mutex_);
+        const size_t n = max == 0 ? notifications_.size() : std::min(max, notifications_.size());
+        out.assign(std::make_move_iterator(notifications_.begin()),
+                   std::make_move_iterator(notifications_.begin() + n));
+        notifications_.erase(notifications_.begin(), notifications_.begin() + n);
+        for (const auto& note : out) queued_bytes_ -= note.payload.size();
+        if (n > 0) waiters.swap(room_waiters_);
+    }
+    for (auto& fn : waiters) fn();
     return out;
 }
 

@@ -45,6 +45,8 @@ const char* statusCodeName(StatusCode code) {
             return "BAD_DESCRIPTOR";
         case StatusCode::kInternal:
             return "INTERNAL";
+        case StatusCode::kBackPressure:
+            return "BACK_PRESSURE";
     }
     return "UNKNOWN";
 }

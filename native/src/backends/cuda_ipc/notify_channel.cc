@@ -100,8 +100,8 @@ void NotifyListener::run() {
                 std::memcpy(&name_len, buf.data() + 8, 2);
                 if (10u + name_len > static_cast<size_t>(k)) continue;
                 std::string name(reinterpret_cast<char*>(buf.data() + 10), name_len);
-                sink_->deliver(std::move(name), instance,
-                               Bytes(buf.begin() + 10 + name_len, buf.begin() + k));
+                (void)sink_->deliver(std::move(name), instance,
+                                     Bytes(buf.begin() + 10 + name_len, buf.begin() + k));
             }
         }
     }

@@ -46,8 +46,8 @@ Status deliverTo(const LoopbackPeer& peer, ByteView payload) {
     if (peer.target->sink == nullptr) {
         return Status::peerUnreachable("loopback peer '" + peer.target->name + "' is closed");
     }
-    peer.target->sink->deliver(peer.self->name, peer.self->instance, Bytes(payload.begin(), payload.end()));
-    return Status::ok();
+    return peer.target->sink->deliver(peer.self->name, peer.self->instance,
+                                      Bytes(payload.begin(), payload.end()));
 }
 
 Status copyRuns(TransferJob& job, uint64_t first, uint64_t end) {

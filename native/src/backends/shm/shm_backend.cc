@@ -487,19 +487,23 @@ Status copyChunk(TransferJob& job, uint64_t first, uint64_t end, bool liveness_c
 
 // State shared with the listener thread, so the thread never touches the backend. It
 // serves every inbound connection on one epoll loop: the handshake, then notifications.
-struct Listener {
+struct Listener : std::enable_shared_from_this<Listener> {
     NotificationSink* sink = nullptr;
     Bytes secret;
     std::shared_ptr<shm::ExportTable> exports;
     Fd listen_fd;
     Fd stop_fd;
     Fd epoll_fd;
+    Fd room_fd;  // the sink has room again after a back-pressure refusal
     struct Conn {
         enum State : uint8_t { kHello, kProof, kOpen } state = kHello;
         auth::Nonce mine{};
         Bytes theirs;
         uint64_t instance = 0;
         std::string name;
+        // The sink's queue was full: this notification waits and the socket is not read
+        // (the sender's socket buffer fills, and its notifications wait or time out).
+        std::optional<Bytes> held;
     };
     std::unordered_map<int, Conn> conns;
 
@@ -571,10 +575,50 @@ struct Listener {
             }
             case Conn::kOpen:
                 if (k < 1 || m[0] != kNotifyMessage) return false;
-                sink->deliver(conn.name, conn.instance, Bytes(m + 1, m + k));
-                return true;
+                return offer(fd, conn, Bytes(m + 1, m + k));
         }
         return false;
+    }
+
+    // Delivers, or holds the message and stops reading `fd` until the sink has room.
+    bool offer(int fd, Conn& conn, Bytes payload) {
+        Bytes copy = payload;  // deliver() consumes its argument even when it refuses
+        Status st = sink->deliver(conn.name, conn.instance, std::move(copy));
+        if (st.isOk()) return true;
+        if (st.code() != StatusCode::kBackPressure) return false;
+        pause(fd, conn, std::move(payload));
+        return true;
+    }
+
+    void pause(int fd, Conn& conn, Bytes payload) {
+        conn.held = std::move(payload);
+        epoll_event ev{};
+        ev.data.fd = fd;
+        ::epoll_ctl(epoll_fd.fd, EPOLL_CTL_MOD, fd, &ev);  // no events: not read while held
+        std::weak_ptr<Listener> self = weak_from_this();
+        sink->onRoom([self] {
+            if (auto l = self.lock()) {
+                const uint64_t one = 1;
+                (void)!::write(l->room_fd.fd, &one, sizeof(one));
+            }
+        });
+    }
+
+    void resumeHeld() {
+        for (auto& [fd, conn] : conns) {
+            if (!conn.held) continue;
+            Bytes copy = *conn.held;
+            Status st = sink->deliver(conn.name, conn.instance, std::move(copy));
+            if (st.code() == StatusCode::kBackPressure) {
+                pause(fd, conn, std::move(*conn.held));
+                return;  // still full: wait for the next room
+            }
+            conn.held.reset();
+            epoll_event ev{};
+            ev.events = EPOLLIN;
+            ev.data.fd = fd;
+            ::epoll_ctl(epoll_fd.fd, EPOLL_CTL_MOD, fd, &ev);
+        }
     }
 
     void run() {
@@ -595,6 +639,12 @@ struct Listener {
                     accept();
                     continue;
                 }
+                if (fd == room_fd.fd) {
+                    uint64_t v = 0;
+                    (void)!::read(room_fd.fd, &v, sizeof(v));
+                    resumeHeld();
+                    continue;
+                }
                 auto it = conns.find(fd);
                 if (it == conns.end()) continue;
                 for (;;) {
@@ -605,6 +655,7 @@ struct Listener {
                         drop(fd);
                         break;
                     }
+                    if (it->second.held) break;  // back-pressure: read no further
                 }
             }
         }
@@ -630,11 +681,13 @@ public:
         }
         if (::listen(listener->listen_fd.fd, 128) != 0) return Status::systemErrno("shm: listen", errno);
         listener->stop_fd = Fd(::eventfd(0, EFD_CLOEXEC));
+        listener->room_fd = Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
         listener->epoll_fd = Fd(::epoll_create1(EPOLL_CLOEXEC));
         if (listener->stop_fd.fd < 0 || listener->epoll_fd.fd < 0) {
             return Status::systemErrno("shm: eventfd/epoll", errno);
         }
-        for (int fd : {listener->listen_fd.fd, listener->stop_fd.fd}) {
+        if (listener->room_fd.fd < 0) return Status::systemErrno("shm: eventfd", errno);
+        for (int fd : {listener->listen_fd.fd, listener->stop_fd.fd, listener->room_fd.fd}) {
             epoll_event ev{};
             ev.events = EPOLLIN;
             ev.data.fd = fd;

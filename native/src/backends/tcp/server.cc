@@ -50,7 +50,7 @@ constexpr const char* kRefused =
 
 class InboundConnection {
 public:
-    InboundConnection(Shared& shared, int fd) : sh_(shared), fd_(fd), scratch_(kScratchBytes) {}
+    InboundConnection(Shared& shared, int fd) : sh_(shared), fd_(fd) {}
 
     void serve() {
         if (!handshake().isOk()) return;
@@ -172,6 +172,7 @@ private:
 
     bool discard(uint64_t n) {
         while (n > 0) {
+            if (scratch_.empty()) scratch_.resize(kScratchBytes);  // only connections that discard pay for it
             const size_t step = static_cast<size_t>(std::min<uint64_t>(n, scratch_.size()));
             if (!recvBytes(fd_, scratch_.data(), step, stopCheck(), "tcp target").isOk()) return false;
             n -= step;
@@ -226,8 +227,10 @@ private:
             failed_.erase(it);
         }
         if (h.aux & kEndAbort) return true;
+        // A full notification queue fails the transfer with kBackPressure (its bytes are in
+        // place; the notification is not, and the initiator is told).
         if (st.isOk() && (h.aux & kEndNotify))
-            sh_.sink->deliver(peer_name_, peer_instance_, std::move(payload));
+            st = sh_.sink->deliver(peer_name_, peer_instance_, std::move(payload));
         const std::string& msg = st.message();
         return reply({.type = kAck, .aux = static_cast<uint32_t>(st.code()), .job = h.job, .b = msg.size()},
                      msg)
@@ -269,8 +272,14 @@ private:
         if (h.b > kMaxNotifyBytes) return false;
         Bytes payload(h.b);
         if (!recvBytes(fd_, payload.data(), payload.size(), stopCheck(), "tcp target").isOk()) return false;
-        sh_.sink->deliver(peer_name_, peer_instance_, std::move(payload));
-        return reply({.type = kNotifyAck, .job = h.job}).isOk();
+        const Status st = sh_.sink->deliver(peer_name_, peer_instance_, std::move(payload));
+        const std::string& msg = st.message();
+        return reply({.type = kNotifyAck,
+                      .aux = static_cast<uint32_t>(st.code()),
+                      .job = h.job,
+                      .b = msg.size()},
+                     msg)
+            .isOk();
     }
 
     Shared& sh_;
@@ -315,10 +324,14 @@ void listenLoop(const std::shared_ptr<Shared>& sh) {
             }
             continue;
         }
+        std::lock_guard<std::mutex> lock(sh->mutex);
+        if (sh->inbound.size() >= kMaxInbound) {  // bounded: refuse instead of growing
+            ::close(c);
+            continue;
+        }
         tuneConnection(c);
         setSliceTimeouts(c);
         auto done = std::make_shared<std::atomic<bool>>(false);
-        std::lock_guard<std::mutex> lock(sh->mutex);
         sh->inbound.push_back({Fd(c), {}, done});
         sh->inbound.back().thread = std::thread([sh, c, done] {
             InboundConnection(*sh, c).serve();

@@ -75,7 +75,7 @@ bool pastDeadline(Clock::time_point deadline, Clock::time_point now, Clock::dura
 }
 
 Status statusFromWire(uint32_t code, const std::string& message) {
-    if (code == 0 || code > static_cast<uint32_t>(StatusCode::kInternal)) {
+    if (code == 0 || code > static_cast<uint32_t>(StatusCode::kBackPressure)) {
         return Status::remote(message.empty() ? "tcp peer reported an unknown failure" : message);
     }
     return {static_cast<StatusCode>(code), message};

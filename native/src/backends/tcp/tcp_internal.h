@@ -39,6 +39,7 @@ using namespace std::chrono_literals;
 constexpr uint64_t kReadWindowBytes = 64ull << 20;  // outstanding READ bytes per connection
 constexpr auto kStallGrace = 1000ms;                // see "kills the connection" in tcp_backend.cc
 constexpr auto kHandshakeTimeout = 10s;             // target side: HELLO must arrive by then
+constexpr size_t kMaxInbound = 4096;                // target side: connections served at once
 constexpr auto kScanInterval = 100ms;
 constexpr int kSocketBufferBytes = 8 << 20;
 constexpr size_t kScratchBytes = 256 * 1024;
