@@ -93,7 +93,7 @@ static kvxfer_engine* make_engine(const char* name, const char* backend) {
 }
 
 /* The decode side: registers its pool, publishes its descriptor, waits for the note. */
-static int decode(const char* backend, int to_prefill) {
+static int decode(const char* backend, int to_prefill, int from_prefill) {
     kvxfer_engine* e = make_engine("decode", backend);
     kvxfer_kv_layout layout = {1, 1, BLOCKS, BLOCK_BYTES, 0, 0, 0, 0};
     void* pools[REGIONS];
@@ -117,6 +117,10 @@ static int decode(const char* backend, int to_prefill) {
     printf("decode: notification '%.*s' from %s; %d of %d regions x %d blocks checked, %d bad bytes\n",
            (int)note.payload_len, (const char*)note.payload, note.peer_name, REGIONS, REGIONS, MOVED, bad);
     kvxfer_notification_free(&note);
+    /* The notification can reach this process before the prefill has its acknowledgement:
+     * keep the engine serving until the prefill says its transfer ended (or exits). */
+    char done;
+    if (read(from_prefill, &done, 1) < 0) perror("read");
     for (int r = 0; r < REGIONS; ++r) {
         CHECK(kvxfer_deregister(e, regions[r]));
         CHECK(kvxfer_free_shareable(pools[r]));
@@ -126,7 +130,7 @@ static int decode(const char* backend, int to_prefill) {
 }
 
 /* The prefill side: fills its KV, imports the decode, posts one transfer of 8 parts. */
-static int prefill(const char* backend, int from_decode) {
+static int prefill(const char* backend, int from_decode, int to_decode) {
     kvxfer_engine* e = make_engine("prefill", backend);
     kvxfer_kv_layout layout = {1, 1, BLOCKS, BLOCK_BYTES, 0, 0, 0, 0};
     unsigned char* kv[REGIONS];
@@ -160,6 +164,7 @@ static int prefill(const char* backend, int from_decode) {
     kvxfer_transfer* t = NULL;
     CHECK(kvxfer_post(e, peer, KVXFER_OP_WRITE, parts, REGIONS, (const uint8_t*)"req-17", 6, 10000, 0, &t));
     CHECK(kvxfer_transfer_wait(t, 15000));
+    write_all(to_decode, "d", 1); /* the decode may close its engine now */
     uint64_t bytes = 0;
     CHECK(kvxfer_transfer_bytes(t, &bytes));
     char via[32];
@@ -184,8 +189,8 @@ int main(int argc, char** argv) {
     }
     printf("libkvxfer %s, ABI %d, backend %s\n", kvxfer_version(), (int)kvxfer_abi_version(), backend);
     fflush(stdout);
-    int pipefd[2];
-    if (pipe(pipefd) != 0) {
+    int pipefd[2], donefd[2]; /* decode -> prefill: descriptor; prefill -> decode: done */
+    if (pipe(pipefd) != 0 || pipe(donefd) != 0) {
         perror("pipe");
         return 1;
     }
@@ -196,12 +201,15 @@ int main(int argc, char** argv) {
     }
     if (child == 0) {
         close(pipefd[0]);
-        int rc = decode(backend, pipefd[1]);
+        close(donefd[1]);
+        int rc = decode(backend, pipefd[1], donefd[0]);
         fflush(stdout);
         _exit(rc);
     }
     close(pipefd[1]);
-    int rc = prefill(backend, pipefd[0]);
+    close(donefd[0]);
+    int rc = prefill(backend, pipefd[0], donefd[1]);
+    close(donefd[1]); /* also wakes the decode if the prefill failed before writing */
     int status = 0;
     if (waitpid(child, &status, 0) != child || !WIFEXITED(status) || WEXITSTATUS(status) != 0) {
         fprintf(stderr, "the decode process failed\n");

@@ -10,7 +10,7 @@ from typing import Any
 from .errors import ConfigError
 from .kv_transfer import MODES as TRANSFER_MODES
 
-ROLES = ("prefill", "decode", "aggregated", "gateway")
+ROLES = ("prefill", "decode", "aggregated", "gateway", "standby")  # standby: no model until assigned
 COMPUTE_MODES = ("real", "profiled")
 POLICIES = ("reject-retry", "local-queue")
 BACKENDS = ("shm", "tcp", "cuda_ipc")

@@ -57,8 +57,15 @@ class WorkerProcess:
             if self._ready.get("ready"):  # known without wait_ready (replacements spawned later)
                 self.url = self._ready["url"]
                 self.descriptor = self._ready.get("descriptor", "")
-            for _ in self.popen.stdout:  # drain
-                pass
+            for line in self.popen.stdout:  # drain; a standby prints a second line once assigned
+                try:
+                    again = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(again, dict) and again.get("ready"):
+                    self.role = again.get("role", self.role)
+                    self.url = again.get("url", self.url)
+                    self.descriptor = again.get("descriptor", "")
 
         self._reader = threading.Thread(target=read, daemon=True)
         self._reader.start()
@@ -167,6 +174,18 @@ class Deployment:
             prefix = ["ip", "netns", "exec", ns]
         self.spawn(cfg.replace(**overrides), prefix=prefix)
         return name
+
+    def add_standby(self, count: int = 1, deadline: float | None = None) -> list[str]:
+        """Starts ``count`` stateless standby workers (no model, no role) registered in the
+        registry; the controllers assign them roles before spawning processes. Returns
+        their names once they are registered."""
+        assert self._base is not None and self.registry is not None, "standby workers need a registry"
+        deadline = deadline if deadline is not None else time.monotonic() + 60.0
+        procs = [self.spawn(self._base.replace(role="standby", name=f"standby-{next(self._names)}", port=0))
+                 for _ in range(count)]  # fmt: skip
+        for p in procs:
+            p.wait_ready(deadline)
+        return [p.name for p in procs]
 
     def add_group(self, scenario: str | None = None, n_prefill: int = 1, n_decode: int = 1,
                   **overrides: Any) -> str:  # fmt: skip
@@ -298,6 +317,7 @@ def start_local(
     scenario: str | list[str] = "*",
     role_devices: dict[str, str] | None = None,
     role_netns: dict[str, tuple[str, str]] | None = None,
+    standby: int = 0,
     **worker_options: Any,
 ) -> Deployment:
     """Starts ``n_prefill`` prefill + ``n_decode`` decode (+ ``n_aggregated`` aggregated)
@@ -317,11 +337,16 @@ def start_local(
     (report, initialize order, connect and verify, healthy, route), watched, and repaired.
     ``role_netns`` (registry deployments) starts a role's workers inside a network namespace,
     ``{"decode": ("ns-b", "10.0.0.2")}``: ``ip netns exec ns-b``, serving on that address (use
-    ``backend="tcp"`` and a ``host`` the other namespace can reach)."""
+    ``backend="tcp"`` and a ``host`` the other namespace can reach). ``standby`` (registry
+    deployments) starts that many stateless standby workers after the groups are confirmed:
+    replacements and ``add_member`` turn them into prefills or decodes before starting new
+    processes (docs/pd-serve-control.md, "Stateless workers")."""
     if n_prefill < 0 or n_decode < 0 or n_aggregated < 0 or (n_prefill + n_aggregated) == 0:
         raise ConfigError("need at least one prefill or aggregated worker, and no negative counts")
     if n_prefill and not n_decode:
         raise ConfigError("prefill workers need at least one decode worker")
+    if standby < 0 or (standby and not registry):
+        raise ConfigError("standby workers need a registry deployment, and no negative count")
     base = WorkerConfig(backend=backend, model=model, mode=mode, policy=policy, b_p=b_p, b_d=b_d, host=host,
                         **worker_options)  # fmt: skip
     keep = bool(log_dir) or os.environ.get("KVXFER_SERVE_KEEP_LOGS", "") not in ("", "0")
@@ -336,6 +361,8 @@ def start_local(
         dep.role_netns = dict(role_netns or {})
         try:
             _start_groups(dep, base, registry, groups, scenario, n_prefill, n_decode, deadline)
+            if standby:
+                dep.add_standby(standby, deadline)
             if gateway:
                 g = dep.spawn(base.replace(role="gateway", name="gateway", port=gateway_port,
                                            registry=dep.registry.url))  # fmt: skip

@@ -5,6 +5,12 @@ Starts the role's aiohttp server, then prints ONE line on stdout, ``{"ready": tr
 serves until SIGTERM or SIGINT, or until its stdin reaches end of file (the parent that
 started it is gone: no orphans). A failure before ready prints ``{"ready": false, "error":
 ..}`` and exits 1.
+
+Role ``standby`` (needs ``registry``): the process loads no model; it prints ``{"ready": true,
+"role": "standby", "name": .., "url": ""}``, registers as a standby and waits for a
+controller's assignment (:mod:`.control.standby`); then it loads the assigned role in the same
+process, prints a second ready line with that role, URL and descriptor, and joins the group
+through its member agent like any worker.
 """
 
 from __future__ import annotations
@@ -15,10 +21,12 @@ import json
 import signal
 import sys
 import threading
+from typing import Any
 
 from aiohttp import web
 
 from .config import WorkerConfig
+from .errors import ConfigError
 
 
 def build(cfg: WorkerConfig):
@@ -75,6 +83,29 @@ async def _serve(cfg: WorkerConfig, stop: asyncio.Event) -> None:
                 watcher.stop()
             await gw.stop()
         return
+    if cfg.role != "standby":
+        await _serve_role(cfg, stop, None)
+        return
+    from .control.standby import StandbyAgent
+
+    if not cfg.registry:
+        raise ConfigError("a standby worker needs a registry")
+    standby = StandbyAgent(cfg.registry, cfg.name, ttl_s=cfg.lease_ttl_s)
+    standby.register()
+    try:
+        print(json.dumps({"ready": True, "role": "standby", "name": cfg.name, "url": ""}), flush=True)
+        job = await asyncio.to_thread(standby.wait, stop.is_set)
+        if job is None:
+            return
+        if job.get("role") not in ("prefill", "decode"):
+            raise ConfigError(f"a standby can become a prefill or a decode, not {job.get('role')!r}")
+        cfg = cfg.replace(role=job["role"], scenario=job["scenario"], group=job["group"])
+        await _serve_role(cfg, stop, standby)
+    finally:
+        standby.release()
+
+
+async def _serve_role(cfg: WorkerConfig, stop: asyncio.Event, standby: Any) -> None:
     worker = build(cfg)
     runner = web.AppRunner(worker.app, access_log=None, handle_signals=False)
     await runner.setup()
@@ -97,6 +128,8 @@ async def _serve(cfg: WorkerConfig, stop: asyncio.Event) -> None:
         agent = MemberAgent(worker, cfg.registry, cfg.scenario, cfg.group, url, loop, ttl_s=cfg.lease_ttl_s,
                             on_lost=lambda: loop.call_soon_threadsafe(stop.set))  # fmt: skip
         agent.start()  # reports to the registry; the group setup goes on in its thread
+    if standby is not None:
+        standby.release()  # the member report exists: the standby record can go
     print(json.dumps(ready), flush=True)
     try:
         await stop.wait()

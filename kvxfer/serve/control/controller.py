@@ -27,6 +27,12 @@ checker, up to 0.5 s); :attr:`removals` records the measured delays.
 ``retire()`` is scale-in [paper]: remove the route first (no new traffic), wait until the
 group's workers have no open request (drain), then stop them. ``add_members`` and
 ``remove_member`` change the ratio of a running group one instance at a time (gradual steps).
+
+Stateless path [paper: dynamic construction]: wherever the controller needs one more prefill
+or decode (a setup retry, a replacement, ``add_member``), it first claims a registered
+**standby** worker (``standby/<name>``, see :mod:`.standby`) by writing its assignment with
+compare-and-swap; the standby loads the role in its own process and joins by the same member
+steps. Only when no standby is registered does it call ``spawn`` (a new process).
 """
 
 from __future__ import annotations
@@ -78,10 +84,12 @@ class GroupController:
     collect_s: float = 60.0
     setup_deadline_s: float = 180.0
     auto_replace: bool = True
+    use_standby: bool = True  # claim a registered standby before spawning a process
     epoch: int = 0
     members: dict[str, str] = field(default_factory=dict)  # name -> role, in the current order
     removals: list[Removal] = field(default_factory=list)
-    spawned: list[str] = field(default_factory=list)  # every name this controller spawned
+    spawned: list[str] = field(default_factory=list)  # every name this controller spawned or claimed
+    claimed: list[str] = field(default_factory=list)  # the standbys among them
     _watch: Watch | None = None
     _lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -111,12 +119,36 @@ class GroupController:
             keys.routes(self.scenario, self.group), keys.dumps({"epoch": self.epoch, "prefills": urls})
         )
 
+    def _claim_standby(self, role: str) -> str | None:
+        """Assigns ``role`` in this group to one waiting standby; its name, or None."""
+        job = keys.dumps({"role": role, "scenario": self.scenario, "group": self.group})
+        for e in self.registry.get_prefix(keys.STANDBY):
+            name = e.key[len(keys.STANDBY) :]
+            if self.registry.cas(keys.assignment(name), 0, job):  # 0: only if nobody claimed it
+                log.info("group %s: standby %s assigned the %s role", self.group, name, role)
+                self.claimed.append(name)
+                return name
+        return None
+
     def _spawn(self, role: str) -> str | None:
-        if self.spawn is None:
-            return None
-        name = self.spawn(role)
+        name = self._claim_standby(role) if self.use_standby else None
+        if name is None:
+            if self.spawn is None:
+                return None
+            name = self.spawn(role)
         self.spawned.append(name)
         return name
+
+    def _lost_standby(self, name: str) -> bool:
+        """A claimed standby whose record went without a member report (it died while
+        loading). The standby key is read before the reports: a standby writes its member
+        report before it drops that key."""
+        if name not in self.claimed or self.registry.get(keys.standby(name)) is not None:
+            return False
+        if name in self.reports():
+            return False
+        self.registry.delete(keys.assignment(name))
+        return True
 
     # -- setup -----------------------------------------------------------------------------
     def setup(self) -> float:
@@ -233,6 +265,8 @@ class GroupController:
         """Dynamic construction of one newcomer: wait for its report, order it in, wait until
         it and every existing member are healthy at the new epoch, then route to it."""
         while name not in self.reports():
+            if self._lost_standby(name):
+                raise GroupSetupError(f"group {self.group}: standby {name} died before it reported")
             if time.monotonic() > deadline:
                 raise GroupSetupError(f"group {self.group}: {name} did not report by the deadline")
             time.sleep(0.05)

@@ -5,6 +5,8 @@
                                                        "epoch", "pid", "message"}         member, leased
     /kvxfer/groups/<scenario>/<group>/order           {"epoch", "members": {name: role}} controller
     /kvxfer/routes/<scenario>/<group>                 {"epoch", "prefills": [url, ...]}  controller
+    /kvxfer/standby/<name>                            {"state": "waiting", "pid"}        standby, leased
+    /kvxfer/assign/<name>                             {"role", "scenario", "group"}      controller (CAS)
 
 ``members/<name>`` is the member's report, written under its health lease: when the process
 dies its lease expires and the key disappears (the logical removal). ``order`` is the
@@ -13,6 +15,11 @@ connects to the peers it names and reports ``state: "healthy"`` for that epoch o
 connection is verified. ``routes`` is the gateways' forwarding table
 ``<scenario, prefill x A>`` [paper]: the controller writes it only with confirmed members, so a
 gateway never routes to an unconfirmed one.
+
+``standby/<name>`` is a stateless worker waiting for a role (no model loaded, not in any
+group); a controller claims it by creating ``assign/<name>`` with compare-and-swap (so two
+controllers never claim the same one). The standby then loads the role and reports under
+``members/`` like any worker; it deletes both keys once its member report is written.
 """
 
 from __future__ import annotations
@@ -55,6 +62,18 @@ ROUTES = ROOT + "routes/"
 def routes(scenario: str, grp: str) -> str:
     group(scenario, grp)
     return f"{ROUTES}{scenario}/{grp}"
+
+
+STANDBY = ROOT + "standby/"
+ASSIGN = ROOT + "assign/"
+
+
+def standby(name: str) -> str:
+    return STANDBY + name
+
+
+def assignment(name: str) -> str:
+    return ASSIGN + name
 
 
 def dumps(obj: Any) -> str:

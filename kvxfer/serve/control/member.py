@@ -13,9 +13,12 @@ Serving" resident process, in its part of the group setup) [paper: Fig. 6].
 5. **healthy**, and keeps the lease alive every ``ttl/3`` (the periodic health report).
 
 A later order (a member left or joined) is applied the same way: new peers are connected and
-verified, departed ones forgotten. If the lease is lost (the registry declared us dead), the
-agent calls ``on_lost`` (the worker process exits: a removed member does not come back under
-the same name, exactly one replacement takes its place).
+verified, departed ones forgotten. A prefill learns a new decode (``worker.on_peer``) only once
+that decode has answered its ``kvx-hello``, i.e. once the decode knows the prefill: the decode
+metadata reaches the prefills after the connection is confirmed [paper: dynamic construction].
+If the lease is lost (the registry declared us dead), the agent calls ``on_lost`` (the worker
+process exits: a removed member does not come back under the same name, exactly one
+replacement takes its place).
 """
 
 from __future__ import annotations
@@ -131,7 +134,6 @@ class MemberAgent:
             rec = recs[n]
             engine.add_peer(base64.b64decode(rec["descriptor"]))
             self.peers[n] = rec
-            self._call_in_loop(self.worker.on_peer, n, {"role": rec["role"], "url": rec["url"]})
         deadline = time.monotonic() + self.verify_s
         while not self._stop.is_set():
             pending = [n for n in want if n not in self.acked]
@@ -147,6 +149,12 @@ class MemberAgent:
                     log.info("%s: hello to %s: %s", self.name, n, e)
             self.reg.keepalive(self.lease)
             self._stop.wait(0.1)
+        # only a verified peer is handed to the worker: its kvx-ack proves it added us, so a
+        # prefill never sends a request to a decode that cannot yet read from it
+        for n in new:
+            self._call_in_loop(
+                self.worker.on_peer, n, {"role": self.peers[n]["role"], "url": self.peers[n]["url"]}
+            )
         self.epoch = order["epoch"]
         for state in ("connected", "loaded", "healthy"):
             self._report(state)

@@ -15,7 +15,6 @@ struct ActiveJob {
     uint32_t in_progress = 0;
     bool closed = false;  // no more chunks will be handed out
     bool finalized = false;
-    bool commit_only = false;  // commitLater(): data done, only the notification is left
     Status error;
 };
 
@@ -56,17 +55,6 @@ struct CopyPool::State {
                 cv.wait(lock, [&] { return stopping || !queue.empty(); });
                 if (queue.empty()) return;  // stopping
                 a = queue.front();
-                if (a->commit_only) {
-                    queue.pop_front();
-                    lock.unlock();
-                    TransferJob& job = *a->job;
-                    if (stopping) {
-                        job.finish(Status::canceled("engine closed before the notification was sent"));
-                    } else if (std::optional<Status> st = commit(a->job)) {
-                        job.finish(std::move(*st));
-                    }
-                    continue;
-                }
                 if (stopping || a->job->abandoned() || !a->error.isOk()) a->closed = true;
                 if (!a->closed) {
                     const TransferJob& job = *a->job;
@@ -130,17 +118,6 @@ CopyPool::~CopyPool() {
             t.join();
         }
     }
-}
-
-void CopyPool::commitLater(const std::shared_ptr<TransferJob>& job) {
-    auto a = std::make_shared<ActiveJob>();
-    a->job = job;
-    a->commit_only = true;
-    {
-        std::lock_guard<std::mutex> lock(state_->mutex);
-        state_->queue.push_back(std::move(a));
-    }
-    state_->cv.notify_one();
 }
 
 void CopyPool::submit(const std::shared_ptr<TransferJob>& job) {

@@ -44,9 +44,6 @@ public:
     CopyPool& operator=(const CopyPool&) = delete;
 
     void submit(const std::shared_ptr<TransferJob>& job);
-    // For a job whose data moved elsewhere (the inline path) and which is committing: a
-    // worker sends its notification through `commit` and finishes it.
-    void commitLater(const std::shared_ptr<TransferJob>& job);
     unsigned threads() const { return static_cast<unsigned>(threads_.size()); }
 
 private:
