@@ -176,3 +176,30 @@ def test_descriptor_holder_cannot_reach_a_region_with_a_wrong_tag(target):
             c.recv_exact(b)
             assert aux != 0
     assert (buf == 0x5A).all() and eng.notifications() == []
+
+
+def test_peer_stalled_inside_a_frame_is_dropped(target):
+    """An authenticated peer that stops in the middle of a WRITE frame (a stopped process, a
+    dead link) holds the target's worker at most 5 s (kFrameStall), then its connection is
+    dropped; the bytes it did send land only inside its region."""
+    eng, buf, region = target
+    desc = eng.descriptor()
+    base = buf.ctypes.data
+    with HostileClient(tcp_port(desc)) as c:
+        assert c.authenticate(desc) == 0
+        c.send(
+            frame(
+                WRITE,
+                aux=1,
+                job=1,
+                a=region_tag(desc, region.id),
+                b=4096,
+                body=struct.pack("<QQ", base, 4096),
+            )
+        )
+        c.send(b"\xab" * 100)  # then nothing more
+        start = time.monotonic()
+        c.everything_until_closed(timeout=15)
+        elapsed = time.monotonic() - start
+    assert 4.0 <= elapsed <= 8.0, elapsed
+    assert (buf[4096:] == 0x5A).all()

@@ -95,17 +95,33 @@ public:
     }
 
 private:
+    // Ends a frame's socket I/O when the backend closes, the connection is superseded, or
+    // the peer makes no progress for kFrameStall (a stopped or dead peer must not hold a
+    // worker: between frames a connection holds none, inside one at most this long).
     struct StopCheck {
         const Shared* sh;
         const InboundFence* fence;
-        Status operator()(bool) const {
+        std::optional<Clock::time_point> idle_since;
+        Status operator()(bool idle) {
             if (sh->stopping.load()) return Status::canceled("tcp backend is closing");
             if (fence && fence->superseded.load())
                 return Status::canceled("tcp: superseded by a newer connection");
-            return Status::ok();
+            return stalled(idle, idle_since);
         }
     };
-    StopCheck stopCheck() const { return {&sh_, fence_.get()}; }
+    StopCheck stopCheck() const { return {&sh_, fence_.get(), std::nullopt}; }
+
+    static Status stalled(bool idle, std::optional<Clock::time_point>& since) {
+        if (!idle) {
+            since.reset();
+            return Status::ok();
+        }
+        const auto now = Clock::now();
+        if (!since) since = now;
+        if (now - *since > kFrameStall)
+            return Status::peerUnreachable("tcp: the peer stalled inside a frame");
+        return Status::ok();
+    }
 
     Status reply(const Header& h, const std::string& body = {}) {
         out_.clear();
@@ -212,7 +228,9 @@ private:
         IovCursor cur;
         for (uint32_t i = 0; i < h.aux; ++i) cur.add(reinterpret_cast<void*>(runAddr(i)), runLen(i));
         bool region_gone = false;
-        auto check = [&](bool) {
+        std::optional<Clock::time_point> idle_since;
+        auto check = [&](bool idle) {
+            if (Status st = stalled(idle, idle_since); !st.isOk()) return st;
             if (sh_.stopping.load()) return Status::canceled("tcp backend is closing");
             if (fence_->superseded.load()) return Status::canceled("tcp: superseded by a newer connection");
             if (!pins.alive()) {
@@ -271,7 +289,9 @@ private:
         IovCursor cur;
         cur.add(hb, sizeof(hb));
         for (uint32_t i = 0; i < h.aux; ++i) cur.add(reinterpret_cast<void*>(runAddr(i)), runLen(i));
-        auto check = [&](bool) {
+        std::optional<Clock::time_point> idle_since;
+        auto check = [&](bool idle) {
+            if (Status st = stalled(idle, idle_since); !st.isOk()) return st;
             if (sh_.stopping.load()) return Status::canceled("tcp backend is closing");
             if (fence_->superseded.load()) return Status::canceled("tcp: superseded by a newer connection");
             // Mid-frame there is no way to tell the peer: the connection goes down instead.

@@ -42,6 +42,7 @@ constexpr auto kStallGrace = 1000ms;                // see "kills the connection
 constexpr auto kHandshakeTimeout = 10s;             // target side: HELLO must arrive by then
 constexpr size_t kMaxInbound = 4096;                // target side: connections served at once
 constexpr size_t kMaxWorkers = 64;                  // target side: frames served at once
+constexpr auto kFrameStall = 5s;                    // target side: no progress inside a frame: drop
 constexpr auto kScanInterval = 100ms;
 constexpr int kSocketBufferBytes = 8 << 20;
 constexpr size_t kScratchBytes = 256 * 1024;
