@@ -151,3 +151,33 @@ def test_tcp_target_threads_do_not_grow_with_connected_peers():
         for eng, _, _ in senders:
             eng.close()
         target.close()
+
+
+@pytest.mark.skipif(not available("fault"), reason="this build has no fault backend")
+def test_transfers_in_flight_to_one_peer_are_bounded():
+    """A peer that never completes anything (the fault backend's hang): after 65536
+    transfers in flight to it, the next post raises BackPressureError instead of queueing
+    without bound; once they end (cancel), posting works again."""
+    cfg = kvxfer.EngineConfig()
+    cfg.backend.fault.script = "hang"
+    a = kvxfer.Engine("ha", backends=["fault"], config=cfg)
+    b = kvxfer.Engine("hb", backends=["fault"])
+    try:
+        src, dst = np.zeros(64, np.uint8), np.zeros(64, np.uint8)
+        ra, rb = a.register(src), b.register(dst)
+        peer = a.add_peer(b.descriptor())
+        ext = [[0, 8]]
+        hung = []
+        with pytest.raises(errors.BackPressureError, match="in flight"):
+            for _ in range(70000):
+                hung.append(a.post(Op.WRITE, peer, ra, rb.id, local_extents=ext, remote_extents=ext))
+        assert len(hung) == 65536
+        for t in hung:
+            t.cancel()
+        stop = time.monotonic() + 30
+        while not all(t.quiesced for t in hung[-10:]) and time.monotonic() < stop:
+            time.sleep(0.01)
+        a.post(Op.WRITE, peer, ra, rb.id, local_extents=ext, remote_extents=ext).cancel()
+    finally:
+        a.close()
+        b.close()

@@ -51,6 +51,10 @@ bool sameSide(const TransferSide& a, const TransferSide& b) {
     return x.extents.data() == y.extents.data() && x.extents.size() == y.extents.size();
 }
 
+// Transfers in flight to one peer (posted, not yet let go of by the backend): beyond it a
+// post fails with kBackPressure instead of queueing without bound behind a slow peer.
+constexpr size_t kMaxInFlightPerPeer = 65536;
+
 // Overlapping destination extents would make the result depend on the order the backend's
 // threads happen to copy in: refused.
 Status checkDestinationExtents(const TransferSide& side, const std::string& where) {
@@ -600,6 +604,17 @@ Result<std::shared_ptr<TransferJob>> Engine::makeJob(const TransferRequest& req,
         }
         if (peer.in_flight_.size() >= 64 && (peer.in_flight_.size() & 63) == 0) {
             std::erase_if(peer.in_flight_, [](const auto& w) { return w.expired(); });
+        }
+        if (peer.in_flight_.size() >= kMaxInFlightPerPeer) {
+            std::erase_if(peer.in_flight_, [](const auto& w) {
+                auto j = w.lock();
+                return !j || j->quiesced();
+            });
+            if (peer.in_flight_.size() >= kMaxInFlightPerPeer) {
+                return Status::backPressure("peer '" + peer.name() + "' has " +
+                                            std::to_string(kMaxInFlightPerPeer) +
+                                            " transfers in flight, the limit: wait for some to end");
+            }
         }
         peer.in_flight_.push_back(job);
     }
