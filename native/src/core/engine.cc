@@ -616,17 +616,19 @@ Result<std::shared_ptr<TransferJob>> Engine::makeJob(const TransferRequest& req,
                                             " transfers in flight, the limit: wait for some to end");
             }
         }
+        // Every field is set before the job is published in in_flight_: from there a
+        // concurrent close() or removePeer() may abandon it (and read on_terminal) at once.
+        job->num_runs = runs;
+        job->total_bytes = bytes;
+        job->keepalive = std::move(keep);
+        job->on_terminal = [this](TransferJob& j, bool done) { onTerminal(j, done); };
+        job->telemetry_.bytes = bytes;
+        job->telemetry_.runs = runs;
+        job->telemetry_.pieces = pieces;
+        job->telemetry_.parts = static_cast<uint32_t>(job->parts.size());
+        job->telemetry_.posted = posted;
         peer.in_flight_.push_back(job);
     }
-    job->num_runs = runs;
-    job->total_bytes = bytes;
-    job->keepalive = std::move(keep);
-    job->on_terminal = [this](TransferJob& j, bool done) { onTerminal(j, done); };
-    job->telemetry_.bytes = bytes;
-    job->telemetry_.runs = runs;
-    job->telemetry_.pieces = pieces;
-    job->telemetry_.parts = static_cast<uint32_t>(job->parts.size());
-    job->telemetry_.posted = posted;
     return job;
 }
 
