@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import baselines, machine, proto, verify
-from .engine_config import engine_config
+from .engine_config import engine_config, local_host_towards
 from .workloads import Case, Geometry, Selection
 
 
@@ -106,7 +106,7 @@ class Bench:
         self.engine = kvxfer.Engine(
             f"kvxfer-bench-{os.getpid()}",
             backends=[o.backend],
-            config=engine_config(o.backend, o.device),
+            config=engine_config(o.backend, o.device, self._local_host()),
             threads=o.threads,
             timeout=o.timeout,
         )
@@ -144,6 +144,13 @@ class Bench:
                     "notification socket is an abstract Unix socket, which is per network namespace)"
                 )
             raise BenchError(f"cannot reach the target through {self.o.backend}: {e}{hint}") from e
+
+    def _local_host(self) -> str:
+        """Two-host mode: this host's address towards the target (tcp listens there)."""
+        if not self.o.target:
+            return ""
+        host, port = proto.parse_hostport(self.o.target)
+        return local_host_towards(host, port)
 
     def _start_target(self) -> None:
         o = self.o

@@ -41,7 +41,7 @@ class TargetSession:
     def cmd_setup(self, req: dict, blobs: list[bytes]) -> tuple[dict, list[bytes]]:
         import kvxfer
 
-        from .engine_config import engine_config
+        from .engine_config import engine_config, local_host_of
 
         if req.get("protocol") != proto.PROTOCOL:
             raise proto.ProtocolError(
@@ -56,7 +56,9 @@ class TargetSession:
         self.engine = kvxfer.Engine(
             req.get("name") or f"kvxfer-bench-target-{os.getpid()}",
             backends=[backend],
-            config=engine_config(backend, self.device_override or req.get("device", "")),
+            config=engine_config(
+                backend, self.device_override or req.get("device", ""), local_host_of(self.sock)
+            ),
             threads=int(req.get("threads", 0)),
             timeout=float(req.get("timeout", 60.0)),
         )
