@@ -1,6 +1,6 @@
 """Where kvxfer listens: the tcp backend's bind address (TcpConfig.listen, whose overlay
-variable is KVXFER_TCP_LISTEN (KVXFER_TCP_BIND before 0.2), else 0.0.0.0 on an ephemeral
-port; native tcp_backend.cc), the IPv4
+variable is KVXFER_TCP_LISTEN (KVXFER_TCP_BIND before 0.2), else 127.0.0.1 on an ephemeral
+port, loopback only unless configured (docs/security.md); native tcp_backend.cc), the IPv4
 addresses its descriptor publishes, the shm backend's abstract socket, and ibverbs (no
 socket: a UD queue pair on the chosen GID)."""
 
