@@ -34,3 +34,9 @@ class ProfileError(ServeError, ValueError):
     """A compute profile that is missing or malformed."""
 
     code = "SERVE_PROFILE"
+
+
+class GatewayError(KvxferError):
+    """Bad gateway configuration or a request the gateway refuses (bad JSON, unknown field value)."""
+
+    code = "INVALID_ARGUMENT"

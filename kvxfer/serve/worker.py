@@ -55,7 +55,8 @@ def _tokenizer_spec(cfg: WorkerConfig) -> str:
 
 async def _serve(cfg: WorkerConfig, stop: asyncio.Event) -> None:
     if cfg.role == "gateway":
-        from .gateway import Gateway, GatewayConfig, load_tokenizer
+        from .gateway import Gateway, GatewayConfig
+        from .tokenizers import load_tokenizer
 
         watcher = None
         routes = cfg.routes or {"*": cfg.prefill_urls}

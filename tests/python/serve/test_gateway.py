@@ -19,7 +19,9 @@ import pytest
 from aiohttp import web
 
 from kvxfer.serve import protocol
-from kvxfer.serve.gateway import ByteTokenizer, Gateway, GatewayConfig, GatewayError
+from kvxfer.serve.errors import GatewayError
+from kvxfer.serve.gateway import Gateway, GatewayConfig
+from kvxfer.serve.tokenizers import ByteTokenizer
 
 
 class StubPrefill:

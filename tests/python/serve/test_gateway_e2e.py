@@ -10,8 +10,9 @@ import openai
 import pytest
 
 from kvxfer.serve.deployment import start_local
-from kvxfer.serve.gateway import GatewayProcess, load_tokenizer
+from kvxfer.serve.gateway import GatewayProcess
 from kvxfer.serve.runtime import TINY_VOCAB, tiny_model_config
+from kvxfer.serve.tokenizers import load_tokenizer
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 

@@ -7,7 +7,7 @@ import csv
 import numpy as np
 import pytest
 
-from kvxfer.serve.gateway import ByteTokenizer
+from kvxfer.serve.tokenizers import ByteTokenizer
 from kvxfer.serve.workload import (
     TRACE_DIR,
     TRACE_FILES,
