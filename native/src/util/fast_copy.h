@@ -4,8 +4,13 @@
 // destination of a KV transfer is not read again soon by this core, so writing around
 // the cache avoids reading every destination line first and evicting the cache.
 // glibc's memcpy switches to such stores only for very large copies (192 MiB on the
-// development machine), so runs of 32 KiB to 64 MiB would otherwise take the slow path
-// (measured there: 1.3-1.8x faster than memcpy; see docs/shm.md).
+// development machine), so runs of 4 KiB to 64 MiB would otherwise take the slow path.
+// Measured there (2-core AMD EPYC, runs scattered into a cold pool, as the free blocks
+// of a paged KV pool are): streaming is 1.5-2.5x faster than memcpy for every run size
+// from 768 B to 32 KiB and every job size from 64 KiB to 377 MiB (docs/shm.md). The
+// threshold was 32 KiB until then, which left the 12 KiB runs of 16-token blocks (one
+// layer and K/V plane of a small model) on the slow path. Below 4 KiB the copy stays
+// cached: small messages (the latency path) are often read back at once.
 //
 // Streaming stores are weakly ordered: call copyFence() after a chunk of copies and
 // before anything that tells another party the bytes are there.
@@ -21,7 +26,7 @@
 
 namespace kvxfer {
 
-inline constexpr size_t kStreamingCopyMin = 32 * 1024;
+inline constexpr size_t kStreamingCopyMin = 4 * 1024;
 
 inline void copyRun(void* dst, const void* src, size_t n) {
 #if defined(__x86_64__)
