@@ -70,6 +70,11 @@ build() {
     build_gxx >>"$OUT/build.log" 2>&1
   fi
   tail -5 "$OUT/build.log"
+  # The 2 x H200 image sets CXX=/opt/gcc/bin/g++, whose modules carry a static libstdc++
+  # (no libstdc++.so.6 in ldd): say so, it matters for anything using iostreams (docs/gpu.md).
+  echo "compiler: ${CXX:-c++ from PATH} ($(${CXX:-c++} --version 2>/dev/null | head -1))" | tee -a "$OUT/build.log"
+  ldd kvxfer/_native*.so 2>/dev/null | grep -q "libstdc++" ||
+    echo "note: kvxfer/_native links libstdc++ statically" | tee -a "$OUT/build.log"
   imports 2>&1 | tee -a "$OUT/build.log"
 }
 

@@ -210,6 +210,13 @@ public:
     bool commitNow();
     // Terminal report from the backend: exactly once per job.
     void finish(Status status);
+    // Optional hint: the backend expects the data to be done at `t` (cuda_ipc: the kernel's
+    // bytes at the rate of the last ones). A waiter then sleeps until shortly before `t`
+    // and spins through it, instead of paying a sleeping thread's wake-up (tens of
+    // microseconds in a VM) after a long transfer. Correctness never depends on it.
+    void expectDataAt(Clock::time_point t) {
+        expected_ns_.store(t.time_since_epoch().count(), std::memory_order_relaxed);
+    }
 
     // --- core side ---
     TransferState state();  // applies the deadline lazily
@@ -239,6 +246,7 @@ private:
 
     std::atomic<uint8_t> state_{kRunning};
     std::atomic<bool> finished_{false};
+    std::atomic<Clock::rep> expected_ns_{0};  // expectDataAt(); 0 = no estimate
     mutable std::mutex mutex_;
     std::condition_variable cv_;
     Status status_;

@@ -63,6 +63,10 @@ std::string Status::toString() const {
 namespace {
 
 constexpr auto kWaitSpin = std::chrono::microseconds(3);
+// With an expected completion time (expectDataAt): wake this long before it (a timed
+// sleep overshoots by a wake-up), and spin at most this long past it before sleeping.
+constexpr auto kEtaLead = std::chrono::microseconds(150);
+constexpr auto kEtaSpin = std::chrono::microseconds(500);
 
 inline void cpuRelax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -241,6 +245,26 @@ TransferState TransferJob::waitUntil(Clock::time_point until) {
         if (s == kOk || s == kFail) return state();
         if ((i & 15) == 15 && Clock::now() >= spin_until) break;
         cpuRelax();
+    }
+    // The backend expects the data at a known time (expectDataAt): sleep until shortly
+    // before it, then spin through it, bounded.
+    if (const Clock::rep eta_ns = expected_ns_.load(std::memory_order_relaxed); eta_ns != 0) {
+        const Clock::time_point eta{Clock::duration(eta_ns)};
+        const auto wake = std::min({eta - kEtaLead, until, deadline});
+        if (Clock::now() < wake) {
+            std::unique_lock<std::mutex> lock(mutex_);
+            cv_.wait_until(lock, wake, [&] {
+                const uint8_t s = state_.load(std::memory_order_acquire);
+                return s == kOk || s == kFail;
+            });
+        }
+        const auto spin_end = std::min(until, std::max(Clock::now(), eta) + kEtaSpin);
+        for (int i = 0;; ++i) {
+            const uint8_t s = state_.load(std::memory_order_acquire);
+            if (s == kOk || s == kFail) return state();
+            if ((i & 63) == 63 && Clock::now() >= spin_end) break;
+            cpuRelax();
+        }
     }
     // Then sleep, in slices of at most a day: condition variables overflow on time points
     // centuries away (a saturated timeout) and would return at once. The deadline ends
