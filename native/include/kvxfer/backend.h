@@ -214,9 +214,8 @@ public:
     // bytes at the rate of the last ones). A waiter then sleeps until shortly before `t`
     // and spins through it, instead of paying a sleeping thread's wake-up (tens of
     // microseconds in a VM) after a long transfer. Correctness never depends on it.
-    void expectDataAt(Clock::time_point t) {
-        expected_ns_.store(t.time_since_epoch().count(), std::memory_order_relaxed);
-    }
+    // Wakes a waiter already asleep, so that it re-plans its wait (once per job).
+    void expectDataAt(Clock::time_point t);
 
     // Caller-driven completion (the inline path). A backend that takes a job in
     // trySubmitInline may point `progress` at an object that outlives the job's keepalive.
