@@ -7,10 +7,12 @@ its GPU). For each layout (one region; one region per layer and K/V) and op, ``-
 transfers one at a time, each split by the transfer's own telemetry into:
 
 * ``py_post_us``: the Python ``post()`` call (argument handling + the native post);
-* ``post_cpu_us``: the native part of it (validation, planning, submission);
-* ``data_ms``: post to data done (the progress thread saw the copy's CUDA event);
+* ``post_cpu_us``: the core's part of it (validation, planning, submission);
+* ``pre_core_us``: ``py_post_us - post_cpu_us``, mostly Python and the binding turning
+  the arguments (one tuple per region) into a request before the core starts;
+* ``data_ms``: the core's post to data done (the progress thread saw the copy's event);
 * ``notify_us``: data done to terminal (notification to the peer, finish);
-* ``wake_us``: terminal to ``wait()`` returning in Python;
+* ``wake_us``: terminal to ``wait()`` returning in Python (``wall - pre_core - total``);
 * ``wall_ms``: post to ``wait()`` returning: what kvxfer-bench times at depth 1;
 
 and ``gpu_ms``, the time per transfer with two in flight (the copy kernels back to back),
@@ -103,8 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                     "py_post_us": med(0) * 1e6,
                     "post_cpu_us": med(1),
                     "data_ms": med(2) * 1e3,
+                    "pre_core_us": statistics.median(r[0] * 1e6 - r[1] for r in rows),
                     "notify_us": statistics.median((r[3] - r[2]) for r in rows) * 1e6,
-                    "wake_us": statistics.median((r[4] - r[3]) for r in rows) * 1e6,
+                    "wake_us": statistics.median((r[4] - (r[0] - r[1] / 1e6) - r[3]) for r in rows) * 1e6,
                     "wall_ms": med(4) * 1e3,
                     "gpu_ms": statistics.median(gpu) * 1e3,
                 }
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(rec), flush=True)
                 print(
                     f"{name:10} {rec['op']:5} post {rec['py_post_us']:6.1f} us"
-                    f" (native {rec['post_cpu_us']:5.1f}) data {rec['data_ms']:.3f} ms"
+                    f" (core {rec['post_cpu_us']:5.1f}) data {rec['data_ms']:.3f} ms"
                     f" notify {rec['notify_us']:5.1f} us wake {rec['wake_us']:5.1f} us"
                     f" wall {rec['wall_ms']:.3f} ms gpu {rec['gpu_ms']:.3f} ms -> overhead"
                     f" {rec['overhead_us']:.0f} us; {rec['depth1_gbps']:.1f} / {rec['depth2_gbps']:.1f} GB/s",
