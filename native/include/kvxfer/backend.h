@@ -217,7 +217,7 @@ public:
     // sleeping, so the waiting thread can read the job's completion itself (tcp: its ACK)
     // instead of being woken by a backend thread. drive() returns once the job is terminal,
     // at `until` at the latest, or at once when it cannot help (another thread reads);
-    // the job's deadline still applies; state() calls drive(job, {}) (one non-blocking
+    // the job's deadline still applies; poll() calls drive(job, {}) (one non-blocking
     // look, so polling completes the job too). Engine::watch() calls release(job): nobody will
     // wait on this thread's behalf, so the backend's own threads must complete it.
     class Progress {
@@ -232,6 +232,9 @@ public:
 
     // --- core side ---
     TransferState state();  // applies the deadline lazily
+    // state() for the application (Transfer::state): first lets Progress take one look.
+    // Not for backend or core threads (it may finish other jobs of the connection).
+    TransferState poll();
     Status status() const;
     // Blocks until terminal or `until`; returns the state.
     TransferState waitUntil(Clock::time_point until);

@@ -208,12 +208,18 @@ bool TransferJob::abandon(Status why) {
     return true;
 }
 
+TransferState TransferJob::poll() {
+    // Polling drives an inline job too: one non-blocking look (Progress, backend.h).
+    if (progress != nullptr && !finished_.load(std::memory_order_acquire)) {
+        progress->drive(*this, Clock::time_point{});
+    }
+    return state();
+}
+
 TransferState TransferJob::state() {
     const uint8_t s = state_.load(std::memory_order_acquire);
     if (s == kOk) return TransferState::kDone;  // terminal: no clock needed
     if (s == kFail) return TransferState::kFailed;
-    // Polling drives an inline job too: one non-blocking look (Progress, backend.h).
-    if (progress != nullptr) progress->drive(*this, Clock::time_point{});
     expireIfDue(Clock::now());
     switch (state_.load(std::memory_order_acquire)) {
         case kOk:
