@@ -21,7 +21,9 @@
 //   There is no shared progress thread and no caller-driven progress, except the inline
 //   path: trySubmitInline() is called on the posting thread for jobs of at most
 //   caps().inline_max_bytes and may do the job's work there (a small copy, one
-//   non-blocking send), never waiting on the peer or on other jobs.
+//   non-blocking send), never waiting on the peer or on other jobs; and such a job's
+//   TransferJob::Progress, which lets the thread that waits for (or polls) the job
+//   complete it (tcp: read its own ACK).
 //
 // Lifecycle contract (the core's job machine, native/src/core/transfer.cc)
 // - A backend reports a job's data outcome once, through TransferJob::dataDone(). The
