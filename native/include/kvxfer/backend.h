@@ -215,7 +215,7 @@ public:
 
     // Caller-driven completion (the inline path). A backend that takes a job in
     // trySubmitInline may point `progress` at an object that outlives the job's keepalive.
-    // waitUntil() then calls progress->drive(job, until) after its short spin and before
+    // waitUntil() then calls progress->drive(job, until) first, before its spin and
     // sleeping, so the waiting thread can read the job's completion itself (tcp: its ACK)
     // instead of being woken by a backend thread. drive() returns once the job is terminal,
     // at `until` at the latest, or at once when it cannot help (another thread reads);
