@@ -222,6 +222,31 @@ def test_write_notification_arrives_after_all_bytes():
         p.close()
 
 
+@pytest.mark.parametrize("nbytes", [4096, 384 * 1024], ids=["inline-4k", "sender-384k"])
+def test_target_closing_right_after_the_notification_still_acknowledges(nbytes):
+    """The target's application closes its engine the moment the notification arrives: the
+    initiator must still see DONE (the ACK leaves before the connection closes), never a lost
+    connection for a transfer whose bytes and notification arrived. 4 KiB takes the inline
+    path and the target's quick path; 384 KiB the sender thread and a target worker."""
+    for i in range(20):
+        a = kvxfer.Engine("a", backends=["tcp"], timeout=30.0)
+        b = kvxfer.Engine("b", backends=["tcp"], timeout=30.0)
+        try:
+            src = np.random.default_rng(i).integers(0, 256, nbytes, dtype=np.uint8)
+            dst = np.zeros(nbytes, dtype=np.uint8)
+            ra, rb = a.register(src), b.register(dst)
+            peer = a.add_peer(b.descriptor())
+            t = a.post_extent(Op.WRITE, peer, ra, rb.id, 0, 0, nbytes, notify=b"n%d" % i)
+            (note,) = b.wait_for_notifications(1, timeout=30)
+            assert np.array_equal(dst, src) and note.payload == b"n%d" % i
+            b.close()
+            del rb, b  # the last references: the target's backends stop now
+            gc.collect()
+            assert t.wait(30) == TransferState.DONE  # raises PeerUnreachableError if the ACK was lost
+        finally:
+            a.close()
+
+
 def test_read_notification_reaches_target_after_data_landed():
     lay = layout(layers=4, kv=2, blocks=512, bb=4096)
     p = TcpPair(lay, seed=22)

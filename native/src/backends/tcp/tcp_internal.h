@@ -46,6 +46,11 @@ constexpr auto kFrameStall = 5s;                    // target side: no progress 
 constexpr auto kScanInterval = 100ms;
 constexpr int kSocketBufferBytes = 8 << 20;
 constexpr size_t kScratchBytes = 256 * 1024;
+// Target side, the quick path (server.cc): small frames are served from one buffer on the
+// listener thread; after serving it polls the connection this long for the next request.
+constexpr size_t kQuickBufferBytes = 256 * 1024;
+constexpr int kQuickRounds = 16;  // reads per readiness before the connection parks again
+constexpr auto kQuickSpin = std::chrono::microseconds(20);
 
 // ---- small helpers (socket_util.cc) -----------------------------------------------------
 
