@@ -211,6 +211,25 @@ public:
     // Terminal report from the backend: exactly once per job.
     void finish(Status status);
 
+    // Caller-driven completion (the inline path). A backend that takes a job in
+    // trySubmitInline may point `progress` at an object that outlives the job's keepalive.
+    // waitUntil() then calls progress->drive(job, until) after its short spin and before
+    // sleeping, so the waiting thread can read the job's completion itself (tcp: its ACK)
+    // instead of being woken by a backend thread. drive() returns once the job is terminal,
+    // at `until` at the latest, or at once when it cannot help (another thread reads);
+    // the job's deadline still applies; state() calls drive(job, {}) (one non-blocking
+    // look, so polling completes the job too). Engine::watch() calls release(job): nobody will
+    // wait on this thread's behalf, so the backend's own threads must complete it.
+    class Progress {
+    public:
+        virtual void drive(TransferJob& job, Clock::time_point until) = 0;
+        virtual void release(TransferJob& job) = 0;
+
+    protected:
+        ~Progress() = default;
+    };
+    Progress* progress = nullptr;  // set before trySubmitInline returns; then immutable
+
     // --- core side ---
     TransferState state();  // applies the deadline lazily
     Status status() const;

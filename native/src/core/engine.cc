@@ -686,6 +686,7 @@ void Engine::signalCompletion() {
 void Engine::watch(const Transfer& transfer) {
     TransferJob& job = *transfer.job();
     job.watched.store(true, std::memory_order_release);
+    if (job.progress != nullptr) job.progress->release(job);  // no thread will wait on it
     // Ended before it was watched: on_terminal did not report it; report it now. (A job
     // ending concurrently may be reported twice; drainCompletions() callers ignore ids
     // they no longer wait for.)

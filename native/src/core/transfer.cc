@@ -212,6 +212,8 @@ TransferState TransferJob::state() {
     const uint8_t s = state_.load(std::memory_order_acquire);
     if (s == kOk) return TransferState::kDone;  // terminal: no clock needed
     if (s == kFail) return TransferState::kFailed;
+    // Polling drives an inline job too: one non-blocking look (Progress, backend.h).
+    if (progress != nullptr) progress->drive(*this, Clock::time_point{});
     expireIfDue(Clock::now());
     switch (state_.load(std::memory_order_acquire)) {
         case kOk:
@@ -241,6 +243,12 @@ TransferState TransferJob::waitUntil(Clock::time_point until) {
         if (s == kOk || s == kFail) return state();
         if ((i & 15) == 15 && Clock::now() >= spin_until) break;
         cpuRelax();
+    }
+    // The backend may let this thread complete the job itself (Progress, backend.h).
+    if (progress != nullptr) {
+        progress->drive(*this, std::min(until, deadline));
+        const uint8_t s = state_.load(std::memory_order_acquire);
+        if (s == kOk || s == kFail) return state();
     }
     // Then sleep, in slices of at most a day: condition variables overflow on time points
     // centuries away (a saturated timeout) and would return at once. The deadline ends

@@ -216,6 +216,7 @@ void runJob(const std::shared_ptr<PeerConn>& c, const std::shared_ptr<TransferJo
             Pending p;
             p.job = job;
             session.pending.emplace(job->id, std::move(p));
+            wakeReceiver(session);  // it reads this job's answers
         });
     if (!s.isOk()) {
         job->finish(s.status());
@@ -239,6 +240,7 @@ void runNotify(const std::shared_ptr<PeerConn>& c, const std::shared_ptr<NotifyW
         [&](Session& session) {
             seq = c->next_notify_seq++;
             session.waiters[seq] = w;
+            wakeReceiver(session);
         });
     if (!s.isOk()) {
         w->complete(s.status());
@@ -298,9 +300,12 @@ bool sendInline(const std::shared_ptr<PeerConn>& c, const std::shared_ptr<Transf
         s = c->session;
         Pending p;
         p.job = job;
+        p.inline_job = true;  // its waiter reads the ACK (inlineProgress)
+        p.grace_until = Clock::now() + kCallerGrace;
         s->pending.emplace(job->id, std::move(p));
         c->writing = true;
     }
+    job->progress = &inlineProgress();
     auto letGo = [&] {
         {
             std::lock_guard<std::mutex> lock(c->mutex);
@@ -362,6 +367,7 @@ bool sendInline(const std::shared_ptr<PeerConn>& c, const std::shared_ptr<Transf
             std::lock_guard<std::mutex> lock(c->mutex);
             s->pending.erase(job->id);
         }
+        job->progress = nullptr;
         letGo();
         return false;
     }

@@ -416,8 +416,7 @@ public:
     // The quick path, on the thread that saw the connection readable (the listener): reads
     // what is there into `buf` (non-blocking, a few large recv calls) and serves every
     // complete WRITE / END / NOTIFY frame that fits in it straight from the buffer, replies
-    // included (no hand-off, no blocking call). After the last frame it polls the socket for
-    // up to kQuickSpin for the peer's next request before the connection parks.
+    // included (no hand-off, no blocking call), then parks the connection.
     // kToWorker: a frame is incomplete or large, another frame type, the handshake, or a
     // reply that did not fit in the socket; the bytes read stay pending for the worker.
     enum class Quick : uint8_t { kPark, kClose, kToWorker };
@@ -432,8 +431,6 @@ public:
 private:
     Quick quickLoop(uint8_t* buf, size_t cap) {
         size_t have = 0;  // bytes in buf from its start, not yet served
-        auto spin_until = Clock::time_point::min();
-        bool served = false;
         for (int rounds = 0; rounds < kQuickRounds;) {
             if (sh_.stopping.load() || fence_->superseded.load()) return Quick::kClose;
             const ssize_t k = ::recv(fd_, buf + have, cap - have, MSG_DONTWAIT);
@@ -442,16 +439,11 @@ private:
                 if (errno == EINTR) continue;
                 if (errno != EAGAIN && errno != EWOULDBLOCK) return Quick::kClose;
                 if (have > 0) return handOff(buf, have);  // a frame is still arriving
-                // Nothing waiting: poll briefly for the peer's next request (it usually
-                // comes within a round trip), then park.
-                if (!served || kQuickSpin.count() == 0) return Quick::kPark;
-                const auto now = Clock::now();
-                if (spin_until == Clock::time_point::min()) spin_until = now + kQuickSpin;
-                if (now >= spin_until) return Quick::kPark;
-                continue;
+                // Nothing more: park. (Polling here for the peer's next request for 20-60 us
+                // was measured slower on the shared 2-core VM: docs/benchmarks.md.)
+                return Quick::kPark;
             }
             ++rounds;
-            spin_until = Clock::time_point::min();
             have += static_cast<size_t>(k);
             size_t off = 0;
             for (;;) {
@@ -465,7 +457,6 @@ private:
                 }
                 if (need > have - off) break;  // incomplete
                 if (!quickFrame(h, buf + off + kHeaderBytes)) return Quick::kClose;
-                served = true;
                 off += need;
                 if (replyPending()) {  // the socket is full: the worker sends the rest
                     std::memmove(buf, buf + off, have - off);
