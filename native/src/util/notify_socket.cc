@@ -368,27 +368,163 @@ Sent trySend(int fd, const Bytes& msg, const Protocol& p, const std::string& pee
     }
 }
 
-Status sendBy(int fd, const Bytes& msg, const Protocol& p, const std::string& peer_name,
-              Clock::time_point deadline) {
-    for (;;) {
-        Status error;
-        switch (trySend(fd, msg, p, peer_name, &error)) {
-            case Sent::kOk:
-                return Status::ok();
-            case Sent::kError:
-                return error;
-            case Sent::kNoRoom:
-                break;
-        }
-        const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now()).count();
-        if (left <= 0) {
-            return Status::timeout(p.backend + " peer '" + peer_name +
-                                   "' did not take the notification before its deadline (stopped, or not "
-                                   "taking notifications)");
-        }
-        pollfd pfd{fd, POLLOUT, 0};
-        (void)::poll(&pfd, 1, static_cast<int>(std::min<int64_t>(left, 1000)));
+// ---- sending: Sender and Notifier ----------------------------------------------------------
+
+std::optional<Status> Sender::sendForJob(const std::shared_ptr<TransferJob>& job) {
+    return sendOrQueue({job, notificationMessage(job->notify), job->deadline, nullptr, nullptr});
+}
+
+Status Sender::send(ByteView payload, Clock::time_point deadline) {
+    if (payload.size() + 1 > kMaxMessage) {
+        return Status::invalidArgument("notification of " + std::to_string(payload.size()) +
+                                       " bytes is too long");
     }
+    Outgoing out{nullptr, notificationMessage(payload), deadline,
+                 std::make_shared<std::pair<std::mutex, std::condition_variable>>(),
+                 std::make_shared<std::optional<Status>>()};
+    auto sync = out.sync;
+    auto result = out.result;
+    if (std::optional<Status> now = sendOrQueue(std::move(out))) return *now;
+    // Queued: the notifier ends it by its deadline.
+    std::unique_lock<std::mutex> lock(sync->first);
+    sync->second.wait(lock, [&] { return result->has_value(); });
+    return **result;
+}
+
+std::optional<Status> Sender::sendOrQueue(Outgoing out) {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (outbox_.empty()) {
+            Status error;
+            const Sent sent = trySend(fd_.fd, out.msg, protocol_, peer_name_, &error);
+            if (sent == Sent::kOk) return Status::ok();
+            if (sent == Sent::kError) return error;
+        }
+        outbox_.push_back(std::move(out));
+        if (outbox_.size() > 1) return std::nullopt;  // the notifier already watches this peer
+    }
+    notifier_->watch(shared_from_this());
+    return std::nullopt;
+}
+
+bool Sender::drain(Clock::time_point now, Clock::time_point* next_deadline) {
+    std::vector<std::pair<Outgoing, Status>> ended;
+    bool empty = false;
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        while (!outbox_.empty()) {
+            Outgoing& head = outbox_.front();
+            Status error;
+            if (now >= head.deadline || (head.job && head.job->abandoned())) {
+                error = Status::timeout(protocol_.backend + " peer '" + peer_name_ +
+                                        "' did not take the notification by its deadline "
+                                        "(its socket stayed full: the peer is stopped or slow)");
+            } else if (trySend(fd_.fd, head.msg, protocol_, peer_name_, &error) == Sent::kNoRoom) {
+                *next_deadline = std::min(*next_deadline, head.deadline);
+                break;
+            }
+            ended.emplace_back(std::move(head), std::move(error));
+            outbox_.pop_front();
+        }
+        empty = outbox_.empty();
+    }
+    for (auto& [out, st] : ended) complete(out, std::move(st));
+    return empty;
+}
+
+void Sender::complete(Outgoing& out, Status st) {
+    if (out.job) {
+        out.job->finish(std::move(st));
+        return;
+    }
+    {
+        std::lock_guard<std::mutex> lock(out.sync->first);
+        *out.result = std::move(st);
+    }
+    out.sync->second.notify_all();
+}
+
+void Sender::cancelAll(const Status& why) {
+    std::deque<Outgoing> left;
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        left.swap(outbox_);
+    }
+    for (auto& out : left) complete(out, why);
+}
+
+Notifier::Notifier() : wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
+
+std::shared_ptr<Notifier> Notifier::start() {
+    std::shared_ptr<Notifier> n(new Notifier());
+    n->thread_ = std::thread([n] { n->run(); });
+    return n;
+}
+
+Notifier::~Notifier() {
+    if (thread_.joinable()) thread_.detach();  // only when the thread held the last reference
+}
+
+void Notifier::stop() {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        stopping_ = true;
+    }
+    wake();
+    if (thread_.get_id() == std::this_thread::get_id()) {
+        thread_.detach();
+    } else if (thread_.joinable()) {
+        thread_.join();
+    }
+}
+
+void Notifier::watch(std::shared_ptr<Sender> sender) {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        fresh_.push_back(std::move(sender));
+    }
+    wake();
+}
+
+void Notifier::wake() {
+    const uint64_t one = 1;
+    (void)!::write(wake_.fd, &one, sizeof(one));
+}
+
+void Notifier::run() {
+    std::vector<std::shared_ptr<Sender>> senders;
+    std::vector<pollfd> fds;
+    for (;;) {
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            if (stopping_) break;
+            for (auto& s : fresh_) {
+                if (std::find(senders.begin(), senders.end(), s) == senders.end())
+                    senders.push_back(std::move(s));
+            }
+            fresh_.clear();
+        }
+        auto next = Clock::time_point::max();
+        const auto now = Clock::now();
+        std::erase_if(senders, [&](const auto& s) { return s->drain(now, &next); });
+        fds.assign(1, pollfd{wake_.fd, POLLIN, 0});
+        for (const auto& s : senders) fds.push_back({s->fd(), POLLOUT, 0});
+        int timeout_ms = -1;
+        if (next != Clock::time_point::max()) {
+            const auto left = std::chrono::ceil<std::chrono::milliseconds>(next - Clock::now()).count();
+            timeout_ms = static_cast<int>(std::clamp<int64_t>(left, 0, 60000));
+        }
+        ::poll(fds.data(), fds.size(), timeout_ms);
+        uint64_t v = 0;
+        (void)!::read(wake_.fd, &v, sizeof(v));
+    }
+    // Closing: end whatever is still queued.
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        for (auto& s : fresh_) senders.push_back(std::move(s));
+        fresh_.clear();
+    }
+    for (auto& s : senders) s->cancelAll(Status::canceled("the backend is closing"));
 }
 
 }  // namespace kvxfer::notify_socket

@@ -16,13 +16,18 @@
 // valid on one backend only.
 #pragma once
 
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <string_view>
 #include <thread>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include "kvxfer/backend.h"
 #include "util/auth.h"
@@ -102,9 +107,71 @@ Result<Fd> connect(const Protocol& protocol, const std::string& name, const Peer
 // One non-blocking send of a whole message: kOk, kNoRoom (EAGAIN), or kError (`error` set).
 enum class Sent : uint8_t { kOk, kNoRoom, kError };
 Sent trySend(int fd, const Bytes& msg, const Protocol& protocol, const std::string& peer_name, Status* error);
-// Sends `msg`, waiting for room until `deadline` (kTimeout then: the peer is stopped or
-// not taking notifications).
-Status sendBy(int fd, const Bytes& msg, const Protocol& protocol, const std::string& peer_name,
-              Clock::time_point deadline);
+
+class Notifier;
+
+// The sending side of one authenticated connection. A notification goes out at once when
+// the peer's socket has room and nothing waits before it; otherwise it joins this peer's
+// outbox, which the backend's Notifier thread sends as room appears and ends at each
+// entry's deadline. So the thread that finished a transfer never waits for a peer: a
+// stopped peer costs queue entries, not a worker serving other peers.
+class Sender : public std::enable_shared_from_this<Sender> {
+public:
+    Sender(Protocol protocol, std::string peer_name, Fd fd, std::shared_ptr<Notifier> notifier)
+        : protocol_(std::move(protocol)),
+          peer_name_(std::move(peer_name)),
+          fd_(std::move(fd)),
+          notifier_(std::move(notifier)) {}
+    // A transfer's notification (job->notify): the status if it ended now (sent or failed),
+    // nullopt if queued (the notifier then calls job->finish()).
+    std::optional<Status> sendForJob(const std::shared_ptr<TransferJob>& job);
+    // A standalone notification: returns once sent, failed, or at `deadline` (kTimeout).
+    Status send(ByteView payload, Clock::time_point deadline);
+    int fd() const { return fd_.fd; }
+
+private:
+    friend class Notifier;
+    struct Outgoing {
+        std::shared_ptr<TransferJob> job;  // null for a standalone send()
+        Bytes msg;
+        Clock::time_point deadline;
+        // Standalone send(): the caller waits for `result`.
+        std::shared_ptr<std::pair<std::mutex, std::condition_variable>> sync;
+        std::shared_ptr<std::optional<Status>> result;
+    };
+    std::optional<Status> sendOrQueue(Outgoing out);
+    // Sends what fits of the outbox, ends expired entries; true when the outbox is empty.
+    bool drain(Clock::time_point now, Clock::time_point* next_deadline);
+    static void complete(Outgoing& out, Status st);
+    void cancelAll(const Status& why);
+
+    Protocol protocol_;
+    std::string peer_name_;
+    Fd fd_;
+    std::shared_ptr<Notifier> notifier_;
+    std::mutex mutex_;
+    std::deque<Outgoing> outbox_;  // not sent yet, in order; while non-empty, new ones queue behind
+};
+
+// The one thread per backend that sends queued notifications when their peer's socket has
+// room again, and ends each at its deadline if it never does.
+class Notifier {
+public:
+    static std::shared_ptr<Notifier> start();
+    ~Notifier();
+    void stop();  // ends what is still queued (kCanceled); joins unless on the thread
+    void watch(std::shared_ptr<Sender> sender);
+
+private:
+    Notifier();
+    void wake();
+    void run();
+
+    Fd wake_;
+    std::mutex mutex_;
+    bool stopping_ = false;
+    std::vector<std::shared_ptr<Sender>> fresh_;  // newly non-empty outboxes
+    std::thread thread_;
+};
 
 }  // namespace kvxfer::notify_socket

@@ -50,7 +50,7 @@ struct CudaPeer : BackendPeer {
     std::string name;
     uint32_t pid = 0;
     bool same_process = false;
-    std::unique_ptr<cudaipc::NotifySender> sender;
+    std::shared_ptr<cudaipc::NotifySender> sender;
 };
 
 struct CudaRemoteRegion : BackendRemoteRegion {
@@ -264,7 +264,8 @@ struct Worker {
     static void complete(const std::shared_ptr<TransferJob>& job, Status status, bool all_moved) {
         if (job->dataDone(std::move(status), all_moved) == TransferJob::AfterData::kSendNotification) {
             auto& peer = static_cast<CudaPeer&>(*job->peer);
-            job->finish(peer.sender->send(job->notify, job->deadline));
+            // Sent now, or queued to the notifier thread (which finishes the job).
+            if (auto sent = peer.sender->sendForJob(job)) job->finish(std::move(*sent));
         }
     }
 
@@ -325,6 +326,7 @@ public:
         } else {
             thread_.join();
         }
+        notifier_->stop();
         listener_->stop();
     }
 
@@ -404,8 +406,8 @@ public:
         }
         peer->same_process = peer->pid == static_cast<uint32_t>(::getpid());
         const std::string sock(reinterpret_cast<const char*>(info.data() + 4), info.size() - 4);
-        KVXFER_ASSIGN_OR_RETURN(peer->sender, cudaipc::NotifySender::connect(sock, identity, self_name_,
-                                                                             self_instance_, deadline));
+        KVXFER_ASSIGN_OR_RETURN(peer->sender, cudaipc::connectSender(sock, identity, self_name_,
+                                                                     self_instance_, deadline, notifier_));
         return std::shared_ptr<BackendPeer>(std::move(peer));
     }
 
@@ -461,6 +463,7 @@ private:
     BackendCaps caps_{.memory_kinds = memoryKindBit(MemoryKind::kCuda), .same_host_only = true};
     const CudaApi* api_;
     std::shared_ptr<cudaipc::NotifyListener> listener_;
+    std::shared_ptr<notify_socket::Notifier> notifier_ = notify_socket::Notifier::start();
     std::string self_name_;
     uint64_t self_instance_;
     std::shared_ptr<Worker> worker_;

@@ -80,188 +80,20 @@ std::string socketName(uint64_t instance) {
 // The target's WELCOME passes its export table's memfd.
 const notify_socket::Protocol kProtocol{"shm", 0x3153564b};  // "KVS1"
 
-class Notifier;
-
-// One notification (of a job, or standalone) waiting for room in the peer's socket.
-struct Outgoing {
-    std::shared_ptr<TransferJob> job;  // null for a standalone notify()
-    Bytes msg;
-    Clock::time_point deadline;
-    // Standalone notify(): the caller waits for `done`.
-    std::shared_ptr<std::pair<std::mutex, std::condition_variable>> sync;
-    std::shared_ptr<std::optional<Status>> result;
-};
-
 struct ShmPeer : BackendPeer, std::enable_shared_from_this<ShmPeer> {
     std::string name;
     pid_t pid = 0;
     Fd pidfd;
-    Fd notify_socket;  // non-blocking
+    std::shared_ptr<notify_socket::Sender> sender;  // the authenticated notification socket
     std::string self_name;
     uint64_t self_instance = 0;
-    std::shared_ptr<Notifier> notifier;
     std::shared_ptr<shm::TableMapping> exports;  // the peer's export table (its WELCOME)
-    // Notifications not sent yet, in order; while it is not empty, new ones queue behind.
-    std::mutex send_mutex;
-    std::deque<Outgoing> outbox;
 
     bool exited() const {
         pollfd p{pidfd.fd, POLLIN, 0};
         return ::poll(&p, 1, 0) > 0;
     }
-
-    // The sender's identity was proven at connect time: a notification is only its payload.
-    static Bytes message(ByteView payload) { return kvxfer::notify_socket::notificationMessage(payload); }
-
-    using Sent = kvxfer::notify_socket::Sent;
-    Sent trySend(const Bytes& msg, Status* error) {
-        return kvxfer::notify_socket::trySend(notify_socket.fd, msg, kProtocol, name, error);
-    }
-
-    // Sends at once when the socket has room and nothing is queued; otherwise queues the
-    // message for the notifier thread and returns nullopt.
-    std::optional<Status> sendOrQueue(Outgoing out);
 };
-
-// The one thread per backend that sends queued notifications when their peer's socket has
-// room again, and ends each at its deadline if it never does. Copy workers never wait for
-// a peer: a stopped peer costs one queue entry per notification, not a worker.
-class Notifier {
-public:
-    Notifier() : wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
-
-    void start(const std::shared_ptr<Notifier>& self) {
-        thread_ = std::thread([self] { self->run(); });
-    }
-    void stop() {
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            stopping_ = true;
-        }
-        wake();
-        if (thread_.get_id() == std::this_thread::get_id()) {
-            thread_.detach();
-        } else if (thread_.joinable()) {
-            thread_.join();
-        }
-    }
-    void watch(std::shared_ptr<ShmPeer> peer) {
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            peers_.push_back(std::move(peer));
-        }
-        wake();
-    }
-
-private:
-    void wake() {
-        const uint64_t one = 1;
-        (void)!::write(wake_.fd, &one, sizeof(one));
-    }
-
-    // Sends what fits of `peer`'s outbox, ends expired entries. True when the outbox is empty.
-    static bool drain(ShmPeer& peer, Clock::time_point now, Clock::time_point* next_deadline) {
-        std::vector<std::pair<Outgoing, Status>> ended;
-        bool empty = false;
-        {
-            std::lock_guard<std::mutex> lock(peer.send_mutex);
-            while (!peer.outbox.empty()) {
-                Outgoing& head = peer.outbox.front();
-                Status error;
-                if (now >= head.deadline || (head.job && head.job->abandoned())) {
-                    error = Status::timeout("shm peer '" + peer.name +
-                                            "' did not take the notification by its deadline "
-                                            "(its socket stayed full: the peer is stopped or slow)");
-                } else {
-                    const auto sent = peer.trySend(head.msg, &error);
-                    if (sent == ShmPeer::Sent::kNoRoom) {
-                        *next_deadline = std::min(*next_deadline, head.deadline);
-                        break;
-                    }
-                }
-                ended.emplace_back(std::move(head), std::move(error));
-                peer.outbox.pop_front();
-            }
-            empty = peer.outbox.empty();
-        }
-        for (auto& [out, st] : ended) complete(out, std::move(st));
-        return empty;
-    }
-
-public:
-    static void complete(Outgoing& out, Status st) {
-        if (out.job) {
-            out.job->finish(std::move(st));
-            return;
-        }
-        {
-            std::lock_guard<std::mutex> lock(out.sync->first);
-            *out.result = std::move(st);
-        }
-        out.sync->second.notify_all();
-    }
-
-private:
-    void run() {
-        std::vector<std::shared_ptr<ShmPeer>> peers;
-        std::vector<pollfd> fds;
-        for (;;) {
-            {
-                std::lock_guard<std::mutex> lock(mutex_);
-                if (stopping_) break;
-                for (auto& p : peers_) {
-                    if (std::find(peers.begin(), peers.end(), p) == peers.end())
-                        peers.push_back(std::move(p));
-                }
-                peers_.clear();
-            }
-            auto next = Clock::time_point::max();
-            const auto now = Clock::now();
-            std::erase_if(peers, [&](const auto& p) { return drain(*p, now, &next); });
-            fds.assign(1, pollfd{wake_.fd, POLLIN, 0});
-            for (const auto& p : peers) fds.push_back({p->notify_socket.fd, POLLOUT, 0});
-            int timeout_ms = -1;
-            if (next != Clock::time_point::max()) {
-                const auto left = std::chrono::ceil<std::chrono::milliseconds>(next - Clock::now()).count();
-                timeout_ms = static_cast<int>(std::clamp<int64_t>(left, 0, 60000));
-            }
-            ::poll(fds.data(), fds.size(), timeout_ms);
-            uint64_t v = 0;
-            (void)!::read(wake_.fd, &v, sizeof(v));
-        }
-        // Closing: end whatever is still queued.
-        for (auto& p : peers) {
-            std::deque<Outgoing> left;
-            {
-                std::lock_guard<std::mutex> lock(p->send_mutex);
-                left.swap(p->outbox);
-            }
-            for (auto& out : left) complete(out, Status::canceled("shm backend is closing"));
-        }
-    }
-
-    Fd wake_;
-    std::mutex mutex_;
-    bool stopping_ = false;
-    std::vector<std::shared_ptr<ShmPeer>> peers_;  // newly non-empty outboxes
-    std::thread thread_;
-};
-
-std::optional<Status> ShmPeer::sendOrQueue(Outgoing out) {
-    {
-        std::lock_guard<std::mutex> lock(send_mutex);
-        if (outbox.empty()) {
-            Status error;
-            const Sent sent = trySend(out.msg, &error);
-            if (sent == Sent::kOk) return Status::ok();
-            if (sent == Sent::kError) return error;
-        }
-        outbox.push_back(std::move(out));
-        if (outbox.size() > 1) return std::nullopt;  // the notifier already watches this peer
-    }
-    notifier->watch(shared_from_this());
-    return std::nullopt;
-}
 
 // Remote key: u8 version (2), u32 slot, u64 tag: a reference into the target's export
 // table (exports.h), never an fd or an address the initiator would trust.
@@ -462,9 +294,10 @@ public:
     Status handshake(ShmPeer& peer, const PeerIdentity& identity, const std::string& sock,
                      Clock::time_point deadline) const {
         Fd table;
-        KVXFER_ASSIGN_OR_RETURN(
-            peer.notify_socket,
-            notify_socket::connect(kProtocol, sock, identity, self_instance_, self_name_, deadline, &table));
+        KVXFER_ASSIGN_OR_RETURN(Fd fd, notify_socket::connect(kProtocol, sock, identity, self_instance_,
+                                                              self_name_, deadline, &table));
+        peer.sender =
+            std::make_shared<notify_socket::Sender>(kProtocol, identity.name, std::move(fd), notifier_);
         struct stat tst {};
         if (::fstat(table.fd, &tst) != 0 || static_cast<uint64_t>(tst.st_size) < shm::kTableBytes) {
             return Status::peerUnreachable("shm peer '" + identity.name + "' sent a malformed export table");
@@ -502,7 +335,6 @@ public:
                                            " now belongs to another process");
         }
         const std::string sock(reinterpret_cast<const char*>(info.data() + 12), info.size() - 12);
-        peer->notifier = notifier_;
         KVXFER_RETURN_IF_ERROR(handshake(*peer, identity, sock, deadline));
         return std::shared_ptr<BackendPeer>(std::move(peer));
     }
@@ -574,25 +406,14 @@ public:
         const Status st = copyChunk(*job, 0, job->num_runs, /*liveness_checked=*/true);
         if (job->dataDone(st, true) == TransferJob::AfterData::kSendNotification) {
             // Sent at once, or queued to the notifier (which finishes the job).
-            if (auto sent =
-                    peer.sendOrQueue({job, ShmPeer::message(job->notify), job->deadline, nullptr, nullptr}))
-                job->finish(std::move(*sent));
+            if (auto sent = peer.sender->sendForJob(job)) job->finish(std::move(*sent));
         }
         return true;
     }
 
     Status notify(BackendPeer& backend_peer, ByteView payload, Clock::time_point deadline) override {
         auto& peer = static_cast<ShmPeer&>(backend_peer);
-        Outgoing out{nullptr, peer.message(payload), deadline,
-                     std::make_shared<std::pair<std::mutex, std::condition_variable>>(),
-                     std::make_shared<std::optional<Status>>()};
-        auto sync = out.sync;
-        auto result = out.result;
-        if (std::optional<Status> now = peer.sendOrQueue(std::move(out))) return *now;
-        // Queued: the notifier ends it by its deadline.
-        std::unique_lock<std::mutex> lock(sync->first);
-        sync->second.wait(lock, [&] { return result->has_value(); });
-        return **result;
+        return peer.sender->send(payload, deadline);
     }
 
 private:
@@ -611,11 +432,10 @@ private:
               [](TransferJob& job, uint64_t first, uint64_t end) { return copyChunk(job, first, end); },
               [](const std::shared_ptr<TransferJob>& job) {
                   auto& peer = static_cast<ShmPeer&>(*job->peer);
-                  return peer.sendOrQueue({job, peer.message(job->notify), job->deadline, nullptr, nullptr});
+                  return peer.sender->sendForJob(job);
               }) {
         caps_.lanes = pool_.threads();  // copy threads share a job
         caps_.inline_max_bytes = ctx.config->shm.inline_max_bytes;
-        notifier_->start(notifier_);
     }
 
     // Runs up to 64 MiB keep memcpy on its non-temporal path yet split 1 GiB over threads.
@@ -626,7 +446,7 @@ private:
     std::string self_name_;
     uint64_t self_instance_;
     uint64_t start_time_;
-    std::shared_ptr<Notifier> notifier_ = std::make_shared<Notifier>();
+    std::shared_ptr<notify_socket::Notifier> notifier_ = notify_socket::Notifier::start();
     CopyPool pool_;
 };
 
