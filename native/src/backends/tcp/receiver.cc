@@ -306,7 +306,16 @@ public:
         {
             std::lock_guard<std::mutex> lock(c.mutex);
             s = c.session;
-            if (!s || s->dead.load() || s->reader != Reader::kNone || !s->pending.count(job.id)) return;
+            if (!s || s->dead.load()) return;
+            auto it = s->pending.find(job.id);
+            if (it == s->pending.end()) return;
+            if (s->reader != Reader::kNone) {
+                // Another thread reads: this caller sleeps on the job instead, so the job
+                // must not wait for a grace that nobody ends (the leader, when it lets go,
+                // wakes the receiver for it).
+                it->second.grace_until = {};
+                return;
+            }
             s->reader = Reader::kCaller;
         }
         Status st;
