@@ -311,9 +311,15 @@ public:
         }
         Status st;
         auto check = [](bool) { return Status::ok(); };  // frames we parse need no socket reads
-        while (!job.quiesced()) {
+        // Until the job ends (its ACK, its deadline, or a cancel seen within one slice).
+        while (job.state() == TransferState::kPending) {
+            // One recv that sleeps in the kernel until the peer answers (at most one slice,
+            // SO_RCVTIMEO) when `until` is that far; else a look, then poll() to `until`.
+            const auto now = Clock::now();
+            const auto left = std::chrono::ceil<std::chrono::milliseconds>(until - now).count();
+            const bool block = left >= kPollSliceMs;
             size_t got = 0;
-            st = readInto(c, *s, false, &got);
+            st = readInto(c, *s, block, &got);
             if (!st.isOk()) break;
             if (got > 0) {
                 bool handover = false;
@@ -322,22 +328,10 @@ public:
                 if (s->rx_len == s->rx.size()) break;  // a frame too large for us: the receiver's
                 continue;
             }
-            const auto now = Clock::now();
-            if (now >= until) break;
-            // Sleep in the kernel until the peer answers (at most one slice: SO_RCVTIMEO).
-            const auto left = std::chrono::ceil<std::chrono::milliseconds>(until - now).count();
-            if (left < kPollSliceMs) {
-                pollfd p{s->fd.fd, POLLIN, 0};
-                (void)::poll(&p, 1, static_cast<int>(left));
-                continue;
-            }
-            st = readInto(c, *s, true, &got);
-            if (!st.isOk()) break;
-            if (got > 0) {
-                bool handover = false;
-                st = parseFrames(c, s, false, check, &handover);
-                if (!st.isOk() || handover) break;
-            }
+            if (block) continue;  // a slice passed: look at the job again
+            if (left <= 0) break;
+            pollfd p{s->fd.fd, POLLIN, 0};
+            (void)::poll(&p, 1, static_cast<int>(left));
         }
         bool wake = false;
         {
