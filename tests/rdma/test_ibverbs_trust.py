@@ -8,6 +8,8 @@ native/src/backends/ibverbs/README.md."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import numpy as np
@@ -212,3 +214,77 @@ def test_full_notification_queue_holds_senders_back_without_loss():
     finally:
         a.close()
         b.close()
+
+
+def _stop(pid: int) -> None:
+    """SIGSTOP `pid` and wait until every thread of it is stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        states = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    states.append(f.read().rsplit(")", 1)[1].split()[0])
+            except FileNotFoundError:
+                continue
+        if states and all(s in ("T", "t") for s in states):
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"process {pid} did not stop")
+
+
+def test_stopped_peer_ends_by_its_deadline_and_holds_no_healthy_peer():
+    """A SIGSTOPped target takes no notifications: once its 64 receive buffers are used, the
+    SENDs to it wait (RNR) and those transfers end TimeoutError at their deadlines, while a
+    healthy peer of the same initiator is served at once. (TCG: generous bounds.)"""
+    lay = (1, 1, 16, 4096)
+    stopped = h.Target("ib-stopped", lay)
+    healthy = h.Target("ib-healthy", lay)
+    a = h.make_engine("ib-initiator")
+    try:
+        src = h.random_bytes(4096, 62)
+        ra = a.register(src)
+        ps, ph = a.add_peer(stopped.descriptor), a.add_peer(healthy.descriptor)
+        _stop(stopped.pid)
+        ext = [[0, 64]]
+        deadline_s = 8.0
+        t0 = time.monotonic()
+        to_stopped = [
+            a.post(
+                Op.WRITE,
+                ps,
+                ra,
+                stopped.region_id,
+                local_extents=ext,
+                remote_extents=ext,
+                notify=bytes(NOTE),
+                timeout=deadline_s,
+            )
+            for _ in range(100)
+        ]
+        to_healthy = [
+            a.post(Op.WRITE, ph, ra, healthy.region_id, local_extents=ext, remote_extents=ext, notify=b"h")
+            for _ in range(20)
+        ]
+        for t in to_healthy:
+            t.wait(h.TIMEOUT)
+        healthy_s = time.monotonic() - t0
+        assert healthy_s < deadline_s, f"a healthy peer waited {healthy_s:.1f} s behind a stopped one"
+        stop = time.monotonic() + 60
+        while any(t.poll() == TransferState.PENDING for t in to_stopped) and time.monotonic() < stop:
+            time.sleep(0.01)
+        late = time.monotonic() - t0 - deadline_s
+        states = [t.poll() for t in to_stopped]
+        assert TransferState.PENDING not in states
+        assert TransferState.FAILED in states, "the stopped peer's receive buffers never ran out"
+        assert late < 2.0, f"the stopped peer's transfers ended {late:.2f} s after their deadline"
+        for t in to_stopped:
+            if t.poll() == TransferState.FAILED:
+                with pytest.raises(errors.TimeoutError):
+                    t.wait()
+    finally:
+        os.kill(stopped.pid, signal.SIGCONT)
+        a.close()
+        healthy.quit()
+        stopped.quit()
