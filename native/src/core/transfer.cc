@@ -212,12 +212,18 @@ bool TransferJob::abandon(Status why) {
     return true;
 }
 
+TransferState TransferJob::poll() {
+    // Polling drives an inline job too: one non-blocking look (Progress, backend.h).
+    if (progress != nullptr && !finished_.load(std::memory_order_acquire)) {
+        progress->drive(*this, Clock::time_point{});
+    }
+    return state();
+}
+
 TransferState TransferJob::state() {
     const uint8_t s = state_.load(std::memory_order_acquire);
     if (s == kOk) return TransferState::kDone;  // terminal: no clock needed
     if (s == kFail) return TransferState::kFailed;
-    // Polling drives an inline job too: one non-blocking look (Progress, backend.h).
-    if (progress != nullptr) progress->drive(*this, Clock::time_point{});
     expireIfDue(Clock::now());
     switch (state_.load(std::memory_order_acquire)) {
         case kOk:
@@ -239,6 +245,12 @@ TransferState TransferJob::waitUntil(Clock::time_point until) {
     const uint8_t now_state = state_.load(std::memory_order_acquire);
     if (now_state == kOk) return TransferState::kDone;
     if (now_state == kFail) return TransferState::kFailed;
+    // The backend may let this thread complete the job itself (Progress, backend.h).
+    if (progress != nullptr) {
+        progress->drive(*this, std::min(until, deadline));
+        const uint8_t s = state_.load(std::memory_order_acquire);
+        if (s == kOk || s == kFail) return state();
+    }
     // A short bounded spin before sleeping: a small transfer on another thread usually
     // ends within a few microseconds, far less than a futex sleep and wake-up cost.
     const auto spin_until = std::min(until, Clock::now() + kWaitSpin);
@@ -247,12 +259,6 @@ TransferState TransferJob::waitUntil(Clock::time_point until) {
         if (s == kOk || s == kFail) return state();
         if ((i & 15) == 15 && Clock::now() >= spin_until) break;
         cpuRelax();
-    }
-    // The backend may let this thread complete the job itself (Progress, backend.h).
-    if (progress != nullptr) {
-        progress->drive(*this, std::min(until, deadline));
-        const uint8_t s = state_.load(std::memory_order_acquire);
-        if (s == kOk || s == kFail) return state();
     }
     // Then sleep, in slices of at most a day: condition variables overflow on time points
     // centuries away (a saturated timeout) and would return at once. The deadline ends

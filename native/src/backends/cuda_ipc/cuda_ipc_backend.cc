@@ -53,7 +53,7 @@ struct CudaPeer : BackendPeer {
     std::string name;
     uint32_t pid = 0;
     bool same_process = false;
-    std::unique_ptr<cudaipc::NotifySender> sender;
+    std::shared_ptr<cudaipc::NotifySender> sender;
 };
 
 struct CudaRemoteRegion : BackendRemoteRegion {
@@ -305,7 +305,8 @@ struct Worker {
     static void complete(const std::shared_ptr<TransferJob>& job, Status status, bool all_moved) {
         if (job->dataDone(std::move(status), all_moved) == TransferJob::AfterData::kSendNotification) {
             auto& peer = static_cast<CudaPeer&>(*job->peer);
-            job->finish(peer.sender->send(job->notify));
+            // Sent now, or queued to the notifier thread (which finishes the job).
+            if (auto sent = peer.sender->sendForJob(job)) job->finish(std::move(*sent));
         }
     }
 
@@ -358,8 +359,9 @@ class CudaIpcBackend final : public Backend {
 public:
     static Result<std::unique_ptr<Backend>> create(const BackendContext& ctx) {
         KVXFER_ASSIGN_OR_RETURN(const CudaApi* api, cuda::loadCuda());
-        KVXFER_ASSIGN_OR_RETURN(auto listener,
-                                cudaipc::NotifyListener::start(ctx.sink, socketName(ctx.instance_id)));
+        KVXFER_ASSIGN_OR_RETURN(
+            auto listener, cudaipc::NotifyListener::start(cudaipc::notifyProtocol(),
+                                                          socketName(ctx.instance_id), ctx.secret, ctx.sink));
         return std::unique_ptr<Backend>(new CudaIpcBackend(ctx, api, std::move(listener)));
     }
 
@@ -374,6 +376,7 @@ public:
         } else {
             thread_.join();
         }
+        notifier_->stop();
         listener_->stop();
     }
 
@@ -439,7 +442,7 @@ public:
     }
 
     Result<std::shared_ptr<BackendPeer>> connect(const PeerIdentity& identity, ByteView info,
-                                                 Clock::time_point) override {
+                                                 Clock::time_point deadline) override {
         if (!identity.same_host) return Status::unsupported("cuda_ipc reaches engines on this host only");
         if (info.size() < 5 || info.size() > 4 + 100) {
             return Status::badDescriptor("cuda_ipc endpoint info of peer '" + identity.name +
@@ -453,8 +456,8 @@ public:
         }
         peer->same_process = peer->pid == static_cast<uint32_t>(::getpid());
         const std::string sock(reinterpret_cast<const char*>(info.data() + 4), info.size() - 4);
-        KVXFER_ASSIGN_OR_RETURN(
-            peer->sender, cudaipc::NotifySender::connect(sock, identity.name, self_name_, self_instance_));
+        KVXFER_ASSIGN_OR_RETURN(peer->sender, cudaipc::connectSender(sock, identity, self_name_,
+                                                                     self_instance_, deadline, notifier_));
         return std::shared_ptr<BackendPeer>(std::move(peer));
     }
 
@@ -489,8 +492,8 @@ public:
         return Status::ok();
     }
 
-    Status notify(BackendPeer& peer, ByteView payload, Clock::time_point) override {
-        return static_cast<CudaPeer&>(peer).sender->send(payload);
+    Status notify(BackendPeer& peer, ByteView payload, Clock::time_point deadline) override {
+        return static_cast<CudaPeer&>(peer).sender->send(payload, deadline);
     }
 
 private:
@@ -514,6 +517,7 @@ private:
     BackendCaps caps_{.memory_kinds = memoryKindBit(MemoryKind::kCuda), .same_host_only = true};
     const CudaApi* api_;
     std::shared_ptr<cudaipc::NotifyListener> listener_;
+    std::shared_ptr<notify_socket::Notifier> notifier_ = notify_socket::Notifier::start();
     std::string self_name_;
     uint64_t self_instance_;
     std::shared_ptr<Worker> worker_;

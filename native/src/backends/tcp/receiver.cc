@@ -306,14 +306,29 @@ public:
         {
             std::lock_guard<std::mutex> lock(c.mutex);
             s = c.session;
-            if (!s || s->dead.load() || s->reader != Reader::kNone || !s->pending.count(job.id)) return;
+            if (!s || s->dead.load()) return;
+            auto it = s->pending.find(job.id);
+            if (it == s->pending.end()) return;
+            if (s->reader != Reader::kNone) {
+                // Another thread reads: this caller sleeps on the job instead, so the job
+                // must not wait for a grace that nobody ends (the leader, when it lets go,
+                // wakes the receiver for it).
+                it->second.grace_until = {};
+                return;
+            }
             s->reader = Reader::kCaller;
         }
         Status st;
         auto check = [](bool) { return Status::ok(); };  // frames we parse need no socket reads
-        while (!job.quiesced()) {
+        // Until the job ends (its ACK, its deadline, or a cancel seen within one slice).
+        while (job.state() == TransferState::kPending) {
+            // One recv that sleeps in the kernel until the peer answers (at most one slice,
+            // SO_RCVTIMEO) when `until` is that far; else a look, then poll() to `until`.
+            const auto now = Clock::now();
+            const auto left = std::chrono::ceil<std::chrono::milliseconds>(until - now).count();
+            const bool block = left >= kPollSliceMs;
             size_t got = 0;
-            st = readInto(c, *s, false, &got);
+            st = readInto(c, *s, block, &got);
             if (!st.isOk()) break;
             if (got > 0) {
                 bool handover = false;
@@ -322,22 +337,10 @@ public:
                 if (s->rx_len == s->rx.size()) break;  // a frame too large for us: the receiver's
                 continue;
             }
-            const auto now = Clock::now();
-            if (now >= until) break;
-            // Sleep in the kernel until the peer answers (at most one slice: SO_RCVTIMEO).
-            const auto left = std::chrono::ceil<std::chrono::milliseconds>(until - now).count();
-            if (left < kPollSliceMs) {
-                pollfd p{s->fd.fd, POLLIN, 0};
-                (void)::poll(&p, 1, static_cast<int>(left));
-                continue;
-            }
-            st = readInto(c, *s, true, &got);
-            if (!st.isOk()) break;
-            if (got > 0) {
-                bool handover = false;
-                st = parseFrames(c, s, false, check, &handover);
-                if (!st.isOk() || handover) break;
-            }
+            if (block) continue;  // a slice passed: look at the job again
+            if (left <= 0) break;
+            pollfd p{s->fd.fd, POLLIN, 0};
+            (void)::poll(&p, 1, static_cast<int>(left));
         }
         bool wake = false;
         {

@@ -307,11 +307,15 @@ bool sendInline(const std::shared_ptr<PeerConn>& c, const std::shared_ptr<Transf
     }
     job->progress = &inlineProgress();
     auto letGo = [&] {
+        bool queued = false;
         {
             std::lock_guard<std::mutex> lock(c->mutex);
             c->writing = false;
+            queued = !c->queue.empty() || !c->commits.empty();
         }
-        c->cv.notify_all();  // the sender may have work queued meanwhile
+        // Only when work was queued meanwhile: waking the idle sender for nothing cost a
+        // futex round trip and a context switch per request.
+        if (queued) c->cv.notify_all();
     };
     // One WRITE frame (header + run table), the payloads, and END (with the notification),
     // in one sendmsg: the target wakes once and the bytes leave in as few segments as fit.

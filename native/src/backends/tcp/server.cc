@@ -444,6 +444,7 @@ private:
                 return Quick::kPark;
             }
             ++rounds;
+            const bool filled = static_cast<size_t>(k) == cap - have;
             have += static_cast<size_t>(k);
             size_t off = 0;
             for (;;) {
@@ -465,6 +466,9 @@ private:
             }
             std::memmove(buf, buf + off, have - off);
             have -= off;
+            // Everything read was served and the read did not fill the buffer: park without
+            // another recv (epoll reports the connection again if more came).
+            if (have == 0 && !filled) return Quick::kPark;
         }
         if (have > 0) return handOff(buf, have);
         return Quick::kPark;  // fair to other connections: epoll reports it again if more came
@@ -548,20 +552,29 @@ private:
 
 namespace {
 
+// Connections sit in the listener's epoll set (level-triggered) while the listener serves
+// them; one handed to a worker leaves the set (unpark) and comes back when the worker is
+// done (park). So the common case, a small frame served by the listener, costs no
+// epoll_ctl, and a connection is never served by two threads at once.
 void park(Shared& sh, int fd) {
     epoll_event ev{};
-    ev.events = EPOLLIN | EPOLLONESHOT;
+    ev.events = EPOLLIN;
     ev.data.fd = fd;
-    (void)::epoll_ctl(sh.epoll_fd.fd, EPOLL_CTL_MOD, fd, &ev);
+    if (::epoll_ctl(sh.epoll_fd.fd, EPOLL_CTL_ADD, fd, &ev) != 0 && errno == EEXIST) {
+        (void)::epoll_ctl(sh.epoll_fd.fd, EPOLL_CTL_MOD, fd, &ev);
+    }
 }
 
+void unpark(Shared& sh, int fd) { (void)::epoll_ctl(sh.epoll_fd.fd, EPOLL_CTL_DEL, fd, nullptr); }
+
 void dropConnection(Shared& sh, int fd) {
+    unpark(sh, fd);  // a hung-up socket must not keep waking the listener until it closes
     ::shutdown(fd, SHUT_RDWR);
     std::lock_guard<std::mutex> lock(sh.mutex);
     sh.conns.erase(fd);  // the fd closes with the last reference
 }
 
-// A pool worker: serves ready connections; parks them again (one-shot epoll) or closes them.
+// A pool worker: serves ready connections; parks them again or closes them.
 void workerLoop(const std::shared_ptr<Shared>& sh) {
     for (;;) {
         std::shared_ptr<InboundConnection> c;
@@ -592,7 +605,7 @@ void onAccept(const std::shared_ptr<Shared>& sh, int c) {
     setSliceTimeouts(c);
     auto conn = std::make_shared<InboundConnection>(*sh, c);
     epoll_event ev{};
-    ev.events = EPOLLIN | EPOLLONESHOT;
+    ev.events = EPOLLIN;
     ev.data.fd = c;
     if (::epoll_ctl(sh->epoll_fd.fd, EPOLL_CTL_ADD, c, &ev) != 0) return;  // conn closes the fd
     sh->conns.emplace(c, std::move(conn));
@@ -610,12 +623,12 @@ void onReadable(const std::shared_ptr<Shared>& sh, int fd, std::vector<uint8_t>&
     }
     switch (c->serveQuick(buf.data(), buf.size())) {
         case InboundConnection::Quick::kPark:
-            park(*sh, fd);
-            return;
+            return;  // still in the epoll set
         case InboundConnection::Quick::kClose:
             dropConnection(*sh, fd);
             return;
         case InboundConnection::Quick::kToWorker:
+            unpark(*sh, fd);
             break;
     }
     std::lock_guard<std::mutex> lock(sh->mutex);

@@ -108,9 +108,10 @@ struct Shared {
     Fd listen_fd;
     Fd wake_fd;
 
-    // Inbound connections (server.cc): parked in `epoll_fd` (one-shot) while idle between
-    // frames; the listener hands readable ones to a pool of workers that grows only with
-    // connections busy at the same time (at most kMaxWorkers), never with connected ones.
+    // Inbound connections (server.cc): in `epoll_fd` (level-triggered) except while a
+    // worker serves one; the listener serves small frames itself and hands the rest to a
+    // pool of workers that grows only with connections busy at the same time (at most
+    // kMaxWorkers), never with connected ones.
     Fd epoll_fd;
     std::mutex mutex;
     std::condition_variable cv;
