@@ -213,6 +213,7 @@ private:
     bool discard(uint64_t n) {
         const size_t from_pending = static_cast<size_t>(std::min<uint64_t>(n, pendingBytes()));
         pend_off_ += from_pending;
+        if (pendingBytes() == 0) dropPending();
         n -= from_pending;
         while (n > 0) {
             if (scratch_.empty()) scratch_.resize(kScratchBytes);  // only connections that discard pay for it
@@ -340,6 +341,12 @@ private:
 
     size_t pendingBytes() const { return pend_.size() - pend_off_; }
 
+    // Frees the buffer once consumed (up to kQuickBufferBytes: connections must not keep it).
+    void dropPending() {
+        std::vector<uint8_t>().swap(pend_);
+        pend_off_ = 0;
+    }
+
     // Reads exactly n bytes: what is pending first, then the socket (blocking, bounded).
     bool readIn(void* dst, size_t n) {
         const size_t take = std::min(n, pendingBytes());
@@ -347,8 +354,7 @@ private:
             std::memcpy(dst, pend_.data() + pend_off_, take);
             pend_off_ += take;
             if (pendingBytes() == 0) {
-                pend_.clear();
-                pend_off_ = 0;
+                dropPending();
             }
         }
         if (take == n) return true;
@@ -365,8 +371,7 @@ private:
             cur.advance(step);
         }
         if (pendingBytes() == 0) {
-            pend_.clear();
-            pend_off_ = 0;
+            dropPending();
         }
     }
 
