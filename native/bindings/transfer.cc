@@ -286,8 +286,9 @@ void registerTransfer(py::module_& m) {
             "wait",
             [](const Transfer& t, std::optional<double> timeout) {
                 const auto ms = toMillis(timeout, "wait timeout");
-                // Finished already (the inline path): answer without releasing the GIL.
-                TransferState s = t.state();
+                // Finished already (the inline path): answer without releasing the GIL. (The
+                // job's own state: wait() below lets the backend drive it, without the GIL.)
+                TransferState s = t.job()->state();
                 if (s == TransferState::kPending) {
                     py::gil_scoped_release nogil;
                     const auto now = Clock::now();

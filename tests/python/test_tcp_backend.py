@@ -222,6 +222,73 @@ def test_write_notification_arrives_after_all_bytes():
         p.close()
 
 
+@pytest.mark.parametrize("nbytes", [4096, 384 * 1024], ids=["inline-4k", "sender-384k"])
+def test_target_closing_right_after_the_notification_still_acknowledges(nbytes):
+    """The target's application closes its engine the moment the notification arrives: the
+    initiator must still see DONE (the ACK leaves before the connection closes), never a lost
+    connection for a transfer whose bytes and notification arrived. 4 KiB takes the inline
+    path and the target's quick path; 384 KiB the sender thread and a target worker."""
+    for i in range(20):
+        a = kvxfer.Engine("a", backends=["tcp"], timeout=30.0)
+        b = kvxfer.Engine("b", backends=["tcp"], timeout=30.0)
+        try:
+            src = np.random.default_rng(i).integers(0, 256, nbytes, dtype=np.uint8)
+            dst = np.zeros(nbytes, dtype=np.uint8)
+            ra, rb = a.register(src), b.register(dst)
+            peer = a.add_peer(b.descriptor())
+            t = a.post_extent(Op.WRITE, peer, ra, rb.id, 0, 0, nbytes, notify=b"n%d" % i)
+            (note,) = b.wait_for_notifications(1, timeout=30)
+            assert np.array_equal(dst, src) and note.payload == b"n%d" % i
+            b.close()
+            del rb, b  # the last references: the target's backends stop now
+            gc.collect()
+            assert t.wait(30) == TransferState.DONE  # raises PeerUnreachableError if the ACK was lost
+        finally:
+            a.close()
+
+
+@pytest.mark.parametrize("how", ["wait", "wait-other-thread", "poll", "await", "nobody"])
+def test_small_write_completes_however_it_is_waited_for(pair, how):
+    """A 4 KiB write takes the inline path, whose waiting caller reads its own ACK. It must
+    complete however the application waits: wait() (on this or another thread), polling
+    ``state``, ``await`` (the completion fd), or nobody at all (the receiver thread reads the
+    ACK after a short grace). Bytes are checked exactly each time."""
+    for i in range(30):
+        start = (i % BLOCKS) * BB
+        p = pair
+        p.src[start : start + BB] = np.random.default_rng(i).integers(0, 256, BB, dtype=np.uint8)
+        t = p.a.post_extent(Op.WRITE, p.peer, p.ra, p.rb.id, start, start, BB)
+        if how == "wait":
+            assert t.wait(30) == TransferState.DONE
+        elif how == "wait-other-thread":
+            out = []
+            th = threading.Thread(target=lambda: out.append(t.wait(30)))
+            th.start()
+            th.join(60)
+            assert out == [TransferState.DONE]
+        elif how == "poll":
+            deadline = time.monotonic() + 30
+            while t.state == TransferState.PENDING and time.monotonic() < deadline:
+                pass
+            assert t.state == TransferState.DONE
+        elif how == "await":
+            import asyncio
+
+            assert asyncio.run(asyncio.wait_for(_awaited(t), 30)) == TransferState.DONE
+        else:
+            # Nobody waits or polls: telemetry does not drive the transfer, the receiver does.
+            deadline = time.monotonic() + 30
+            while t.telemetry["total_s"] < 0 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert 0 <= t.telemetry["total_s"] < 5
+            assert t.state == TransferState.DONE
+        assert np.array_equal(p.dst[start : start + BB], p.src[start : start + BB])
+
+
+async def _awaited(t):
+    return await t
+
+
 def test_read_notification_reaches_target_after_data_landed():
     lay = layout(layers=4, kv=2, blocks=512, bb=4096)
     p = TcpPair(lay, seed=22)

@@ -10,6 +10,8 @@ SENDs notifications).
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import random
 import struct
@@ -39,9 +41,15 @@ def import_pyverbs(tmpdir: str):
 
 # ---- wire format (see README.md) ------------------------------------------------------------
 EP_MAGIC, CM_MAGIC, NOTE_MAGIC = 0x4249564B, 0x4D43564B, 0x544E564B
-REQ, REP, REJ, DISC = 1, 2, 3, 4
+REQ, REP, REJ, DISC, CHALLENGE = 1, 2, 3, 4, 5
+CM_VERSION = 2
 GRH = 40
 QKEY = 0x11223344
+ZERO_NONCE = bytes(32)
+# MAC labels: HMAC-SHA256(secret, label || every byte of the message before the MAC).
+LABEL_INITIATOR = b"kvxfer-ibverbs-initiator\0"
+LABEL_TARGET = b"kvxfer-ibverbs-target\0"
+LABEL_DISCONNECT = b"kvxfer-ibverbs-disconnect\0"
 
 
 def encode_endpoint(gid: bytes, mtu: int, ud_qpn: int, qkey: int, port: int = 1, lid: int = 0) -> bytes:
@@ -71,7 +79,14 @@ def encode_cm(
     name=b"",
     reason=0,
     text=b"",
+    initiator_nonce=ZERO_NONCE,
+    target_nonce=ZERO_NONCE,
+    secret: bytes | None = None,
+    label: bytes = b"",
+    mac: bytes | None = None,
 ) -> bytes:
+    """One CM datagram. REQ, REP and DISC end with initiator nonce | target nonce | MAC; the
+    MAC is computed with `secret` and `label`, or is `mac` as given (zeros by default)."""
     body = b""
     if kind in (REQ, REP):
         body = struct.pack("<16sIIHBBIB3x", gid, ud_qpn, qkey, lid, mtu, rd_atomic, generation, len(qps))
@@ -79,17 +94,36 @@ def encode_cm(
         body += struct.pack("<H", len(name)) + name
     elif kind == REJ:
         body = struct.pack("<IH", reason, len(text)) + text
-    head = struct.pack("<IBBHQQQ", CM_MAGIC, 1, kind, 32 + len(body), conn_id, src, dst)
-    return head + body
+    elif kind == CHALLENGE:
+        body = initiator_nonce + target_nonce
+    signed = kind in (REQ, REP, DISC)
+    if signed:
+        body += initiator_nonce + target_nonce
+    length = 32 + len(body) + (32 if signed else 0)
+    msg = struct.pack("<IBBHQQQ", CM_MAGIC, CM_VERSION, kind, length, conn_id, src, dst) + body
+    if signed:
+        if secret is not None:
+            mac = hmac.new(secret, label + msg, hashlib.sha256).digest()
+        msg += mac if mac is not None else bytes(32)
+    return msg
 
 
 def decode_cm(b: bytes) -> dict | None:
     if len(b) < 32:
         return None
     magic, ver, kind, length, conn_id, src, dst = struct.unpack("<IBBHQQQ", b[:32])
-    if magic != CM_MAGIC or ver != 1 or length > len(b):
+    if magic != CM_MAGIC or ver != CM_VERSION or length > len(b):
         return None
     m = dict(kind=kind, conn_id=conn_id, src=src, dst=dst)
+    if kind in (REQ, REP, DISC):
+        m.update(
+            initiator_nonce=b[length - 96 : length - 64],
+            target_nonce=b[length - 64 : length - 32],
+            mac=b[length - 32 : length],
+            signed=b[: length - 32],
+        )
+    elif kind == CHALLENGE:
+        m.update(initiator_nonce=b[32:64], target_nonce=b[64:96])
     if kind in (REQ, REP):
         gid, qpn, qkey, lid, mtu, rd, gen, n = struct.unpack("<16sIIHBBIB3x", b[32:68])
         qps = [struct.unpack("<II", b[68 + 8 * i : 76 + 8 * i]) for i in range(n)]
@@ -110,6 +144,10 @@ def decode_cm(b: bytes) -> dict | None:
         reason, nl = struct.unpack("<IH", b[32:38])
         m.update(reason=reason, text=b[38 : 38 + nl].decode(errors="replace"))
     return m
+
+
+def proves(m: dict, secret: bytes, label: bytes) -> bool:
+    return hmac.compare_digest(hmac.new(secret, label + m["signed"], hashlib.sha256).digest(), m["mac"])
 
 
 def gid_text(raw: bytes) -> str:
@@ -133,6 +171,10 @@ class PvPeer:
         self.e = e
         self.name = name
         self.instance = random.getrandbits(63) | 1
+        self.secret = os.urandom(32)  # this peer's capability, in its descriptor
+        self.challenges = {}  # (initiator instance, conn id) -> (initiator nonce, target nonce)
+        self.refused = []  # CONNECT_REQs that failed authentication (target side)
+        self.check_proofs = True  # False: accept any proof (a hostile target, for tests)
         self.port = 1
         self.gid_index = gid_index
         self.nqps = nqps
@@ -183,6 +225,7 @@ class PvPeer:
                 "instance_id": self.instance,
                 "host_id": "pyverbs-peer",
                 "pid": 0,
+                "secret": self.secret,
                 "backends": [("ibverbs", self.endpoint_info())],
                 "regions": [
                     {
@@ -316,6 +359,25 @@ class PvPeer:
         if m["kind"] == REQ:
             if m["dst"] not in (0, self.instance):
                 return
+            key = (m["src"], m["conn_id"])
+            if m["target_nonce"] == ZERO_NONCE:  # first request: challenge it
+                nonce = self.challenges.setdefault(key, (m["initiator_nonce"], os.urandom(32)))[1]
+                msg = encode_cm(
+                    CHALLENGE,
+                    m["conn_id"],
+                    self.instance,
+                    m["src"],
+                    initiator_nonce=m["initiator_nonce"],
+                    target_nonce=nonce,
+                )
+                self._send_ud(msg, m["gid"], m["ud_qpn"], m["qkey"])
+                return
+            if self.check_proofs and (
+                self.challenges.get(key) != (m["initiator_nonce"], m["target_nonce"])
+                or not proves(m, self.secret, LABEL_INITIATOR)
+            ):
+                self.refused.append(m)
+                return
             if m["conn_id"] not in self.conns:
                 mtu = min(m["mtu"], self.mtu)
                 mine = []
@@ -336,50 +398,102 @@ class PvPeer:
                     generation=m["generation"],
                     qps=mine,
                     name=self.name.encode(),
+                    initiator_nonce=m["initiator_nonce"],
+                    target_nonce=m["target_nonce"],
+                    secret=self.secret,
+                    label=LABEL_TARGET,
                 )
             self._send_ud(self.conns[m["conn_id"]], m["gid"], m["ud_qpn"], m["qkey"])
-        elif m["kind"] in (REP, REJ):
-            self.pending_rep[m["conn_id"]] = m
+        elif m["kind"] in (REP, REJ, CHALLENGE):
+            self.pending_rep.setdefault(m["conn_id"], []).append(m)
 
     # ---- initiator side ----
-    def connect(self, kvxfer_descriptor: bytes, timeout: float = 30.0) -> dict:
-        """CONNECT_REQ to a kvxfer engine; returns its decoded descriptor."""
+    def connect(
+        self,
+        kvxfer_descriptor: bytes,
+        timeout: float = 30.0,
+        secret: bytes | None = None,
+        forge: str = "",
+    ) -> dict:
+        """CONNECT_REQ to a kvxfer engine; returns its decoded descriptor. Proves the
+        descriptor's secret (or `secret`, to try a wrong one). `forge` sends what a client
+        without the secret could: "no-proof" (a proof of zeros over the challenge's nonces),
+        "own-nonce" (a target nonce the engine never issued, with a MAC under `secret`).
+        Raises ConnectionRefusedError when the engine refuses, TimeoutError when it never
+        connects."""
         import kvxfer._native as native
 
         d = native.decode_descriptor(kvxfer_descriptor)
+        secret = d["secret"] if secret is None else secret
         ep = decode_endpoint(dict(d["backends"])["ibverbs"])
         conn_id = random.getrandbits(63) | 1
+        ours = os.urandom(32)
         with self._lock:
             mine = [self._new_rc() for _ in range(self.nqps)]
-        req = encode_cm(
-            REQ,
-            conn_id,
-            self.instance,
-            d["instance_id"],
-            gid=self.gid,
-            ud_qpn=self.ud.qp_num,
-            qkey=QKEY,
-            mtu=self.mtu,
-            rd_atomic=4,
-            generation=1,
-            qps=[(q.qp_num, p) for q, p in mine],
-            name=self.name.encode(),
-        )
-        deadline = time.monotonic() + timeout
-        while conn_id not in self.pending_rep:
-            if time.monotonic() > deadline:
-                raise TimeoutError("kvxfer engine did not answer CONNECT_REQ")
-            with self._lock:
-                self._send_ud(req, ep["gid"], ep["ud_qpn"], ep["qkey"])
-            time.sleep(0.2)
-        rep = self.pending_rep.pop(conn_id)
-        assert rep["kind"] == REP, rep
+
+        def request(theirs: bytes, **auth) -> bytes:
+            return encode_cm(
+                REQ,
+                conn_id,
+                self.instance,
+                d["instance_id"],
+                gid=self.gid,
+                ud_qpn=self.ud.qp_num,
+                qkey=QKEY,
+                mtu=self.mtu,
+                rd_atomic=4,
+                generation=1,
+                qps=[(q.qp_num, p) for q, p in mine],
+                name=self.name.encode(),
+                initiator_nonce=ours,
+                target_nonce=theirs,
+                **auth,
+            )
+
+        def answer(kinds) -> dict:
+            deadline = time.monotonic() + timeout
+            while True:
+                got = self.pending_rep.get(conn_id) or []
+                for m in got:
+                    if m["kind"] in kinds:
+                        got.remove(m)
+                        return m
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"kvxfer engine sent no {kinds} for CONNECT_REQ")
+                with self._lock:
+                    self._send_ud(req, ep["gid"], ep["ud_qpn"], ep["qkey"])
+                time.sleep(0.2)
+
+        if forge == "own-nonce":
+            req = request(os.urandom(32), secret=secret, label=LABEL_INITIATOR)
+        else:
+            req = request(ZERO_NONCE)
+            ch = answer((CHALLENGE, REJ))
+            if ch["kind"] == REJ:
+                raise ConnectionRefusedError(ch["text"])
+            assert ch["initiator_nonce"] == ours and ch["src"] == d["instance_id"], ch
+            if forge == "no-proof":
+                req = request(ch["target_nonce"], mac=bytes(32))
+            else:
+                req = request(ch["target_nonce"], secret=secret, label=LABEL_INITIATOR)
+        rep = answer((REP, REJ))
+        if rep["kind"] == REJ:
+            raise ConnectionRefusedError(rep["text"])
         assert rep["src"] == d["instance_id"] and rep["dst"] == self.instance and rep["generation"] == 1
+        assert rep["initiator_nonce"] == ours and proves(rep, d["secret"], LABEL_TARGET), "unproven reply"
         with self._lock:
             for (qp, psn), (rq, rp) in zip(mine, rep["qps"], strict=True):
                 self._connect_rc(qp, psn, rq, rp, rep["gid"], rep["mtu"])
         self.remote = d
+        self.last_connection = dict(
+            conn_id=conn_id, initiator_nonce=ours, target_nonce=rep["target_nonce"], endpoint=ep
+        )
         return d
+
+    def send_cm(self, msg: bytes, endpoint: dict) -> None:
+        """A raw CM datagram to a peer's connection manager (hostile tests)."""
+        with self._lock:
+            self._send_ud(msg, endpoint["gid"], endpoint["ud_qpn"], endpoint["qkey"])
 
     def rdma(
         self,

@@ -21,7 +21,9 @@
 //   There is no shared progress thread and no caller-driven progress, except the inline
 //   path: trySubmitInline() is called on the posting thread for jobs of at most
 //   caps().inline_max_bytes and may do the job's work there (a small copy, one
-//   non-blocking send), never waiting on the peer or on other jobs.
+//   non-blocking send), never waiting on the peer or on other jobs; and such a job's
+//   TransferJob::Progress, which lets the thread that waits for (or polls) the job
+//   complete it (tcp: read its own ACK).
 //
 // Lifecycle contract (the core's job machine, native/src/core/transfer.cc)
 // - A backend reports a job's data outcome once, through TransferJob::dataDone(). The
@@ -210,9 +212,37 @@ public:
     bool commitNow();
     // Terminal report from the backend: exactly once per job.
     void finish(Status status);
+    // Optional hint: the backend expects the data to be done at `t` (cuda_ipc: the kernel's
+    // bytes at the rate of the last ones). A waiter then sleeps until shortly before `t`
+    // and spins through it, instead of paying a sleeping thread's wake-up (tens of
+    // microseconds in a VM) after a long transfer. Correctness never depends on it.
+    // Wakes a waiter already asleep, so that it re-plans its wait (once per job).
+    void expectDataAt(Clock::time_point t);
+
+    // Caller-driven completion (the inline path). A backend that takes a job in
+    // trySubmitInline may point `progress` at an object that outlives the job's keepalive.
+    // waitUntil() then calls progress->drive(job, until) first, before its spin and
+    // sleeping, so the waiting thread can read the job's completion itself (tcp: its ACK)
+    // instead of being woken by a backend thread. drive() returns once the job is terminal,
+    // at `until` at the latest, or at once when it cannot help (another thread reads);
+    // the job's deadline still applies; poll() calls drive(job, {}) (one non-blocking
+    // look, so polling completes the job too). Engine::watch() calls release(job): nobody will
+    // wait on this thread's behalf, so the backend's own threads must complete it.
+    class Progress {
+    public:
+        virtual void drive(TransferJob& job, Clock::time_point until) = 0;
+        virtual void release(TransferJob& job) = 0;
+
+    protected:
+        ~Progress() = default;
+    };
+    Progress* progress = nullptr;  // set before trySubmitInline returns; then immutable
 
     // --- core side ---
     TransferState state();  // applies the deadline lazily
+    // state() for the application (Transfer::state): first lets Progress take one look.
+    // Not for backend or core threads (it may finish other jobs of the connection).
+    TransferState poll();
     Status status() const;
     // Blocks until terminal or `until`; returns the state.
     TransferState waitUntil(Clock::time_point until);
@@ -239,6 +269,7 @@ private:
 
     std::atomic<uint8_t> state_{kRunning};
     std::atomic<bool> finished_{false};
+    std::atomic<Clock::rep> expected_ns_{0};  // expectDataAt(); 0 = no estimate
     mutable std::mutex mutex_;
     std::condition_variable cv_;
     Status status_;

@@ -36,7 +36,7 @@ public:
     uint64_t id() const { return job_->id; }
     Op op() const { return job_->op; }
     // PENDING, DONE or FAILED; applies the deadline (never blocks).
-    TransferState state() const { return job_->state(); }
+    TransferState state() const { return job_->poll(); }
     // OK unless FAILED: then the failure (code and message).
     Status status() const { return job_->status(); }
     // Blocks until terminal or `until`, whichever is first; returns the state (kPending

@@ -609,6 +609,29 @@ TEST_P(Conformance, SmallTransfersCancelDeadlineAndCloseEndCleanly) {
 // A peer engine that is gone (closed and released): a small transfer to it fails with a
 // typed error (or is refused at post), never hangs, and never ends DONE with its
 // notification undelivered.
+// The target's application closes its engine the moment the notification is visible: the
+// initiator must still see DONE (its data and notification arrived), never a lost
+// connection. 4 KiB takes the small-request path, 384 KiB the bulk one.
+TEST_P(Conformance, TargetClosingRightAfterTheNotificationStillCompletes) {
+    for (const uint64_t bytes : {uint64_t{4096}, uint64_t{384 * 1024}}) {
+        for (int i = 0; i < 20; ++i) {
+            SCOPED_TRACE(std::to_string(bytes) + " bytes, iteration " + std::to_string(i));
+            makePair(denseLayout(1, 1, 1, bytes));
+            const Extent e{0, bytes};
+            TransferRequest r = extentRequest(Op::kWrite, peer_, a_.region, &e, &e);
+            r.notify = {static_cast<uint8_t>(i)};
+            auto job = must(a_.engine->post(r));
+            ASSERT_TRUE(b_.engine->waitNotification(Clock::now() + 60s));
+            b_.engine->close();
+            std::erase(engines_, b_.engine);
+            b_.region.reset();
+            b_.engine.reset();  // the last reference: its backends stop now
+            ASSERT_EQ(0, std::memcmp(a_.memory.data(), b_.memory.data(), bytes));
+            waitDone(job);
+        }
+    }
+}
+
 TEST_P(Conformance, SmallTransferToGonePeerFailsTyped) {
     makePair(denseLayout(1, 1, 64, 4096));
     b_.engine->close();

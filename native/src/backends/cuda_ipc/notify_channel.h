@@ -1,47 +1,30 @@
-// The cuda_ipc backend's notification channel: a SOCK_SEQPACKET Unix socket in the
-// abstract namespace per engine (one message = one notification), and one connected
-// socket per peer. A message is u64 sender instance | u16 name length | name | payload.
+// The cuda_ipc backend's notification channel: the authenticated same-host notification
+// socket of util/notify_socket.h (one implementation with shm: SO_PEERCRED, an HMAC
+// challenge over the descriptor's secret both ways, notifications attributed to the
+// proven peer, back-pressure by not reading a peer whose notification the sink refused,
+// and sends that never block the sending thread: a full peer socket queues them to the
+// backend's Notifier, which ends them at their deadlines). This file adds only the
+// cuda_ipc protocol constants and the connect call.
 #pragma once
 
 #include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
 
 #include "kvxfer/backend.h"
-#include "util/scoped_fd.h"
+#include "util/notify_socket.h"
 
 namespace kvxfer::cudaipc {
 
-// Receives notifications and hands them to the sink; its thread holds only this state.
-class NotifyListener {
-public:
-    static Result<std::shared_ptr<NotifyListener>> start(NotificationSink* sink, const std::string& name);
-    void stop();  // idempotent; joins the thread unless called from it
-    const std::string& name() const { return name_; }
+// Labels "kvxfer-cuda_ipc-target\0" / "kvxfer-cuda_ipc-initiator\0"; magic "KVC1".
+const notify_socket::Protocol& notifyProtocol();
 
-private:
-    void run();
-    NotificationSink* sink_ = nullptr;
-    std::string name_;
-    Fd listen_fd_, stop_fd_, epoll_fd_;
-    std::thread thread_;
-};
+using NotifyListener = notify_socket::Listener;
+using NotifySender = notify_socket::Sender;
 
-class NotifySender {
-public:
-    // Connects to the listener `name` of peer `peer_name`.
-    static Result<std::unique_ptr<NotifySender>> connect(const std::string& name,
-                                                         const std::string& peer_name,
-                                                         const std::string& self_name,
-                                                         uint64_t self_instance);
-    Status send(ByteView payload);
-
-private:
-    std::mutex mutex_;
-    Fd fd_;
-    std::string peer_name_, self_name_;
-    uint64_t self_instance_ = 0;
-};
+// Connects to the listener `name` of `peer` and proves its secret by `deadline`.
+Result<std::shared_ptr<NotifySender>> connectSender(const std::string& name, const PeerIdentity& peer,
+                                                    const std::string& self_name, uint64_t self_instance,
+                                                    Clock::time_point deadline,
+                                                    std::shared_ptr<notify_socket::Notifier> notifier);
 
 }  // namespace kvxfer::cudaipc

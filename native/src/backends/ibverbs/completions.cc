@@ -173,13 +173,42 @@ void Shared::onSrqReceive(const ibv_wc& wc) {
             Connection& conn = *it->second.first;
             ByteView msg(recv_slab_->slot(index), wc.byte_len);
             if (auto payload = parseNotify(msg)) {
-                // Back-pressure is not reported to the sender on ibverbs yet (docs/security.md).
-                (void)sink_->deliver(conn.peer_name, conn.peer_instance,
-                                     Bytes(payload->begin(), payload->end()));
+                // In order, behind any notification already waiting for room.
+                held_.push_back(
+                    {index, conn.peer_name, conn.peer_instance, static_cast<uint32_t>(payload->size())});
+                deliverHeld();
+                return;  // deliverHeld re-posts the buffer once the sink took it
             }
         }
     }
     if (!stop_.load(std::memory_order_acquire) && !deviceDead()) (void)postSrqBuffer(index);
+}
+
+void Shared::deliverHeld() {
+    while (!held_.empty()) {
+        const HeldNote& h = held_.front();
+        const uint8_t* p = recv_slab_->slot(h.index) + NotifyHeader::kBytes;
+        const Status st = sink_->deliver(h.peer_name, h.peer_instance, Bytes(p, p + h.length));
+        if (st.code() == StatusCode::kBackPressure) {
+            // The engine's queue is full: keep the buffer (the notification is not lost) and
+            // wait for room. Once every receive buffer is held, senders' SENDs are not
+            // received (RNR, retried) and their transfers end at their deadlines.
+            if (!room_armed_) {
+                room_armed_ = true;
+                std::weak_ptr<Shared> self = weak_from_this();
+                sink_->onRoom([self] {
+                    if (auto s = self.lock()) {
+                        s->room_.store(true, std::memory_order_release);
+                        s->wake();
+                    }
+                });
+            }
+            return;
+        }
+        const uint32_t index = h.index;
+        held_.pop_front();
+        if (!stop_.load(std::memory_order_acquire) && !deviceDead()) (void)postSrqBuffer(index);
+    }
 }
 
 void Shared::onUdReceive(const ibv_wc& wc) {

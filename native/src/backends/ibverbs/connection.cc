@@ -94,6 +94,7 @@ void Shared::startRepair(Connection& conn) {
     }
     ++conn.generation;
     debugLog("peer '%s': repairing queue pairs (generation %u)", conn.peer_name.c_str(), conn.generation);
+    newHandshake(conn);  // a repair proves the secret again, over fresh nonces
     conn.handshaking = true;
     conn.handshake_deadline = Clock::now() + t_.repair_timeout;
     conn.handshake_interval = 100ms;

@@ -2,6 +2,7 @@
 // messages). The initiator sends CONNECT_REQUEST with its QPs and retries with backoff until
 // the reply or the deadline; the target accepts (creates and connects its QPs) or rejects;
 // repairs are new requests of a higher generation; DISCONNECT drops the target's side.
+#include <algorithm>
 #include <cstring>
 
 #include "backends/ibverbs/shared.h"
@@ -11,7 +12,8 @@ namespace kvxfer::ib {
 // ================================================================================================
 // connection manager
 
-void Shared::sendCm(const CmMessage& msg, const ibv_gid& gid, uint16_t lid, uint32_t qpn, uint32_t qkey) {
+void Shared::sendCm(const CmMessage& msg, const ibv_gid& gid, uint16_t lid, uint32_t qpn, uint32_t qkey,
+                    ByteView secret, std::string_view label) {
     if (free_ud_send_.empty() || deviceDead()) return;  // a datagram may be lost anyway: callers retry
     const std::string key(reinterpret_cast<const char*>(gid.raw), 16);
     auto& ah = ud_ahs_[{key, lid}];
@@ -23,7 +25,7 @@ void Shared::sendCm(const CmMessage& msg, const ibv_gid& gid, uint16_t lid, uint
         }
         ah = std::move(created).value();
     }
-    const Bytes bytes = encodeCm(msg);
+    const Bytes bytes = encodeCm(msg, secret, label);
     const int slot = free_ud_send_.back();
     uint8_t* buf = ud_slab_->slot(static_cast<size_t>(slot));
     std::memcpy(buf, bytes.data(), bytes.size());
@@ -56,11 +58,104 @@ CmMessage Shared::requestFor(Connection& conn) const {
     m.generation = conn.generation;
     for (const auto& s : conn.slots) m.qps.push_back({s.qp ? s.qp->qpn() : 0, s.qp ? s.qp->initialPsn() : 0});
     m.name = name_;
+    m.initiator_nonce = conn.initiator_nonce;
+    m.target_nonce = conn.target_nonce;  // zero until the target's CHALLENGE
     return m;
 }
 
 void Shared::sendRequest(Connection& conn) {
-    sendCm(requestFor(conn), conn.remote.gid, conn.remote.lid, conn.remote.ud_qpn, conn.remote.qkey);
+    // The first request of a handshake carries no proof (there is no target nonce yet):
+    // it only asks for a CHALLENGE. The next one proves the secret over both nonces.
+    sendCm(requestFor(conn), conn.remote.gid, conn.remote.lid, conn.remote.ud_qpn, conn.remote.qkey,
+           conn.have_target_nonce ? ByteView(conn.peer_secret) : ByteView(),
+           conn.have_target_nonce ? kInitiatorLabel : std::string_view());
+}
+
+void Shared::newHandshake(Connection& conn) {
+    auto nonce = auth::randomNonce();
+    // Without a random nonce the request stays unproven and the handshake times out.
+    conn.initiator_nonce = nonce.isOk() ? *nonce : auth::Nonce{};
+    conn.target_nonce = {};
+    conn.have_target_nonce = false;
+}
+
+void Shared::onChallenge(const CmMessage& ch) {
+    auto it = initiated_.find(ch.conn_id);
+    if (it == initiated_.end()) return;
+    Connection& conn = *it->second;
+    if (!conn.handshaking || conn.have_target_nonce || ch.src_instance != conn.peer_instance ||
+        ch.dst_instance != instance_ ||
+        !auth::equal(auth::view(ch.initiator_nonce), auth::view(conn.initiator_nonce))) {
+        return;  // stale or foreign
+    }
+    conn.target_nonce = ch.target_nonce;
+    conn.have_target_nonce = true;
+    sendRequest(conn);  // now with the proof
+    conn.handshake_interval = 100ms;
+    conn.handshake_next = Clock::now() + conn.handshake_interval;
+}
+
+bool Shared::authenticate(const CmMessage& req) {
+    const auto key = std::make_pair(req.src_instance, req.conn_id);
+    const auto now = Clock::now();
+    const auth::Nonce zero{};
+    if (!auth::equal(auth::view(req.target_nonce), auth::view(zero))) {
+        // A proof: over the nonces of the connection this request repeats, or of a challenge.
+        bool known = false;
+        if (auto a = accepted_.find(key);
+            a != accepted_.end() &&
+            auth::equal(auth::view(a->second->initiator_nonce), auth::view(req.initiator_nonce)) &&
+            auth::equal(auth::view(a->second->target_nonce), auth::view(req.target_nonce))) {
+            known = true;
+        } else if (auto c = challenges_.find(key);
+                   c != challenges_.end() && now < c->second.expires &&
+                   auth::equal(auth::view(c->second.initiator_nonce), auth::view(req.initiator_nonce)) &&
+                   auth::equal(auth::view(c->second.target_nonce), auth::view(req.target_nonce))) {
+            known = true;
+            challenges_.erase(c);
+        }
+        if (known) {
+            if (verifyCm(req, secret_, kInitiatorLabel)) return true;
+            CmMessage m;
+            m.type = CmType::kReject;
+            m.conn_id = req.conn_id;
+            m.src_instance = instance_;
+            m.dst_instance = req.src_instance;
+            m.reason = RejectReason::kUnauthenticated;
+            m.text = "the request did not prove the descriptor's secret";
+            sendCm(m, req.gid, req.lid, req.ud_qpn, req.qkey);
+            return false;
+        }
+        // Nonces this engine did not issue (or that expired): a new challenge below.
+    }
+    auto c = challenges_.find(key);
+    if (c == challenges_.end() || now >= c->second.expires ||
+        !auth::equal(auth::view(c->second.initiator_nonce), auth::view(req.initiator_nonce))) {
+        auto nonce = auth::randomNonce();
+        if (!nonce.isOk()) return false;
+        if (challenges_.size() >= kMaxChallenges) {
+            // Bounded: expired ones go, then the oldest (its initiator gets a new one).
+            for (auto i = challenges_.begin(); i != challenges_.end();) {
+                i = now >= i->second.expires ? challenges_.erase(i) : std::next(i);
+            }
+            if (challenges_.size() >= kMaxChallenges) {
+                challenges_.erase(
+                    std::min_element(challenges_.begin(), challenges_.end(),
+                                     [](auto& a, auto& b) { return a.second.expires < b.second.expires; }));
+            }
+        }
+        c = challenges_.insert_or_assign(key, Challenge{req.initiator_nonce, *nonce, now + kChallengeLife})
+                .first;
+    }
+    CmMessage m;
+    m.type = CmType::kChallenge;
+    m.conn_id = req.conn_id;
+    m.src_instance = instance_;
+    m.dst_instance = req.src_instance;
+    m.initiator_nonce = c->second.initiator_nonce;
+    m.target_nonce = c->second.target_nonce;
+    sendCm(m, req.gid, req.lid, req.ud_qpn, req.qkey);
+    return false;
 }
 
 void Shared::startConnect(Command& cmd) {
@@ -71,6 +166,7 @@ void Shared::startConnect(Command& cmd) {
         return;
     }
     registerConnection(conn);
+    newHandshake(*conn);
     conn->handshaking = true;
     conn->handshake_deadline = cmd.deadline;
     conn->handshake_interval = 100ms;
@@ -129,7 +225,10 @@ void Shared::abortConnect(const std::shared_ptr<Connection>& conn) {
             m.conn_id = conn->id;
             m.src_instance = instance_;
             m.dst_instance = conn->peer_instance;
-            sendCm(m, conn->remote.gid, conn->remote.lid, conn->remote.ud_qpn, conn->remote.qkey);
+            m.initiator_nonce = conn->initiator_nonce;
+            m.target_nonce = conn->target_nonce;
+            sendCm(m, conn->remote.gid, conn->remote.lid, conn->remote.ud_qpn, conn->remote.qkey,
+                   conn->peer_secret, kDisconnectLabel);
         }
         conn->handshaking = false;
         conn->state = ConnState::kDead;
@@ -147,7 +246,10 @@ void Shared::release(const std::shared_ptr<Connection>& conn) {
         m.conn_id = conn->id;
         m.src_instance = instance_;
         m.dst_instance = conn->peer_instance;
-        sendCm(m, conn->remote.gid, conn->remote.lid, conn->remote.ud_qpn, conn->remote.qkey);
+        m.initiator_nonce = conn->initiator_nonce;
+        m.target_nonce = conn->target_nonce;
+        sendCm(m, conn->remote.gid, conn->remote.lid, conn->remote.ud_qpn, conn->remote.qkey,
+               conn->peer_secret, kDisconnectLabel);
     }
     conn->handshaking = false;
     initiated_.erase(conn->id);
@@ -180,6 +282,9 @@ void Shared::onCm(const CmMessage& msg) {
         case CmType::kDisconnect:
             onDisconnect(msg);
             break;
+        case CmType::kChallenge:
+            onChallenge(msg);
+            break;
     }
 }
 
@@ -194,15 +299,17 @@ void Shared::onConnectRequest(const CmMessage& req) {
         m.text = std::move(text);
         sendCm(m, req.gid, req.lid, req.ud_qpn, req.qkey);
     };
-    if (req.dst_instance != 0 && req.dst_instance != instance_) {
-        return reject(RejectReason::kWrongInstance, "engine '" + name_ + "' is instance " + hex(instance_) +
-                                                        ", not " + hex(req.dst_instance) +
-                                                        " (the descriptor is stale: the engine restarted)");
+    // Names no instance id: a stale descriptor learns nothing from the refusal.
+    if (req.dst_instance != instance_) {
+        return reject(RejectReason::kWrongInstance,
+                      "the descriptor is stale: it names another instance of this engine (it restarted)");
     }
     if (req.mtu < IBV_MTU_256 || req.mtu > IBV_MTU_4096 || req.qps.empty()) {
         return reject(RejectReason::kIncompatible, "bad MTU or queue-pair count");
     }
     if (stop_.load()) return reject(RejectReason::kShuttingDown, "engine '" + name_ + "' is closing");
+    // Nothing is created for a request that has not proven the secret.
+    if (!authenticate(req)) return;
     const auto key = std::make_pair(req.src_instance, req.conn_id);
     auto it = accepted_.find(key);
     std::shared_ptr<Connection> conn;
@@ -228,6 +335,8 @@ void Shared::onConnectRequest(const CmMessage& req) {
         conn->mtu = static_cast<ibv_mtu>(std::min<int>(req.mtu, device_->activeMtu()));
         conn->remote_rd_atomic = std::max<uint8_t>(1, req.rd_atomic);
         conn->generation = req.generation;
+        conn->initiator_nonce = req.initiator_nonce;
+        conn->target_nonce = req.target_nonce;
         conn->slots.resize(req.qps.size());
         for (size_t i = 0; i < req.qps.size(); ++i) {
             Slot& s = conn->slots[i];
@@ -261,6 +370,8 @@ void Shared::onConnectRequest(const CmMessage& req) {
                 by_qpn_[s.qp->qpn()] = {conn.get(), &s};
             }
             conn->generation = req.generation;
+            conn->initiator_nonce = req.initiator_nonce;
+            conn->target_nonce = req.target_nonce;
         }
     }
     CmMessage rep;
@@ -277,16 +388,22 @@ void Shared::onConnectRequest(const CmMessage& req) {
     rep.generation = conn->generation;
     for (const auto& s : conn->slots) rep.qps.push_back({s.qp->qpn(), s.qp->initialPsn()});
     rep.name = name_;
-    sendCm(rep, req.gid, req.lid, req.ud_qpn, req.qkey);
+    rep.initiator_nonce = conn->initiator_nonce;
+    rep.target_nonce = conn->target_nonce;
+    sendCm(rep, req.gid, req.lid, req.ud_qpn, req.qkey, secret_, kTargetLabel);
 }
 
 void Shared::onConnectReply(const CmMessage& rep) {
     auto it = initiated_.find(rep.conn_id);
     if (it == initiated_.end()) return;
     Connection& conn = *it->second;
-    if (!conn.handshaking || rep.generation != conn.generation || rep.src_instance != conn.peer_instance ||
-        rep.dst_instance != instance_ || rep.qps.size() != conn.slots.size()) {
-        return;  // stale or foreign
+    if (!conn.handshaking || !conn.have_target_nonce || rep.generation != conn.generation ||
+        rep.src_instance != conn.peer_instance || rep.dst_instance != instance_ ||
+        rep.qps.size() != conn.slots.size() ||
+        !auth::equal(auth::view(rep.initiator_nonce), auth::view(conn.initiator_nonce)) ||
+        !auth::equal(auth::view(rep.target_nonce), auth::view(conn.target_nonce)) ||
+        !verifyCm(rep, conn.peer_secret, kTargetLabel)) {
+        return;  // stale, foreign, or not from the holder of the secret
     }
     conn.handshaking = false;
     const bool first = conn.state == ConnState::kConnecting;
@@ -328,8 +445,10 @@ void Shared::onReject(const CmMessage& rej) {
     auto it = initiated_.find(rej.conn_id);
     if (it == initiated_.end() || !it->second->handshaking || rej.src_instance == 0) return;
     Connection& conn = *it->second;
+    // REJECT is not authenticated (a restarted engine has another secret): it can only end
+    // a handshake in progress, which an on-path attacker could stop anyway.
     const Status st =
-        rej.reason == RejectReason::kWrongInstance
+        rej.reason == RejectReason::kWrongInstance || rej.reason == RejectReason::kUnauthenticated
             ? Status::peerUnreachable("ibverbs: peer '" + conn.peer_name + "' refused: " + rej.text)
             : Status::remote("ibverbs: peer '" + conn.peer_name + "' refused the connection: " + rej.text);
     connectFailed(conn, st);
@@ -338,6 +457,12 @@ void Shared::onReject(const CmMessage& rej) {
 void Shared::onDisconnect(const CmMessage& msg) {
     auto it = accepted_.find({msg.src_instance, msg.conn_id});
     if (it == accepted_.end()) return;
+    const Connection& conn = *it->second;
+    if (!auth::equal(auth::view(msg.initiator_nonce), auth::view(conn.initiator_nonce)) ||
+        !auth::equal(auth::view(msg.target_nonce), auth::view(conn.target_nonce)) ||
+        !verifyCm(msg, secret_, kDisconnectLabel)) {
+        return;  // only the connection's initiator may end it
+    }
     unregisterConnection(*it->second);
     accepted_.erase(it);
 }

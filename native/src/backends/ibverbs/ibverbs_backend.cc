@@ -12,8 +12,10 @@
 // drops the last reference to a finished job (then the thread is detached, not joined).
 //
 // This file is the Backend subclass; the rest is spread over the files README.md maps.
+#include <deque>
 #include <random>
 #include <thread>
+#include <unordered_set>
 
 #include "backends/factories.h"
 #include "backends/ibverbs/shared.h"
@@ -91,14 +93,47 @@ public:
     }
 
     Result<std::unique_ptr<BackendRegion>> registerMemory(const MemorySpan& span) override {
-        KVXFER_ASSIGN_OR_RETURN(auto mr, MemoryRegion::create(shared_->devicePtr(), span.base, span.length,
-                                                              MemoryRegion::kRemoteAccess));
-        return std::unique_ptr<BackendRegion>(new IbRegion(std::move(mr)));
+        KVXFER_ASSIGN_OR_RETURN(auto local, MemoryRegion::create(shared_->devicePtr(), span.base, span.length,
+                                                                 IBV_ACCESS_LOCAL_WRITE));
+        // The published rkey is never one this engine revoked recently: a stale descriptor
+        // (region deregistered, memory registered again) then reaches nothing, even where
+        // the provider would hand the same key out again.
+        std::vector<std::unique_ptr<MemoryRegion>> colliding;
+        for (;;) {
+            KVXFER_ASSIGN_OR_RETURN(auto remote,
+                                    MemoryRegion::create(shared_->devicePtr(), span.base, span.length,
+                                                         MemoryRegion::kRemoteAccess));
+            {
+                std::lock_guard<std::mutex> lock(keys_mutex_);
+                if (!retired_rkeys_.contains(remote->rkey()))
+                    return std::unique_ptr<BackendRegion>(new IbRegion(std::move(local), std::move(remote)));
+            }
+            if (colliding.size() >= 8) {
+                return Status::system("ibverbs: the device keeps handing out remote keys of revoked regions");
+            }
+            colliding.push_back(std::move(remote));  // held until a fresh key is found
+        }
+    }
+
+    void revokeMemory(BackendRegion& region) override {
+        auto& r = static_cast<IbRegion&>(region);
+        r.revoke();
+        std::lock_guard<std::mutex> lock(keys_mutex_);
+        if (retired_rkeys_.insert(r.rkey()).second) retired_order_.push_back(r.rkey());
+        while (retired_order_.size() > kMaxRetiredKeys) {
+            retired_rkeys_.erase(retired_order_.front());
+            retired_order_.pop_front();
+        }
     }
 
     Result<std::shared_ptr<BackendPeer>> connect(const PeerIdentity& identity, ByteView info,
                                                  Clock::time_point deadline) override {
         KVXFER_ASSIGN_OR_RETURN(EndpointInfo remote, decodeEndpointInfo(info));
+        if (identity.secret.size() != PeerDescriptor::kSecretBytes) {
+            return Status::badDescriptor("ibverbs peer '" + identity.name +
+                                         "' published no connection secret (a kvxfer older than the "
+                                         "authenticated connection manager)");
+        }
         const Device& d = shared_->device();
         if (remote.link_layer != d.portAttr().link_layer) {
             return Status::unsupported(
@@ -116,6 +151,7 @@ public:
         conn->initiator = true;
         conn->peer_name = identity.name;
         conn->peer_instance = identity.instance_id;
+        conn->peer_secret = identity.secret;
         conn->remote = remote;
         conn->mtu = static_cast<ibv_mtu>(std::min<int>(remote.mtu, d.activeMtu()));
         conn->generation = 1;
@@ -187,9 +223,14 @@ private:
         thread_ = std::thread([s = shared_] { s->run(); });
     }
 
+    static constexpr size_t kMaxRetiredKeys = 65536;
+
     std::shared_ptr<Shared> shared_;
     BackendCaps caps_{};
     std::thread thread_;
+    std::mutex keys_mutex_;
+    std::unordered_set<uint32_t> retired_rkeys_;  // rkeys of revoked regions, newest kMaxRetiredKeys
+    std::deque<uint32_t> retired_order_;
 };
 
 }  // namespace

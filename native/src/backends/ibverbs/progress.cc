@@ -19,6 +19,10 @@ void Shared::run() {
         graveyard_.clear();  // may destroy the backend (on this thread): only flags are touched
         if (stop_.load(std::memory_order_acquire)) break;
         drainCommands();
+        if (room_.exchange(false, std::memory_order_acq_rel)) {
+            room_armed_ = false;
+            deliverHeld();
+        }
         int found = pollCompletions();
         postWork();
         const auto now = Clock::now();

@@ -22,6 +22,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <unordered_map>
 #include <utility>
 #include <vector>
@@ -45,6 +46,12 @@ constexpr size_t kGrhBytes = 40;               // UD receive buffers start with 
 constexpr uint32_t kUdRecvDepth = 64;
 constexpr uint32_t kUdSendSlots = 32;
 constexpr uint64_t kNotifyUnit = ~uint64_t{0};  // unit id of a notification SEND
+constexpr size_t kMaxChallenges = 4096;
+constexpr std::chrono::seconds kChallengeLife{10};
+// Labels of the connection manager's MACs (one per role, never valid elsewhere).
+constexpr std::string_view kInitiatorLabel{"kvxfer-ibverbs-initiator\0", 25};
+constexpr std::string_view kTargetLabel{"kvxfer-ibverbs-target\0", 22};
+constexpr std::string_view kDisconnectLabel{"kvxfer-ibverbs-disconnect\0", 26};
 
 // ---- tunables (from IbverbsConfig) ----------------------------------------------------
 
@@ -147,6 +154,12 @@ struct Connection {
     uint8_t remote_rd_atomic = 1;
     std::vector<Slot> slots;
     uint32_t generation = 0;
+    // Authentication (README.md, "Authentication"): the initiator holds the peer's secret;
+    // both sides keep the nonces of the handshake that connected the current generation.
+    Bytes peer_secret;
+    auth::Nonce initiator_nonce{};
+    auth::Nonce target_nonce{};
+    bool have_target_nonce = false;  // initiator: the target's CHALLENGE arrived
 
     // Read by submit() on other threads.
     std::atomic<bool> dead{false};
@@ -218,14 +231,32 @@ struct Command {
 
 // ---- backend objects handed to the core --------------------------------------------------
 
+// A registered region is two MRs over the same memory: a local one (its lkey serves local
+// posts until the last local job lets go) and a remote one (its rkey is published). So
+// `revoke()` (deregister() / close()) ends remote access at once by deregistering the
+// remote MR, while local work in flight keeps a valid lkey.
 class IbRegion final : public BackendRegion {
 public:
-    explicit IbRegion(std::unique_ptr<MemoryRegion> mr) : mr_(std::move(mr)) {}
-    Bytes remoteKey() const override { return encodeRemoteKey({mr_->rkey(), mr_->address()}); }
-    uint32_t lkey() const { return mr_->lkey(); }
+    IbRegion(std::unique_ptr<MemoryRegion> local, std::unique_ptr<MemoryRegion> remote)
+        : local_(std::move(local)),
+          remote_(std::move(remote)),
+          rkey_(remote_->rkey()),
+          key_(encodeRemoteKey({remote_->rkey(), remote_->address()})) {}
+    Bytes remoteKey() const override { return key_; }
+    uint32_t lkey() const { return local_->lkey(); }
+    uint32_t rkey() const { return rkey_; }
+    // Deregisters the remote MR: when it returns, the rkey reaches nothing (idempotent).
+    void revoke() {
+        std::lock_guard<std::mutex> lock(mutex_);
+        remote_.reset();
+    }
 
 private:
-    std::unique_ptr<MemoryRegion> mr_;
+    std::unique_ptr<MemoryRegion> local_;
+    std::mutex mutex_;
+    std::unique_ptr<MemoryRegion> remote_;
+    uint32_t rkey_;
+    Bytes key_;
 };
 
 class IbRemoteRegion final : public BackendRemoteRegion {
@@ -244,6 +275,7 @@ public:
           t_(t),
           name_(ctx.engine_name),
           instance_(ctx.instance_id),
+          secret_(ctx.secret),
           sink_(ctx.sink) {}
 
     ~Shared();  // shared.cc
@@ -311,6 +343,9 @@ private:
     void onCompletion(const ibv_wc& wc);
     void onRcSendCompletion(const ibv_wc& wc);
     void onSrqReceive(const ibv_wc& wc);
+    // Hands held notifications to the sink in order, re-posting their buffers, until the
+    // sink refuses with back-pressure (then it asks the sink to say when there is room).
+    void deliverHeld();
     void onUdReceive(const ibv_wc& wc);
     void onAsyncEvents();
 
@@ -320,7 +355,16 @@ private:
     void onConnectReply(const CmMessage& msg);
     void onReject(const CmMessage& msg);
     void onDisconnect(const CmMessage& msg);
-    void sendCm(const CmMessage& msg, const ibv_gid& gid, uint16_t lid, uint32_t qpn, uint32_t qkey);
+    void onChallenge(const CmMessage& msg);
+    // Target: true when `req` proves this engine's secret over the nonces of a challenge it
+    // issued (or of the connection it already accepted); else it answers a CHALLENGE (or a
+    // REJECT for a wrong proof) and returns false.
+    bool authenticate(const CmMessage& req);
+    // Initiator: a fresh nonce for a new handshake (first connect or repair).
+    void newHandshake(Connection& conn);
+    // With a `label`, the message is signed with `secret` (CmMessage::mac).
+    void sendCm(const CmMessage& msg, const ibv_gid& gid, uint16_t lid, uint32_t qpn, uint32_t qkey,
+                ByteView secret = {}, std::string_view label = {});
     CmMessage requestFor(Connection& conn) const;
     void sendRequest(Connection& conn);
     void handshakeTimers(Clock::time_point now);
@@ -375,6 +419,7 @@ private:
     Tunables t_;
     std::string name_;
     uint64_t instance_ = 0;
+    Bytes secret_;  // this engine's capability: every CONNECT_REQ proves it
     NotificationSink* sink_ = nullptr;
     uint32_t qkey_ = kDefaultQkey;
     uint64_t send_budget_ = 0;
@@ -400,11 +445,20 @@ private:
     std::atomic<bool> device_dead_{false};
     Status device_dead_status_;
     std::atomic<bool> port_down_{false};
+    std::atomic<bool> room_{false};  // the sink has room again (set by its onRoom callback)
 
     // Progress thread only.
     std::map<uint64_t, std::shared_ptr<Connection>> initiated_;                      // by connection id
     std::map<std::pair<uint64_t, uint64_t>, std::shared_ptr<Connection>> accepted_;  // (peer instance, id)
     std::unordered_map<uint32_t, std::pair<Connection*, Slot*>> by_qpn_;
+    // Challenges issued and not yet answered, by (initiator instance, connection id);
+    // bounded (kMaxChallenges, the oldest goes first) and short-lived (kChallengeLife).
+    struct Challenge {
+        auth::Nonce initiator_nonce{};
+        auth::Nonce target_nonce{};
+        Clock::time_point expires;
+    };
+    std::map<std::pair<uint64_t, uint64_t>, Challenge> challenges_;
     std::list<std::unique_ptr<Work>> works_;
     std::unordered_map<Work*, std::list<std::unique_ptr<Work>>::iterator> work_index_;
     std::vector<std::unique_ptr<Work>> graveyard_;      // finished: released at a safe point
@@ -415,6 +469,16 @@ private:
     std::vector<int> free_ud_send_;
     uint64_t send_in_flight_ = 0;
     bool sweep_requested_ = false;
+    // Received notifications the sink has not taken yet (its queue was full), in arrival
+    // order; each keeps its SRQ buffer, so at most recv_buffers of them.
+    struct HeldNote {
+        uint32_t index = 0;  // SRQ buffer
+        std::string peer_name;
+        uint64_t peer_instance = 0;
+        uint32_t length = 0;  // payload bytes, after the notification header
+    };
+    std::deque<HeldNote> held_;
+    bool room_armed_ = false;  // an onRoom callback is registered with the sink
 };
 
 }  // namespace kvxfer::ib

@@ -104,7 +104,11 @@ Result<EndpointInfo> decodeEndpointInfo(ByteView bytes) {
     return e;
 }
 
-Bytes encodeCm(const CmMessage& m) {
+bool hasAuthTrailer(CmType type) {
+    return type == CmType::kConnectRequest || type == CmType::kConnectReply || type == CmType::kDisconnect;
+}
+
+Bytes encodeCm(const CmMessage& m, ByteView secret, std::string_view label) {
     Bytes b;
     b.reserve(128 + m.name.size());
     Out o(b);
@@ -139,10 +143,27 @@ Bytes encodeCm(const CmMessage& m) {
         const size_t n = std::min<size_t>(m.text.size(), 512);
         o.u16(static_cast<uint16_t>(n));
         o.raw(m.text.data(), n);
+    } else if (m.type == CmType::kChallenge) {
+        o.raw(m.initiator_nonce.data(), auth::kNonceBytes);
+        o.raw(m.target_nonce.data(), auth::kNonceBytes);
     }
-    const uint16_t len = static_cast<uint16_t>(b.size());
+    if (hasAuthTrailer(m.type)) {
+        o.raw(m.initiator_nonce.data(), auth::kNonceBytes);
+        o.raw(m.target_nonce.data(), auth::kNonceBytes);
+    }
+    const uint16_t len = static_cast<uint16_t>(b.size() + (hasAuthTrailer(m.type) ? auth::kMacBytes : 0));
     std::memcpy(b.data() + 6, &len, 2);
+    if (hasAuthTrailer(m.type)) {
+        const auth::Mac mac = secret.empty() ? m.mac : auth::mac(secret, {auth::view(label), ByteView(b)});
+        o.raw(mac.data(), mac.size());
+    }
     return b;
+}
+
+bool verifyCm(const CmMessage& msg, ByteView secret, std::string_view label) {
+    if (secret.empty() || msg.signed_bytes.empty()) return false;
+    const auth::Mac expected = auth::mac(secret, {auth::view(label), ByteView(msg.signed_bytes)});
+    return auth::equal(auth::view(expected), auth::view(msg.mac));
 }
 
 std::optional<CmMessage> decodeCm(ByteView bytes) {
@@ -153,7 +174,7 @@ std::optional<CmMessage> decodeCm(ByteView bytes) {
     uint16_t length = 0;
     if (!in.u32(&magic) || magic != CmMessage::kMagic) return std::nullopt;
     if (!in.u8(&version) || version != CmMessage::kVersion) return std::nullopt;
-    if (!in.u8(&type) || type < 1 || type > 4) return std::nullopt;
+    if (!in.u8(&type) || type < 1 || type > 5) return std::nullopt;
     if (!in.u16(&length) || length < CmMessage::kHeaderBytes || length > bytes.size()) return std::nullopt;
     In body(bytes.first(length));
     body.skip(8);
@@ -184,6 +205,20 @@ std::optional<CmMessage> decodeCm(ByteView bytes) {
         m.reason = static_cast<RejectReason>(reason);
         m.text.resize(n);
         if (!body.raw(m.text.data(), n)) return std::nullopt;
+    } else if (m.type == CmType::kChallenge) {
+        if (!body.raw(m.initiator_nonce.data(), auth::kNonceBytes) ||
+            !body.raw(m.target_nonce.data(), auth::kNonceBytes)) {
+            return std::nullopt;
+        }
+    }
+    if (hasAuthTrailer(m.type)) {
+        // The trailer ends the message: MAC last, covering everything before it.
+        if (length < CmMessage::kHeaderBytes + CmMessage::kAuthBytes) return std::nullopt;
+        In tail(bytes.subspan(length - CmMessage::kAuthBytes, CmMessage::kAuthBytes));
+        tail.raw(m.initiator_nonce.data(), auth::kNonceBytes);
+        tail.raw(m.target_nonce.data(), auth::kNonceBytes);
+        tail.raw(m.mac.data(), auth::kMacBytes);
+        m.signed_bytes.assign(bytes.begin(), bytes.begin() + (length - auth::kMacBytes));
     }
     return m;
 }

@@ -10,6 +10,7 @@
 
 #include "backends/ibverbs/device.h"
 #include "kvxfer/descriptor.h"
+#include "util/auth.h"
 
 namespace kvxfer::ib {
 
@@ -30,13 +31,20 @@ Bytes encodeEndpointInfo(const EndpointInfo& info);
 Result<EndpointInfo> decodeEndpointInfo(ByteView bytes);
 
 // ---- connection-manager datagrams ------------------------------------------------------
-enum class CmType : uint8_t { kConnectRequest = 1, kConnectReply = 2, kReject = 3, kDisconnect = 4 };
+enum class CmType : uint8_t {
+    kConnectRequest = 1,
+    kConnectReply = 2,
+    kReject = 3,
+    kDisconnect = 4,
+    kChallenge = 5,
+};
 enum class RejectReason : uint32_t {
     kMalformed = 1,      // could not parse the request
     kWrongInstance = 2,  // dst_instance is not ours (the descriptor is stale)
     kResources = 3,      // could not create or connect QPs
     kIncompatible = 4,   // version / link layer / QP count mismatch
     kShuttingDown = 5,
+    kUnauthenticated = 6,  // the request's proof of the descriptor's secret was wrong
 };
 
 struct QpEndpoint {
@@ -46,8 +54,9 @@ struct QpEndpoint {
 
 struct CmMessage {
     static constexpr uint32_t kMagic = 0x4d43564b;  // "KVCM"
-    static constexpr uint8_t kVersion = 1;
+    static constexpr uint8_t kVersion = 2;          // 2: authenticated (README.md, "Authentication")
     static constexpr size_t kHeaderBytes = 32;
+    static constexpr size_t kAuthBytes = 2 * auth::kNonceBytes + auth::kMacBytes;  // trailer
     static constexpr size_t kMaxQps = 16;
     static constexpr size_t kMaxName = 256;
     static constexpr size_t kMaxBytes = 1024;  // fits the smallest RoCE path MTU
@@ -69,10 +78,22 @@ struct CmMessage {
     // REJECT
     RejectReason reason = RejectReason::kMalformed;
     std::string text;
+    // Authentication (CONNECT_REQ, CONNECT_REP, DISCONNECT: the trailer; CHALLENGE: the
+    // nonces only): the initiator's nonce, the target's nonce (zero in a first request),
+    // and the MAC over every byte of the message before it (zero when not yet proven).
+    auth::Nonce initiator_nonce{};
+    auth::Nonce target_nonce{};
+    auth::Mac mac{};
+    Bytes signed_bytes;  // decodeCm: the bytes `mac` covers
 };
-Bytes encodeCm(const CmMessage& msg);
+// The message's bytes; with a `secret`, `mac` is computed over them (HMAC-SHA256(secret,
+// label || bytes before the MAC)) instead of taken from `msg`.
+Bytes encodeCm(const CmMessage& msg, ByteView secret = {}, std::string_view label = {});
 // nullopt when the datagram is not a well-formed CM message (it is then ignored).
 std::optional<CmMessage> decodeCm(ByteView bytes);
+// True when `msg.mac` proves `secret` for `label` (constant-time comparison).
+bool verifyCm(const CmMessage& msg, ByteView secret, std::string_view label);
+bool hasAuthTrailer(CmType type);
 
 // ---- notification message: RC SEND from the initiator, received into the SRQ ----------
 struct NotifyHeader {

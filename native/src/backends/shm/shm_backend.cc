@@ -30,9 +30,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
-#include <fstream>
 #include <optional>
-#include <sstream>
 #include <thread>
 #include <unordered_map>
 
@@ -43,31 +41,27 @@
 #include "util/auth.h"
 #include "util/copy_pool.h"
 #include "util/fast_copy.h"
+#include "util/notify_socket.h"
+#include "util/proc_file.h"
 #include "util/scoped_fd.h"
 
 namespace kvxfer {
 namespace {
 
 constexpr size_t kMaxIov = 1024;  // UIO_MAXIOV
-constexpr size_t kMaxMessage = 64 * 1024 + 512;
 // The inline path (the posting thread copies; ShmConfig::inline_max_bytes, 64 KiB by
 // default: below it a copy costs less than handing the job to a copy thread and waking the
 // caller; docs/benchmarks.md, Latency) takes jobs of at most this many runs.
 constexpr uint64_t kInlineMaxRuns = 64;
 
 uint64_t processStartTime(pid_t pid) {
-    std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
-    std::string line;
-    if (!std::getline(f, line)) return 0;
-    const auto close = line.rfind(')');
+    const auto line = procfs::readFile(("/proc/" + std::to_string(pid) + "/stat").c_str());
+    if (!line) return 0;
+    const auto close = line->rfind(')');
     if (close == std::string::npos) return 0;
-    std::istringstream rest(line.substr(close + 2));
-    std::string field;
     // Fields after the command name start at 3 (state); starttime is field 22.
-    for (int i = 3; i <= 22 && rest >> field; ++i) {
-        if (i == 22) return std::stoull(field);
-    }
-    return 0;
+    const auto v = procfs::toNumber(procfs::field(std::string_view(*line).substr(close + 1), 22 - 3));
+    return v && *v > 0 ? static_cast<uint64_t>(*v) : 0;
 }
 
 std::string socketName(uint64_t instance) {
@@ -76,283 +70,24 @@ std::string socketName(uint64_t instance) {
     return buf;
 }
 
-sockaddr_un abstractAddress(const std::string& name, socklen_t* len) {
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::memcpy(addr.sun_path + 1, name.data(), std::min(name.size(), sizeof(addr.sun_path) - 2));
-    *len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size());
-    return addr;
-}
-
-// The notification socket's handshake (SOCK_SEQPACKET: one message each), docs/security.md:
-//   initiator -> target  HELLO      u32 kMagic, u64 instance, 32-byte nonce, name
-//   target -> initiator  CHALLENGE  u32 kMagic, 32-byte nonce, HMAC(secret, kTargetLabel ||
-//                                   initiator nonce || target nonce)
-//   initiator -> target  PROOF      u32 kMagic, HMAC(secret, kInitiatorLabel || target nonce
-//                                   || initiator nonce || u64 instance || name)
-//   target -> initiator  WELCOME    u32 kMagic, with the export table's memfd (SCM_RIGHTS)
-// then notifications from the initiator: 'N' + payload. The target closes a connection
-// that breaks the sequence, fails the proof, or comes from another uid (SO_PEERCRED).
-constexpr uint32_t kMagic = 0x3153564b;  // "KVS1"
-constexpr std::string_view kTargetLabel{"kvxfer-shm-target\0", 18};
-constexpr std::string_view kInitiatorLabel{"kvxfer-shm-initiator\0", 21};
-constexpr uint8_t kNotifyMessage = 'N';
-constexpr size_t kMaxConnections = 4096;
-
-Status sendMessage(int fd, const Bytes& msg, int pass_fd = -1) {
-    iovec iov{const_cast<uint8_t*>(msg.data()), msg.size()};
-    msghdr mh{};
-    mh.msg_iov = &iov;
-    mh.msg_iovlen = 1;
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
-    if (pass_fd >= 0) {
-        mh.msg_control = control;
-        mh.msg_controllen = sizeof(control);
-        cmsghdr* c = CMSG_FIRSTHDR(&mh);
-        c->cmsg_level = SOL_SOCKET;
-        c->cmsg_type = SCM_RIGHTS;
-        c->cmsg_len = CMSG_LEN(sizeof(int));
-        std::memcpy(CMSG_DATA(c), &pass_fd, sizeof(int));
-    }
-    for (;;) {
-        const ssize_t k = ::sendmsg(fd, &mh, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (k == static_cast<ssize_t>(msg.size())) return Status::ok();
-        if (k < 0 && errno == EINTR) continue;
-        return Status::systemErrno("shm: handshake send", k < 0 ? errno : EIO);
-    }
-}
-
-// Receives one message by `deadline` (poll), with at most one passed fd.
-Status recvMessage(int fd, Bytes* msg, Fd* passed, Clock::time_point deadline) {
-    msg->resize(512);
-    for (;;) {
-        const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now()).count();
-        if (left <= 0) return Status::timeout("shm: handshake timed out");
-        pollfd p{fd, POLLIN, 0};
-        const int r = ::poll(&p, 1, static_cast<int>(std::min<int64_t>(left, 1000)));
-        if (r < 0 && errno != EINTR) return Status::systemErrno("shm: handshake poll", errno);
-        if (r <= 0) continue;
-        iovec iov{msg->data(), msg->size()};
-        msghdr mh{};
-        mh.msg_iov = &iov;
-        mh.msg_iovlen = 1;
-        alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))];
-        mh.msg_control = control;
-        mh.msg_controllen = sizeof(control);
-        const ssize_t k = ::recvmsg(fd, &mh, MSG_DONTWAIT | MSG_CMSG_CLOEXEC);
-        if (k < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-        if (k <= 0) return Status::peerUnreachable("shm: the peer closed its socket during the handshake");
-        for (cmsghdr* c = CMSG_FIRSTHDR(&mh); c != nullptr; c = CMSG_NXTHDR(&mh, c)) {
-            if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS && passed != nullptr) {
-                int got = -1;
-                std::memcpy(&got, CMSG_DATA(c), sizeof(int));
-                *passed = Fd(got);
-            }
-        }
-        msg->resize(static_cast<size_t>(k));
-        return Status::ok();
-    }
-}
-
-class Notifier;
-
-// One notification (of a job, or standalone) waiting for room in the peer's socket.
-struct Outgoing {
-    std::shared_ptr<TransferJob> job;  // null for a standalone notify()
-    Bytes msg;
-    Clock::time_point deadline;
-    // Standalone notify(): the caller waits for `done`.
-    std::shared_ptr<std::pair<std::mutex, std::condition_variable>> sync;
-    std::shared_ptr<std::optional<Status>> result;
-};
+// The notification socket and its handshake: util/notify_socket.h (shared with cuda_ipc).
+// The target's WELCOME passes its export table's memfd.
+const notify_socket::Protocol kProtocol{"shm", 0x3153564b};  // "KVS1"
 
 struct ShmPeer : BackendPeer, std::enable_shared_from_this<ShmPeer> {
     std::string name;
     pid_t pid = 0;
     Fd pidfd;
-    Fd notify_socket;  // non-blocking
+    std::shared_ptr<notify_socket::Sender> sender;  // the authenticated notification socket
     std::string self_name;
     uint64_t self_instance = 0;
-    std::shared_ptr<Notifier> notifier;
     std::shared_ptr<shm::TableMapping> exports;  // the peer's export table (its WELCOME)
-    // Notifications not sent yet, in order; while it is not empty, new ones queue behind.
-    std::mutex send_mutex;
-    std::deque<Outgoing> outbox;
 
     bool exited() const {
         pollfd p{pidfd.fd, POLLIN, 0};
         return ::poll(&p, 1, 0) > 0;
     }
-
-    // The sender's identity was proven at connect time: a notification is only its payload.
-    static Bytes message(ByteView payload) {
-        Bytes msg(1 + payload.size());
-        msg[0] = kNotifyMessage;
-        if (!payload.empty()) std::memcpy(msg.data() + 1, payload.data(), payload.size());
-        return msg;
-    }
-
-    // One non-blocking attempt: OK, kUnavailable (no room now: EAGAIN) or an error.
-    enum class Sent : uint8_t { kOk, kNoRoom, kError };
-    Sent trySend(const Bytes& msg, Status* error) {
-        for (;;) {
-            const ssize_t k = ::send(notify_socket.fd, msg.data(), msg.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
-            if (k == static_cast<ssize_t>(msg.size())) return Sent::kOk;
-            if (k < 0 && errno == EINTR) continue;
-            if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return Sent::kNoRoom;
-            if (k < 0 && (errno == EPIPE || errno == ECONNRESET || errno == ECONNREFUSED)) {
-                *error = Status::peerUnreachable("shm peer '" + name + "' closed its notification socket");
-            } else {
-                *error = Status::systemErrno("shm notification send to '" + name + "'", k < 0 ? errno : EIO);
-            }
-            return Sent::kError;
-        }
-    }
-
-    // Sends at once when the socket has room and nothing is queued; otherwise queues the
-    // message for the notifier thread and returns nullopt.
-    std::optional<Status> sendOrQueue(Outgoing out);
 };
-
-// The one thread per backend that sends queued notifications when their peer's socket has
-// room again, and ends each at its deadline if it never does. Copy workers never wait for
-// a peer: a stopped peer costs one queue entry per notification, not a worker.
-class Notifier {
-public:
-    Notifier() : wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
-
-    void start(const std::shared_ptr<Notifier>& self) {
-        thread_ = std::thread([self] { self->run(); });
-    }
-    void stop() {
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            stopping_ = true;
-        }
-        wake();
-        if (thread_.get_id() == std::this_thread::get_id()) {
-            thread_.detach();
-        } else if (thread_.joinable()) {
-            thread_.join();
-        }
-    }
-    void watch(std::shared_ptr<ShmPeer> peer) {
-        {
-            std::lock_guard<std::mutex> lock(mutex_);
-            peers_.push_back(std::move(peer));
-        }
-        wake();
-    }
-
-private:
-    void wake() {
-        const uint64_t one = 1;
-        (void)!::write(wake_.fd, &one, sizeof(one));
-    }
-
-    // Sends what fits of `peer`'s outbox, ends expired entries. True when the outbox is empty.
-    static bool drain(ShmPeer& peer, Clock::time_point now, Clock::time_point* next_deadline) {
-        std::vector<std::pair<Outgoing, Status>> ended;
-        bool empty = false;
-        {
-            std::lock_guard<std::mutex> lock(peer.send_mutex);
-            while (!peer.outbox.empty()) {
-                Outgoing& head = peer.outbox.front();
-                Status error;
-                if (now >= head.deadline || (head.job && head.job->abandoned())) {
-                    error = Status::timeout("shm peer '" + peer.name +
-                                            "' did not take the notification by its deadline "
-                                            "(its socket stayed full: the peer is stopped or slow)");
-                } else {
-                    const auto sent = peer.trySend(head.msg, &error);
-                    if (sent == ShmPeer::Sent::kNoRoom) {
-                        *next_deadline = std::min(*next_deadline, head.deadline);
-                        break;
-                    }
-                }
-                ended.emplace_back(std::move(head), std::move(error));
-                peer.outbox.pop_front();
-            }
-            empty = peer.outbox.empty();
-        }
-        for (auto& [out, st] : ended) complete(out, std::move(st));
-        return empty;
-    }
-
-public:
-    static void complete(Outgoing& out, Status st) {
-        if (out.job) {
-            out.job->finish(std::move(st));
-            return;
-        }
-        {
-            std::lock_guard<std::mutex> lock(out.sync->first);
-            *out.result = std::move(st);
-        }
-        out.sync->second.notify_all();
-    }
-
-private:
-    void run() {
-        std::vector<std::shared_ptr<ShmPeer>> peers;
-        std::vector<pollfd> fds;
-        for (;;) {
-            {
-                std::lock_guard<std::mutex> lock(mutex_);
-                if (stopping_) break;
-                for (auto& p : peers_) {
-                    if (std::find(peers.begin(), peers.end(), p) == peers.end())
-                        peers.push_back(std::move(p));
-                }
-                peers_.clear();
-            }
-            auto next = Clock::time_point::max();
-            const auto now = Clock::now();
-            std::erase_if(peers, [&](const auto& p) { return drain(*p, now, &next); });
-            fds.assign(1, pollfd{wake_.fd, POLLIN, 0});
-            for (const auto& p : peers) fds.push_back({p->notify_socket.fd, POLLOUT, 0});
-            int timeout_ms = -1;
-            if (next != Clock::time_point::max()) {
-                const auto left = std::chrono::ceil<std::chrono::milliseconds>(next - Clock::now()).count();
-                timeout_ms = static_cast<int>(std::clamp<int64_t>(left, 0, 60000));
-            }
-            ::poll(fds.data(), fds.size(), timeout_ms);
-            uint64_t v = 0;
-            (void)!::read(wake_.fd, &v, sizeof(v));
-        }
-        // Closing: end whatever is still queued.
-        for (auto& p : peers) {
-            std::deque<Outgoing> left;
-            {
-                std::lock_guard<std::mutex> lock(p->send_mutex);
-                left.swap(p->outbox);
-            }
-            for (auto& out : left) complete(out, Status::canceled("shm backend is closing"));
-        }
-    }
-
-    Fd wake_;
-    std::mutex mutex_;
-    bool stopping_ = false;
-    std::vector<std::shared_ptr<ShmPeer>> peers_;  // newly non-empty outboxes
-    std::thread thread_;
-};
-
-std::optional<Status> ShmPeer::sendOrQueue(Outgoing out) {
-    {
-        std::lock_guard<std::mutex> lock(send_mutex);
-        if (outbox.empty()) {
-            Status error;
-            const Sent sent = trySend(out.msg, &error);
-            if (sent == Sent::kOk) return Status::ok();
-            if (sent == Sent::kError) return error;
-        }
-        outbox.push_back(std::move(out));
-        if (outbox.size() > 1) return std::nullopt;  // the notifier already watches this peer
-    }
-    notifier->watch(shared_from_this());
-    return std::nullopt;
-}
 
 // Remote key: u8 version (2), u32 slot, u64 tag: a reference into the target's export
 // table (exports.h), never an fd or an address the initiator would trust.
@@ -485,226 +220,22 @@ Status copyChunk(TransferJob& job, uint64_t first, uint64_t end, bool liveness_c
     return Status::ok();
 }
 
-// State shared with the listener thread, so the thread never touches the backend. It
-// serves every inbound connection on one epoll loop: the handshake, then notifications.
-struct Listener : std::enable_shared_from_this<Listener> {
-    NotificationSink* sink = nullptr;
-    Bytes secret;
-    std::shared_ptr<shm::ExportTable> exports;
-    Fd listen_fd;
-    Fd stop_fd;
-    Fd epoll_fd;
-    Fd room_fd;  // the sink has room again after a back-pressure refusal
-    struct Conn {
-        enum State : uint8_t { kHello, kProof, kOpen } state = kHello;
-        auth::Nonce mine{};
-        Bytes theirs;
-        uint64_t instance = 0;
-        std::string name;
-        // The sink's queue was full: this notification waits and the socket is not read
-        // (the sender's socket buffer fills, and its notifications wait or time out).
-        std::optional<Bytes> held;
-    };
-    std::unordered_map<int, Conn> conns;
-
-    void drop(int fd) {
-        ::epoll_ctl(epoll_fd.fd, EPOLL_CTL_DEL, fd, nullptr);
-        ::close(fd);
-        conns.erase(fd);
-    }
-
-    void accept() {
-        const int c = ::accept4(listen_fd.fd, nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
-        if (c < 0) return;
-        ucred cred{};
-        socklen_t len = sizeof(cred);
-        // Only this user's processes; and a bounded number of connections.
-        if (::getsockopt(c, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || cred.uid != ::geteuid() ||
-            conns.size() >= kMaxConnections) {
-            ::close(c);
-            return;
-        }
-        epoll_event ev{};
-        ev.events = EPOLLIN;
-        ev.data.fd = c;
-        if (::epoll_ctl(epoll_fd.fd, EPOLL_CTL_ADD, c, &ev) != 0) {
-            ::close(c);
-            return;
-        }
-        conns[c] = Conn{};
-    }
-
-    // One message of connection `fd`; false: close it.
-    bool onMessage(int fd, Conn& conn, const uint8_t* m, size_t k) {
-        uint32_t magic = 0;
-        switch (conn.state) {
-            case Conn::kHello: {
-                if (k < 4 + 8 + auth::kNonceBytes + 1 ||
-                    k > 4 + 8 + auth::kNonceBytes + PeerDescriptor::kMaxName)
-                    return false;
-                std::memcpy(&magic, m, 4);
-                if (magic != kMagic) return false;
-                std::memcpy(&conn.instance, m + 4, 8);
-                conn.theirs.assign(m + 12, m + 12 + auth::kNonceBytes);
-                conn.name.assign(reinterpret_cast<const char*>(m + 12 + auth::kNonceBytes),
-                                 k - 12 - auth::kNonceBytes);
-                auto nonce = auth::randomNonce();
-                if (!nonce.isOk()) return false;
-                conn.mine = *nonce;
-                const auth::Mac ours =
-                    auth::mac(secret, {auth::view(kTargetLabel), conn.theirs, auth::view(conn.mine)});
-                Bytes reply(4);
-                std::memcpy(reply.data(), &kMagic, 4);
-                reply.insert(reply.end(), conn.mine.begin(), conn.mine.end());
-                reply.insert(reply.end(), ours.begin(), ours.end());
-                conn.state = Conn::kProof;
-                return sendMessage(fd, reply).isOk();
-            }
-            case Conn::kProof: {
-                if (k != 4 + auth::kMacBytes) return false;
-                std::memcpy(&magic, m, 4);
-                if (magic != kMagic) return false;
-                const auth::Mac expected =
-                    auth::mac(secret, {auth::view(kInitiatorLabel), auth::view(conn.mine), conn.theirs,
-                                       auth::view(conn.instance), auth::view(conn.name)});
-                if (!auth::equal(auth::view(expected), ByteView(m + 4, auth::kMacBytes))) return false;
-                Bytes welcome(4);
-                std::memcpy(welcome.data(), &kMagic, 4);
-                conn.state = Conn::kOpen;
-                return sendMessage(fd, welcome, exports->fd()).isOk();
-            }
-            case Conn::kOpen:
-                if (k < 1 || m[0] != kNotifyMessage) return false;
-                return offer(fd, conn, Bytes(m + 1, m + k));
-        }
-        return false;
-    }
-
-    // Delivers, or holds the message and stops reading `fd` until the sink has room.
-    bool offer(int fd, Conn& conn, Bytes payload) {
-        Bytes copy = payload;  // deliver() consumes its argument even when it refuses
-        Status st = sink->deliver(conn.name, conn.instance, std::move(copy));
-        if (st.isOk()) return true;
-        if (st.code() != StatusCode::kBackPressure) return false;
-        pause(fd, conn, std::move(payload));
-        return true;
-    }
-
-    void pause(int fd, Conn& conn, Bytes payload) {
-        conn.held = std::move(payload);
-        epoll_event ev{};
-        ev.data.fd = fd;
-        ::epoll_ctl(epoll_fd.fd, EPOLL_CTL_MOD, fd, &ev);  // no events: not read while held
-        std::weak_ptr<Listener> self = weak_from_this();
-        sink->onRoom([self] {
-            if (auto l = self.lock()) {
-                const uint64_t one = 1;
-                (void)!::write(l->room_fd.fd, &one, sizeof(one));
-            }
-        });
-    }
-
-    void resumeHeld() {
-        for (auto& [fd, conn] : conns) {
-            if (!conn.held) continue;
-            Bytes copy = *conn.held;
-            Status st = sink->deliver(conn.name, conn.instance, std::move(copy));
-            if (st.code() == StatusCode::kBackPressure) {
-                pause(fd, conn, std::move(*conn.held));
-                return;  // still full: wait for the next room
-            }
-            conn.held.reset();
-            epoll_event ev{};
-            ev.events = EPOLLIN;
-            ev.data.fd = fd;
-            ::epoll_ctl(epoll_fd.fd, EPOLL_CTL_MOD, fd, &ev);
-        }
-    }
-
-    void run() {
-        std::vector<uint8_t> buf(kMaxMessage);
-        epoll_event events[16];
-        for (;;) {
-            const int n = ::epoll_wait(epoll_fd.fd, events, 16, -1);
-            if (n < 0 && errno == EINTR) continue;
-            if (n < 0) return;
-            for (int i = 0; i < n; ++i) {
-                const int fd = events[i].data.fd;
-                if (fd == stop_fd.fd) {
-                    for (auto& [c, conn] : conns) ::close(c);
-                    conns.clear();
-                    return;
-                }
-                if (fd == listen_fd.fd) {
-                    accept();
-                    continue;
-                }
-                if (fd == room_fd.fd) {
-                    uint64_t v = 0;
-                    (void)!::read(room_fd.fd, &v, sizeof(v));
-                    resumeHeld();
-                    continue;
-                }
-                auto it = conns.find(fd);
-                if (it == conns.end()) continue;
-                for (;;) {
-                    const ssize_t k = ::recv(fd, buf.data(), buf.size(), 0);
-                    if (k < 0 && errno == EINTR) continue;
-                    if (k < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
-                    if (k <= 0 || !onMessage(fd, it->second, buf.data(), static_cast<size_t>(k))) {
-                        drop(fd);
-                        break;
-                    }
-                    if (it->second.held) break;  // back-pressure: read no further
-                }
-            }
-        }
-    }
-};
-
 class ShmBackend final : public Backend {
 public:
     static Result<std::unique_ptr<Backend>> create(const BackendContext& ctx) {
         // Let peers of the same user attach even under Yama ptrace_scope=1.
         ::prctl(PR_SET_PTRACER, PR_SET_PTRACER_ANY, 0, 0, 0);
-        auto listener = std::make_shared<Listener>();
-        listener->sink = ctx.sink;
-        listener->secret = ctx.secret;
-        KVXFER_ASSIGN_OR_RETURN(listener->exports, shm::ExportTable::create());
-        listener->listen_fd = Fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0));
-        if (listener->listen_fd.fd < 0) return Status::systemErrno("shm: socket(AF_UNIX)", errno);
+        KVXFER_ASSIGN_OR_RETURN(std::shared_ptr<shm::ExportTable> exports, shm::ExportTable::create());
         const std::string name = socketName(ctx.instance_id);
-        socklen_t len = 0;
-        sockaddr_un addr = abstractAddress(name, &len);
-        if (::bind(listener->listen_fd.fd, reinterpret_cast<sockaddr*>(&addr), len) != 0) {
-            return Status::systemErrno("shm: bind notification socket @" + name, errno);
-        }
-        if (::listen(listener->listen_fd.fd, 128) != 0) return Status::systemErrno("shm: listen", errno);
-        listener->stop_fd = Fd(::eventfd(0, EFD_CLOEXEC));
-        listener->room_fd = Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
-        listener->epoll_fd = Fd(::epoll_create1(EPOLL_CLOEXEC));
-        if (listener->stop_fd.fd < 0 || listener->epoll_fd.fd < 0) {
-            return Status::systemErrno("shm: eventfd/epoll", errno);
-        }
-        if (listener->room_fd.fd < 0) return Status::systemErrno("shm: eventfd", errno);
-        for (int fd : {listener->listen_fd.fd, listener->stop_fd.fd, listener->room_fd.fd}) {
-            epoll_event ev{};
-            ev.events = EPOLLIN;
-            ev.data.fd = fd;
-            ::epoll_ctl(listener->epoll_fd.fd, EPOLL_CTL_ADD, fd, &ev);
-        }
-        return std::unique_ptr<Backend>(new ShmBackend(ctx, std::move(listener), name));
+        KVXFER_ASSIGN_OR_RETURN(
+            auto listener,
+            notify_socket::Listener::start(kProtocol, name, ctx.secret, ctx.sink, exports->fd(), exports));
+        return std::unique_ptr<Backend>(new ShmBackend(ctx, std::move(exports), std::move(listener), name));
     }
 
     ~ShmBackend() override {
         notifier_->stop();
-        const uint64_t one = 1;
-        (void)::write(listener_->stop_fd.fd, &one, sizeof(one));
-        if (thread_.get_id() == std::this_thread::get_id()) {
-            thread_.detach();
-        } else {
-            thread_.join();
-        }
+        listener_->stop();
     }
 
     std::string_view name() const override { return "shm"; }
@@ -738,7 +269,7 @@ public:
                 offset = range->offset;
             }
         }
-        auto& exports = listener_->exports;
+        auto& exports = exports_;
         KVXFER_ASSIGN_OR_RETURN(auto slot, exports->publish(kind, base, span.length, fd, ino, offset));
         auto region = std::make_unique<ShmRegion>();
         region->exports = exports;
@@ -752,48 +283,15 @@ public:
         r.exports->revoke(r.slot);
     }
 
-    // The initiator's side of the socket handshake (top of this file): proves the peer's
+    // The initiator's side of the socket handshake (util/notify_socket.h): proves the peer's
     // secret, checks the peer's proof, and receives its export table.
-    Status handshake(ShmPeer& peer, const PeerIdentity& identity, Clock::time_point deadline) const {
-        if (identity.secret.size() != PeerDescriptor::kSecretBytes) {
-            return Status::badDescriptor("shm peer '" + identity.name + "' published no connection secret");
-        }
-        const int fd = peer.notify_socket.fd;
-        KVXFER_ASSIGN_OR_RETURN(const auth::Nonce mine, auth::randomNonce());
-        Bytes hello(4 + 8);
-        std::memcpy(hello.data(), &kMagic, 4);
-        std::memcpy(hello.data() + 4, &self_instance_, 8);
-        hello.insert(hello.end(), mine.begin(), mine.end());
-        hello.insert(hello.end(), self_name_.begin(), self_name_.end());
-        KVXFER_RETURN_IF_ERROR(sendMessage(fd, hello));
-        Bytes msg;
-        KVXFER_RETURN_IF_ERROR(recvMessage(fd, &msg, nullptr, deadline));
-        uint32_t magic = 0;
-        if (msg.size() != 4 + auth::kNonceBytes + auth::kMacBytes ||
-            (std::memcpy(&magic, msg.data(), 4), magic != kMagic)) {
-            return Status::peerUnreachable("shm peer '" + identity.name + "': malformed handshake");
-        }
-        const ByteView theirs(msg.data() + 4, auth::kNonceBytes);
-        const auth::Mac expected =
-            auth::mac(identity.secret, {auth::view(kTargetLabel), auth::view(mine), theirs});
-        if (!auth::equal(auth::view(expected),
-                         ByteView(msg.data() + 4 + auth::kNonceBytes, auth::kMacBytes))) {
-            return Status::peerUnreachable("shm peer '" + identity.name +
-                                           "' could not prove its descriptor's secret");
-        }
-        const auth::Mac proof =
-            auth::mac(identity.secret, {auth::view(kInitiatorLabel), theirs, auth::view(mine),
-                                        auth::view(self_instance_), auth::view(self_name_)});
-        Bytes out(4);
-        std::memcpy(out.data(), &kMagic, 4);
-        out.insert(out.end(), proof.begin(), proof.end());
-        KVXFER_RETURN_IF_ERROR(sendMessage(fd, out));
+    Status handshake(ShmPeer& peer, const PeerIdentity& identity, const std::string& sock,
+                     Clock::time_point deadline) const {
         Fd table;
-        Status st = recvMessage(fd, &msg, &table, deadline);
-        if (!st.isOk() || msg.size() != 4 || table.fd < 0) {
-            return Status::peerUnreachable("shm peer '" + identity.name + "' refused the connection" +
-                                           (st.isOk() ? std::string() : ": " + st.message()));
-        }
+        KVXFER_ASSIGN_OR_RETURN(Fd fd, notify_socket::connect(kProtocol, sock, identity, self_instance_,
+                                                              self_name_, deadline, &table));
+        peer.sender =
+            std::make_shared<notify_socket::Sender>(kProtocol, identity.name, std::move(fd), notifier_);
         struct stat tst {};
         if (::fstat(table.fd, &tst) != 0 || static_cast<uint64_t>(tst.st_size) < shm::kTableBytes) {
             return Status::peerUnreachable("shm peer '" + identity.name + "' sent a malformed export table");
@@ -831,15 +329,7 @@ public:
                                            " now belongs to another process");
         }
         const std::string sock(reinterpret_cast<const char*>(info.data() + 12), info.size() - 12);
-        peer->notifier = notifier_;
-        peer->notify_socket = Fd(::socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-        socklen_t len = 0;
-        sockaddr_un addr = abstractAddress(sock, &len);
-        if (::connect(peer->notify_socket.fd, reinterpret_cast<sockaddr*>(&addr), len) != 0) {
-            return Status::peerUnreachable("shm peer '" + identity.name +
-                                           "' notification socket: " + std::strerror(errno));
-        }
-        KVXFER_RETURN_IF_ERROR(handshake(*peer, identity, deadline));
+        KVXFER_RETURN_IF_ERROR(handshake(*peer, identity, sock, deadline));
         return std::shared_ptr<BackendPeer>(std::move(peer));
     }
 
@@ -910,30 +400,21 @@ public:
         const Status st = copyChunk(*job, 0, job->num_runs, /*liveness_checked=*/true);
         if (job->dataDone(st, true) == TransferJob::AfterData::kSendNotification) {
             // Sent at once, or queued to the notifier (which finishes the job).
-            if (auto sent =
-                    peer.sendOrQueue({job, ShmPeer::message(job->notify), job->deadline, nullptr, nullptr}))
-                job->finish(std::move(*sent));
+            if (auto sent = peer.sender->sendForJob(job)) job->finish(std::move(*sent));
         }
         return true;
     }
 
     Status notify(BackendPeer& backend_peer, ByteView payload, Clock::time_point deadline) override {
         auto& peer = static_cast<ShmPeer&>(backend_peer);
-        Outgoing out{nullptr, peer.message(payload), deadline,
-                     std::make_shared<std::pair<std::mutex, std::condition_variable>>(),
-                     std::make_shared<std::optional<Status>>()};
-        auto sync = out.sync;
-        auto result = out.result;
-        if (std::optional<Status> now = peer.sendOrQueue(std::move(out))) return *now;
-        // Queued: the notifier ends it by its deadline.
-        std::unique_lock<std::mutex> lock(sync->first);
-        sync->second.wait(lock, [&] { return result->has_value(); });
-        return **result;
+        return peer.sender->send(payload, deadline);
     }
 
 private:
-    ShmBackend(const BackendContext& ctx, std::shared_ptr<Listener> listener, std::string socket_name)
-        : listener_(std::move(listener)),
+    ShmBackend(const BackendContext& ctx, std::shared_ptr<shm::ExportTable> exports,
+               std::shared_ptr<notify_socket::Listener> listener, std::string socket_name)
+        : exports_(std::move(exports)),
+          listener_(std::move(listener)),
           socket_name_(std::move(socket_name)),
           self_name_(ctx.engine_name),
           self_instance_(ctx.instance_id),
@@ -945,24 +426,22 @@ private:
               [](TransferJob& job, uint64_t first, uint64_t end) { return copyChunk(job, first, end); },
               [](const std::shared_ptr<TransferJob>& job) {
                   auto& peer = static_cast<ShmPeer&>(*job->peer);
-                  return peer.sendOrQueue({job, peer.message(job->notify), job->deadline, nullptr, nullptr});
+                  return peer.sender->sendForJob(job);
               }) {
         caps_.lanes = pool_.threads();  // copy threads share a job
         caps_.inline_max_bytes = ctx.config->shm.inline_max_bytes;
-        notifier_->start(notifier_);
-        thread_ = std::thread([l = listener_] { l->run(); });
     }
 
     // Runs up to 64 MiB keep memcpy on its non-temporal path yet split 1 GiB over threads.
     BackendCaps caps_{.same_process_only = false, .same_host_only = true, .max_run_bytes = 64 << 20};
-    std::shared_ptr<Listener> listener_;
+    std::shared_ptr<shm::ExportTable> exports_;
+    std::shared_ptr<notify_socket::Listener> listener_;
     std::string socket_name_;
     std::string self_name_;
     uint64_t self_instance_;
     uint64_t start_time_;
-    std::shared_ptr<Notifier> notifier_ = std::make_shared<Notifier>();
+    std::shared_ptr<notify_socket::Notifier> notifier_ = notify_socket::Notifier::start();
     CopyPool pool_;
-    std::thread thread_;
 };
 
 }  // namespace

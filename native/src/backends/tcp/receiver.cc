@@ -1,6 +1,11 @@
 // TCP backend, initiator side: the receiver thread of a session. It reads ACK, NOTIFY_ACK and
 // READ_DATA frames (READ data straight into local memory), scans for abandoned writes and
 // stalled peers, and fails what it owns once the connection is dead.
+#include <poll.h>
+#include <sys/eventfd.h>
+
+#include <algorithm>
+#include <cstring>
 #include <string>
 
 #include "backends/tcp/tcp_internal.h"
@@ -51,16 +56,180 @@ Status scanPending(PeerConn& c, Session& s, Clock::time_point now, Clock::time_p
     return kill;
 }
 
-Status readMessage(int fd, uint64_t n, std::string* out, const std::function<Status(bool)>& check) {
-    if (n > kMaxMessageBytes)
-        return Status::peerUnreachable("tcp: malformed frame from peer (message too long)");
-    out->assign(n, '\0');
-    return recvBytes(fd, out->data(), n, check, "tcp receive");
+// Whether the receiver must lead the read side now (under c.mutex): a job or notification
+// that no waiting caller reads for, bytes a caller left, or a hang-up to notice. Inline
+// jobs are left to their poster until their grace ends (`*next` is the earliest such end).
+bool receiverNeeded(const Session& s, Clock::time_point now, Clock::time_point* next) {
+    if (s.hup || s.rx_len > 0 || !s.waiters.empty() || !s.batches.empty()) return true;
+    for (const auto& [id, p] : s.pending) {
+        if (!p.inline_job || now >= p.grace_until) return true;
+        *next = std::min(*next, p.grace_until);
+    }
+    return false;
+}
+
+// The frames at the front of s.rx, parsed and acted on. ACK and NOTIFY_ACK are handled
+// once complete in the buffer. READ_DATA is handled only by the receiver (`receiver`):
+// its body is copied from the buffer, then read from the socket straight into local
+// memory; a caller stops before it (*handover) and leaves it to the receiver.
+Status parseFrames(PeerConn& c, const std::shared_ptr<Session>& sp, bool receiver,
+                   const std::function<Status(bool)>& check, bool* handover) {
+    Session& s = *sp;
+    const std::string what = "tcp connection to peer '" + c.peer_name + "'";
+    auto malformed = [&](const char* why) {
+        return Status::peerUnreachable(what + ": malformed frame (" + why + ")");
+    };
+    std::vector<std::pair<std::shared_ptr<TransferJob>, Status>> finish;
+    size_t off = 0;
+    Status result;
+    auto consume = [&](size_t n) { off += n; };
+    // Copies up to n body bytes from the buffer to dst; the rest from the socket.
+    auto body = [&](uint8_t* dst, size_t n) -> Status {
+        const size_t take = std::min(n, s.rx_len - off);
+        std::memcpy(dst, s.rx.data() + off, take);
+        consume(take);
+        if (take == n) return Status::ok();
+        return recvBytes(s.fd.fd, dst + take, n - take, check, what.c_str());
+    };
+    while (result.isOk() && s.rx_len - off >= kHeaderBytes) {
+        Header h;
+        if (!decodeHeader(s.rx.data() + off, &h)) {
+            result = malformed("bad magic or version");
+            break;
+        }
+        if (h.type == kAck || h.type == kNotifyAck) {
+            if (h.b > kMaxMessageBytes) {
+                result = malformed("message too long");
+                break;
+            }
+            if (s.rx_len - off < kHeaderBytes + h.b) break;  // incomplete
+            const std::string msg(reinterpret_cast<const char*>(s.rx.data() + off + kHeaderBytes), h.b);
+            consume(kHeaderBytes + h.b);
+            const Status st = h.aux == 0 ? Status::ok() : statusFromWire(h.aux, msg);
+            if (h.type == kAck) {
+                std::lock_guard<std::mutex> lock(c.mutex);
+                auto it = s.pending.find(h.job);
+                // Absent: abandoned and already finished.
+                if (it != s.pending.end() && it->second.awaiting_ack) {
+                    finish.emplace_back(it->second.job, st);
+                    s.pending.erase(it);
+                } else if (it != s.pending.end() && it->second.streaming) {
+                    // The inline path sent WRITE and END in one call and has not let go
+                    // yet: releaseStreaming() finishes it with this outcome.
+                    it->second.acked = true;
+                    it->second.ack_status = st;
+                }
+            } else {
+                std::shared_ptr<NotifyWaiter> w;
+                {
+                    std::lock_guard<std::mutex> lock(c.mutex);
+                    if (auto it = s.waiters.find(h.job); it != s.waiters.end()) {
+                        w = std::move(it->second);
+                        s.waiters.erase(it);
+                    }
+                }
+                if (w) w->complete(st);
+            }
+            continue;
+        }
+        if (h.type != kReadData) {
+            result = malformed("unknown frame type");
+            break;
+        }
+        if (!receiver) {
+            *handover = true;
+            break;
+        }
+        consume(kHeaderBytes);
+        ReadBatch batch{};
+        std::shared_ptr<TransferJob> job;
+        {
+            std::lock_guard<std::mutex> lock(c.mutex);
+            if (s.batches.empty() || s.batches.front().job != h.job) {
+                result = malformed("unexpected READ_DATA");
+                break;
+            }
+            batch = s.batches.front();
+            s.batches.pop_front();
+            auto it = s.pending.find(h.job);
+            if (it == s.pending.end()) {
+                result = malformed("READ_DATA for an unknown job");
+                break;
+            }
+            job = it->second.job;
+        }
+        Status outcome;
+        if (h.aux != 0) {
+            if (h.b > kMaxMessageBytes) {
+                result = malformed("message too long");
+                break;
+            }
+            std::string msg(h.b, '\0');
+            result = body(reinterpret_cast<uint8_t*>(msg.data()), msg.size());
+            if (!result.isOk()) break;
+            outcome = statusFromWire(h.aux, msg);
+        } else {
+            if (h.b != batch.bytes) {
+                result = malformed("READ_DATA length differs from the request");
+                break;
+            }
+            IovCursor cur;
+            for (uint64_t i = batch.first; i < batch.end; ++i) {
+                const FlatRun r = job->run(i);
+                cur.add(r.local, r.length);
+            }
+            while (!cur.empty() && off < s.rx_len) {
+                iovec* v = cur.data();
+                const size_t step = std::min(v->iov_len, s.rx_len - off);
+                std::memcpy(v->iov_base, s.rx.data() + off, step);
+                consume(step);
+                cur.advance(step);
+            }
+            result = moveAll(s.fd.fd, false, cur, check, what.c_str());
+            if (!result.isOk()) break;
+        }
+        {
+            std::lock_guard<std::mutex> lock(c.mutex);
+            s.window -= batch.bytes;
+            auto it = s.pending.find(h.job);
+            if (it != s.pending.end()) {
+                Pending& p = it->second;
+                --p.reads_outstanding;
+                if (!outcome.isOk() && p.error.isOk()) p.error = outcome;
+                if (!p.streaming && p.reads_outstanding == 0) completeRead(c, sp, it, finish);
+            }
+        }
+        c.cv.notify_all();
+    }
+    std::memmove(s.rx.data(), s.rx.data() + off, s.rx_len - off);
+    s.rx_len -= off;
+    finishAll(finish);
+    return result;
+}
+
+// Reads what the socket has into s.rx (the caller leads the read side). `block`: wait up
+// to one slice (SO_RCVTIMEO) for the first byte. OK with *got = 0: nothing came.
+Status readInto(PeerConn& c, Session& s, bool block, size_t* got) {
+    *got = 0;
+    if (s.rx.empty()) s.rx.resize(kRxBufferBytes);
+    for (;;) {
+        const ssize_t k =
+            ::recv(s.fd.fd, s.rx.data() + s.rx_len, s.rx.size() - s.rx_len, block ? 0 : MSG_DONTWAIT);
+        if (k > 0) {
+            s.rx_len += static_cast<size_t>(k);
+            *got = static_cast<size_t>(k);
+            return Status::ok();
+        }
+        if (k == 0) return Status::peerUnreachable(c.label() + ": connection closed by the peer");
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) return Status::ok();
+        const int err = errno;
+        return Status::peerUnreachable(c.label() + ": tcp receive: " + errnoText(err));
+    }
 }
 
 Status receiverRun(PeerConn& c, const std::shared_ptr<Session>& sp) {
     Session& s = *sp;
-    const int fd = s.fd.fd;
     auto last_rx = Clock::now();
     auto last_scan = last_rx;
     std::function<Status(bool)> check = [&](bool idle) -> Status {
@@ -74,99 +243,130 @@ Status receiverRun(PeerConn& c, const std::shared_ptr<Session>& sp) {
         }
         return Status::ok();
     };
-    const std::string what = "tcp connection to peer '" + c.peer_name + "'";
-    auto malformed = [&](const char* why) {
-        return Status::peerUnreachable(what + ": malformed frame (" + why + ")");
-    };
-    uint8_t hb[kHeaderBytes];
-    std::string msg;
-    std::vector<std::pair<std::shared_ptr<TransferJob>, Status>> finish;
-    IovCursor cur;
     for (;;) {
-        KVXFER_RETURN_IF_ERROR(recvBytes(fd, hb, sizeof(hb), check, what.c_str()));
-        Header h;
-        if (!decodeHeader(hb, &h)) return malformed("bad magic or version");
-        switch (h.type) {
-            case kAck: {
-                KVXFER_RETURN_IF_ERROR(readMessage(fd, h.b, &msg, check));
-                {
-                    std::lock_guard<std::mutex> lock(c.mutex);
-                    auto it = s.pending.find(h.job);
-                    // Absent: abandoned and already finished.
-                    if (it != s.pending.end() && it->second.awaiting_ack) {
-                        finish.emplace_back(it->second.job,
-                                            h.aux == 0 ? Status::ok() : statusFromWire(h.aux, msg));
-                        s.pending.erase(it);
-                    } else if (it != s.pending.end() && it->second.streaming) {
-                        // The inline path sent WRITE and END in one call and has not let go
-                        // yet: releaseStreaming() finishes it with this outcome.
-                        it->second.acked = true;
-                        it->second.ack_status = h.aux == 0 ? Status::ok() : statusFromWire(h.aux, msg);
-                    }
-                }
-                finishAll(finish);
-                break;
+        // Lead the read side only while something needs the receiver.
+        auto next = Clock::time_point::max();
+        bool lead = false, hup = false;
+        {
+            std::lock_guard<std::mutex> lock(c.mutex);
+            if (s.reader == Reader::kNone && receiverNeeded(s, Clock::now(), &next)) {
+                s.reader = Reader::kReceiver;
+                lead = true;
             }
-            case kNotifyAck: {
-                KVXFER_RETURN_IF_ERROR(readMessage(fd, h.b, &msg, check));
-                std::shared_ptr<NotifyWaiter> w;
-                {
-                    std::lock_guard<std::mutex> lock(c.mutex);
-                    if (auto it = s.waiters.find(h.job); it != s.waiters.end()) {
-                        w = std::move(it->second);
-                        s.waiters.erase(it);
-                    }
-                }
-                if (w) w->complete(h.aux == 0 ? Status::ok() : statusFromWire(h.aux, msg));
-                break;
-            }
-            case kReadData: {
-                ReadBatch batch{};
-                std::shared_ptr<TransferJob> job;
-                {
-                    std::lock_guard<std::mutex> lock(c.mutex);
-                    if (s.batches.empty() || s.batches.front().job != h.job)
-                        return malformed("unexpected READ_DATA");
-                    batch = s.batches.front();
-                    s.batches.pop_front();
-                    auto it = s.pending.find(h.job);
-                    if (it == s.pending.end()) return malformed("READ_DATA for an unknown job");
-                    job = it->second.job;
-                }
-                Status result;
-                if (h.aux != 0) {
-                    KVXFER_RETURN_IF_ERROR(readMessage(fd, h.b, &msg, check));
-                    result = statusFromWire(h.aux, msg);
-                } else {
-                    if (h.b != batch.bytes) return malformed("READ_DATA length differs from the request");
-                    cur.clear();
-                    for (uint64_t i = batch.first; i < batch.end; ++i) {
-                        const FlatRun r = job->run(i);
-                        cur.add(r.local, r.length);
-                    }
-                    KVXFER_RETURN_IF_ERROR(moveAll(fd, false, cur, check, what.c_str()));
-                }
-                {
-                    std::lock_guard<std::mutex> lock(c.mutex);
-                    s.window -= batch.bytes;
-                    auto it = s.pending.find(h.job);
-                    if (it != s.pending.end()) {
-                        Pending& p = it->second;
-                        --p.reads_outstanding;
-                        if (!result.isOk() && p.error.isOk()) p.error = result;
-                        if (!p.streaming && p.reads_outstanding == 0) completeRead(c, sp, it, finish);
-                    }
-                }
-                c.cv.notify_all();
-                job.reset();
-                finishAll(finish);
-                break;
-            }
-            default:
-                return malformed("unknown frame type");
+            hup = s.hup;
         }
+        if (!lead) {
+            // Idle: sleep until woken, a hang-up or error on the socket (its data wakes only
+            // the caller reading it: no POLLIN here), the next scan or the next inline grace.
+            const auto now = Clock::now();
+            auto until = std::min(next, last_scan + kScanInterval);
+            if (hup) until = std::min(until, now + 1ms);  // a caller leads and will see it
+            const auto wait_ms = std::chrono::ceil<std::chrono::milliseconds>(until - now).count();
+            pollfd fds[2] = {{s.wake.fd, POLLIN, 0}, {s.fd.fd, POLLRDHUP, 0}};
+            const int n = ::poll(fds, hup ? 1 : 2, static_cast<int>(std::clamp<int64_t>(wait_ms, 0, 100)));
+            if (n > 0 && (fds[0].revents & POLLIN)) {
+                uint64_t v;
+                (void)!::read(s.wake.fd, &v, sizeof(v));
+            }
+            if (n > 0 && !hup && fds[1].revents != 0) {
+                std::lock_guard<std::mutex> lock(c.mutex);
+                s.hup = true;
+            }
+            KVXFER_RETURN_IF_ERROR(check(true));
+            continue;
+        }
+        // Leading: read (blocking, one slice at a time) and act until nothing needs us.
+        Status st;
+        for (;;) {
+            size_t got = 0;
+            st = readInto(c, s, true, &got);
+            if (st.isOk()) st = check(got == 0);
+            bool handover = false;
+            if (st.isOk() && got > 0) st = parseFrames(c, sp, true, check, &handover);
+            if (st.isOk() && s.rx_len == s.rx.size())
+                st = Status::peerUnreachable(c.label() + ": frame too large");
+            std::lock_guard<std::mutex> lock(c.mutex);
+            auto ignored = Clock::time_point::max();
+            if (!st.isOk() || !receiverNeeded(s, Clock::now(), &ignored)) {
+                s.reader = Reader::kNone;
+                break;
+            }
+        }
+        KVXFER_RETURN_IF_ERROR(st);
     }
 }
+
+// The waiting poster of an inline job reads the connection's frames itself while no
+// other thread leads the read side: its ACK wakes only it.
+class InlineProgress final : public TransferJob::Progress {
+public:
+    void drive(TransferJob& job, Clock::time_point until) override {
+        PeerConn& c = *static_cast<TcpPeer&>(*job.peer).conn;
+        std::shared_ptr<Session> s;
+        {
+            std::lock_guard<std::mutex> lock(c.mutex);
+            s = c.session;
+            if (!s || s->dead.load()) return;
+            auto it = s->pending.find(job.id);
+            if (it == s->pending.end()) return;
+            if (s->reader != Reader::kNone) {
+                // Another thread reads: this caller sleeps on the job instead, so the job
+                // must not wait for a grace that nobody ends (the leader, when it lets go,
+                // wakes the receiver for it).
+                it->second.grace_until = {};
+                return;
+            }
+            s->reader = Reader::kCaller;
+        }
+        Status st;
+        auto check = [](bool) { return Status::ok(); };  // frames we parse need no socket reads
+        // Until the job ends (its ACK, its deadline, or a cancel seen within one slice).
+        while (job.state() == TransferState::kPending) {
+            // One recv that sleeps in the kernel until the peer answers (at most one slice,
+            // SO_RCVTIMEO) when `until` is that far; else a look, then poll() to `until`.
+            const auto now = Clock::now();
+            const auto left = std::chrono::ceil<std::chrono::milliseconds>(until - now).count();
+            const bool block = left >= kPollSliceMs;
+            size_t got = 0;
+            st = readInto(c, *s, block, &got);
+            if (!st.isOk()) break;
+            if (got > 0) {
+                bool handover = false;
+                st = parseFrames(c, s, false, check, &handover);
+                if (!st.isOk() || handover) break;
+                if (s->rx_len == s->rx.size()) break;  // a frame too large for us: the receiver's
+                continue;
+            }
+            if (block) continue;  // a slice passed: look at the job again
+            if (left <= 0) break;
+            pollfd p{s->fd.fd, POLLIN, 0};
+            (void)::poll(&p, 1, static_cast<int>(left));
+        }
+        bool wake = false;
+        {
+            std::lock_guard<std::mutex> lock(c.mutex);
+            s->reader = Reader::kNone;
+            auto ignored = Clock::time_point::max();
+            wake = receiverNeeded(*s, Clock::now(), &ignored);
+        }
+        if (!st.isOk()) killSession(c, *s, st);  // the receiver fails what is left
+        if (wake || !st.isOk()) wakeReceiver(*s);
+    }
+
+    void release(TransferJob& job) override {
+        PeerConn& c = *static_cast<TcpPeer&>(*job.peer).conn;
+        std::shared_ptr<Session> s;
+        {
+            std::lock_guard<std::mutex> lock(c.mutex);
+            s = c.session;
+            if (!s) return;
+            auto it = s->pending.find(job.id);
+            if (it == s->pending.end()) return;
+            it->second.grace_until = {};
+        }
+        wakeReceiver(*s);
+    }
+};
 
 // Runs after the receive loop ended: the connection is dead; fail what the receiver owns.
 void receiverSweep(PeerConn& c, Session& s) {
@@ -196,9 +396,20 @@ void receiverSweep(PeerConn& c, Session& s) {
 
 }  // namespace
 
+void wakeReceiver(Session& s) {
+    const uint64_t one = 1;
+    (void)!::write(s.wake.fd, &one, sizeof(one));
+}
+
+TransferJob::Progress& inlineProgress() {
+    static InlineProgress progress;
+    return progress;
+}
+
 void startSession(const std::shared_ptr<PeerConn>& c, Fd fd) {
     auto s = std::make_shared<Session>();
     s->fd = std::move(fd);
+    s->wake = Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     std::lock_guard<std::mutex> lock(c->mutex);
     c->session = s;
     c->receivers.emplace_back([c, s] {

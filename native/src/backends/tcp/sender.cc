@@ -216,6 +216,7 @@ void runJob(const std::shared_ptr<PeerConn>& c, const std::shared_ptr<TransferJo
             Pending p;
             p.job = job;
             session.pending.emplace(job->id, std::move(p));
+            wakeReceiver(session);  // it reads this job's answers
         });
     if (!s.isOk()) {
         job->finish(s.status());
@@ -239,6 +240,7 @@ void runNotify(const std::shared_ptr<PeerConn>& c, const std::shared_ptr<NotifyW
         [&](Session& session) {
             seq = c->next_notify_seq++;
             session.waiters[seq] = w;
+            wakeReceiver(session);
         });
     if (!s.isOk()) {
         w->complete(s.status());
@@ -298,15 +300,22 @@ bool sendInline(const std::shared_ptr<PeerConn>& c, const std::shared_ptr<Transf
         s = c->session;
         Pending p;
         p.job = job;
+        p.inline_job = true;  // its waiter reads the ACK (inlineProgress)
+        p.grace_until = Clock::now() + kCallerGrace;
         s->pending.emplace(job->id, std::move(p));
         c->writing = true;
     }
+    job->progress = &inlineProgress();
     auto letGo = [&] {
+        bool queued = false;
         {
             std::lock_guard<std::mutex> lock(c->mutex);
             c->writing = false;
+            queued = !c->queue.empty() || !c->commits.empty();
         }
-        c->cv.notify_all();  // the sender may have work queued meanwhile
+        // Only when work was queued meanwhile: waking the idle sender for nothing cost a
+        // futex round trip and a context switch per request.
+        if (queued) c->cv.notify_all();
     };
     // One WRITE frame (header + run table), the payloads, and END (with the notification),
     // in one sendmsg: the target wakes once and the bytes leave in as few segments as fit.
@@ -362,6 +371,7 @@ bool sendInline(const std::shared_ptr<PeerConn>& c, const std::shared_ptr<Transf
             std::lock_guard<std::mutex> lock(c->mutex);
             s->pending.erase(job->id);
         }
+        job->progress = nullptr;
         letGo();
         return false;
     }

@@ -62,14 +62,17 @@ public:
     // false: close it (EOF, error, malformed frame, superseded, refused handshake).
     bool serveSome() {
         if (!fence_ && !handshake().isOk()) return false;
+        if (!flushReply()) return false;
         uint8_t hb[kHeaderBytes];
         for (;;) {
             if (fence_->superseded.load()) return false;  // the initiator reconnected: stale stream
-            uint8_t probe = 0;
-            const ssize_t k = ::recv(fd_, &probe, 1, MSG_PEEK | MSG_DONTWAIT);
-            if (k == 0) return false;
-            if (k < 0) return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
-            if (!recvBytes(fd_, hb, sizeof(hb), stopCheck(), "tcp target").isOk()) return false;
+            if (pendingBytes() == 0) {
+                uint8_t probe = 0;
+                const ssize_t k = ::recv(fd_, &probe, 1, MSG_PEEK | MSG_DONTWAIT);
+                if (k == 0) return false;
+                if (k < 0) return errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR;
+            }
+            if (!readIn(hb, sizeof(hb))) return false;
             Header h;
             if (!decodeHeader(hb, &h)) return false;      // malformed: close
             if (fence_->superseded.load()) return false;  // the initiator reconnected: stale stream
@@ -123,10 +126,14 @@ private:
         return Status::ok();
     }
 
+    // A blocking reply (handshake, READ refusals): bounded by stopCheck.
     Status reply(const Header& h, const std::string& body = {}) {
         out_.clear();
+        out_off_ = 0;
         appendFrame(out_, h, body.data(), body.size());
-        return sendBytes(fd_, out_.data(), out_.size(), stopCheck(), "tcp target reply");
+        Status st = sendBytes(fd_, out_.data(), out_.size(), stopCheck(), "tcp target reply");
+        out_.clear();
+        return st;
     }
 
     // The target's side of the authenticated handshake (tcp_wire.h). Nothing but a HELLO,
@@ -187,19 +194,27 @@ private:
         const uint32_t n = h.aux;
         if (n == 0 || n > kMaxBatchRuns || h.b > kMaxBatchBytes) return false;
         table_.resize(static_cast<size_t>(n) * 16);
-        if (!recvBytes(fd_, table_.data(), table_.size(), stopCheck(), "tcp target").isOk()) return false;
+        if (!readIn(table_.data(), table_.size())) return false;
+        return tableValid(table_.data(), n, h.b);
+    }
+    // The run table at `t` (n runs) has valid lengths that sum to `bytes`.
+    static bool tableValid(const uint8_t* t, uint32_t n, uint64_t bytes) {
         uint64_t sum = 0;
         for (uint32_t i = 0; i < n; ++i) {
-            const uint64_t len = getLe(table_.data() + 16 * i + 8, 8);
+            const uint64_t len = getLe(t + 16 * i + 8, 8);
             if (len == 0 || len > kMaxRunBytes) return false;
             sum += len;
         }
-        return sum == h.b;
+        return sum == bytes;
     }
     uint64_t runAddr(uint32_t i) const { return getLe(table_.data() + 16 * i, 8); }
     uint64_t runLen(uint32_t i) const { return getLe(table_.data() + 16 * i + 8, 8); }
 
     bool discard(uint64_t n) {
+        const size_t from_pending = static_cast<size_t>(std::min<uint64_t>(n, pendingBytes()));
+        pend_off_ += from_pending;
+        if (pendingBytes() == 0) dropPending();
+        n -= from_pending;
         while (n > 0) {
             if (scratch_.empty()) scratch_.resize(kScratchBytes);  // only connections that discard pay for it
             const size_t step = static_cast<size_t>(std::min<uint64_t>(n, scratch_.size()));
@@ -239,6 +254,7 @@ private:
             }
             return Status::ok();
         };
+        takePending(cur);
         Status st = moveAll(fd_, false, cur, check, "tcp target");
         if (st.isOk()) return true;
         if (!region_gone) return false;
@@ -251,7 +267,13 @@ private:
     bool onEnd(const Header& h) {
         if (h.b > kMaxNotifyBytes) return false;
         Bytes payload(h.b);
-        if (!recvBytes(fd_, payload.data(), payload.size(), stopCheck(), "tcp target").isOk()) return false;
+        if (!readIn(payload.data(), payload.size())) return false;
+        return endFrame(h, std::move(payload));
+    }
+
+    // An END whose notification was read: deliver it (unless the job failed or was
+    // aborted) and answer ACK.
+    bool endFrame(const Header& h, Bytes payload) {
         Status st;
         if (auto it = failed_.find(h.job); it != failed_.end()) {
             st = std::move(it->second);
@@ -263,9 +285,8 @@ private:
         if (st.isOk() && (h.aux & kEndNotify))
             st = sh_.sink->deliver(peer_name_, peer_instance_, std::move(payload));
         const std::string& msg = st.message();
-        return reply({.type = kAck, .aux = static_cast<uint32_t>(st.code()), .job = h.job, .b = msg.size()},
-                     msg)
-            .isOk();
+        return answer({.type = kAck, .aux = static_cast<uint32_t>(st.code()), .job = h.job, .b = msg.size()},
+                      msg);
     }
 
     bool onReadReq(const Header& h) {
@@ -304,15 +325,218 @@ private:
     bool onNotify(const Header& h) {
         if (h.b > kMaxNotifyBytes) return false;
         Bytes payload(h.b);
-        if (!recvBytes(fd_, payload.data(), payload.size(), stopCheck(), "tcp target").isOk()) return false;
+        if (!readIn(payload.data(), payload.size())) return false;
+        return notifyFrame(h, std::move(payload));
+    }
+
+    bool notifyFrame(const Header& h, Bytes payload) {
         const Status st = sh_.sink->deliver(peer_name_, peer_instance_, std::move(payload));
         const std::string& msg = st.message();
-        return reply({.type = kNotifyAck,
-                      .aux = static_cast<uint32_t>(st.code()),
-                      .job = h.job,
-                      .b = msg.size()},
-                     msg)
-            .isOk();
+        return answer(
+            {.type = kNotifyAck, .aux = static_cast<uint32_t>(st.code()), .job = h.job, .b = msg.size()},
+            msg);
+    }
+
+    // ---- buffered input: bytes the quick path read past the frames it served ----------------
+
+    size_t pendingBytes() const { return pend_.size() - pend_off_; }
+
+    // Frees the buffer once consumed (up to kQuickBufferBytes: connections must not keep it).
+    void dropPending() {
+        std::vector<uint8_t>().swap(pend_);
+        pend_off_ = 0;
+    }
+
+    // Reads exactly n bytes: what is pending first, then the socket (blocking, bounded).
+    bool readIn(void* dst, size_t n) {
+        const size_t take = std::min(n, pendingBytes());
+        if (take) {
+            std::memcpy(dst, pend_.data() + pend_off_, take);
+            pend_off_ += take;
+            if (pendingBytes() == 0) {
+                dropPending();
+            }
+        }
+        if (take == n) return true;
+        return recvBytes(fd_, static_cast<uint8_t*>(dst) + take, n - take, stopCheck(), "tcp target").isOk();
+    }
+
+    // Fills the front of `cur` with pending bytes.
+    void takePending(IovCursor& cur) {
+        while (pendingBytes() > 0 && !cur.empty()) {
+            iovec* v = cur.data();
+            const size_t step = std::min(v->iov_len, pendingBytes());
+            std::memcpy(v->iov_base, pend_.data() + pend_off_, step);
+            pend_off_ += step;
+            cur.advance(step);
+        }
+        if (pendingBytes() == 0) {
+            dropPending();
+        }
+    }
+
+    // ---- replies -------------------------------------------------------------------------
+
+    // Sends a reply frame. One non-blocking send first (the common case: the ACK leaves at
+    // once); what does not fit then goes out blocking (bounded by stopCheck) on a worker,
+    // or, on the quick path, is kept for the worker the connection is handed to.
+    bool answer(const Header& h, const std::string& body) {
+        out_.clear();
+        out_off_ = 0;
+        appendFrame(out_, h, body.data(), body.size());
+        ssize_t k = ::send(fd_, out_.data(), out_.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+        while (k < 0 && errno == EINTR)
+            k = ::send(fd_, out_.data(), out_.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK) return false;
+        out_off_ = k > 0 ? static_cast<size_t>(k) : 0;
+        if (out_off_ == out_.size()) {
+            out_.clear();
+            out_off_ = 0;
+            return true;
+        }
+        return quick_ || flushReply();
+    }
+    bool replyPending() const { return out_off_ < out_.size(); }
+    // Sends what is left of the last reply (blocking, bounded by stopCheck).
+    bool flushReply() {
+        if (!replyPending()) return true;
+        const Status st =
+            sendBytes(fd_, out_.data() + out_off_, out_.size() - out_off_, stopCheck(), "tcp target reply");
+        out_.clear();
+        out_off_ = 0;
+        return st.isOk();
+    }
+
+public:
+    // At shutdown (stopServing): one last bounded attempt to send a reply that is still
+    // pending. The stop check is already failing, so this is one slice at most.
+    void finishReply() {
+        if (!replyPending()) return;
+        auto one_slice = [](bool idle) {
+            return idle ? Status::timeout("tcp: reply not taken") : Status::ok();
+        };
+        (void)sendBytes(fd_, out_.data() + out_off_, out_.size() - out_off_, one_slice, "tcp target reply");
+    }
+
+    // The quick path, on the thread that saw the connection readable (the listener): reads
+    // what is there into `buf` (non-blocking, a few large recv calls) and serves every
+    // complete WRITE / END / NOTIFY frame that fits in it straight from the buffer, replies
+    // included (no hand-off, no blocking call), then parks the connection.
+    // kToWorker: a frame is incomplete or large, another frame type, the handshake, or a
+    // reply that did not fit in the socket; the bytes read stay pending for the worker.
+    enum class Quick : uint8_t { kPark, kClose, kToWorker };
+    Quick serveQuick(uint8_t* buf, size_t cap) {
+        if (!fence_ || pendingBytes() > 0 || replyPending()) return Quick::kToWorker;
+        quick_ = true;
+        const Quick q = quickLoop(buf, cap);
+        quick_ = false;
+        return q;
+    }
+
+private:
+    Quick quickLoop(uint8_t* buf, size_t cap) {
+        size_t have = 0;  // bytes in buf from its start, not yet served
+        for (int rounds = 0; rounds < kQuickRounds;) {
+            if (sh_.stopping.load() || fence_->superseded.load()) return Quick::kClose;
+            const ssize_t k = ::recv(fd_, buf + have, cap - have, MSG_DONTWAIT);
+            if (k == 0) return Quick::kClose;
+            if (k < 0) {
+                if (errno == EINTR) continue;
+                if (errno != EAGAIN && errno != EWOULDBLOCK) return Quick::kClose;
+                if (have > 0) return handOff(buf, have);  // a frame is still arriving
+                // Nothing more: park. (Polling here for the peer's next request for 20-60 us
+                // was measured slower on the shared 2-core VM: docs/benchmarks.md.)
+                return Quick::kPark;
+            }
+            ++rounds;
+            const bool filled = static_cast<size_t>(k) == cap - have;
+            have += static_cast<size_t>(k);
+            size_t off = 0;
+            for (;;) {
+                Header h;
+                if (have - off < kHeaderBytes) break;
+                if (!decodeHeader(buf + off, &h)) return Quick::kClose;  // malformed
+                const uint64_t need = quickFrameBytes(h);
+                if (need == 0 || need > cap) {  // not served here (type, size): the worker
+                    std::memmove(buf, buf + off, have - off);
+                    return handOff(buf, have - off);
+                }
+                if (need > have - off) break;  // incomplete
+                if (!quickFrame(h, buf + off + kHeaderBytes)) return Quick::kClose;
+                off += need;
+                if (replyPending()) {  // the socket is full: the worker sends the rest
+                    std::memmove(buf, buf + off, have - off);
+                    return handOff(buf, have - off);
+                }
+            }
+            std::memmove(buf, buf + off, have - off);
+            have -= off;
+            // Everything read was served and the read did not fill the buffer: park without
+            // another recv (epoll reports the connection again if more came).
+            if (have == 0 && !filled) return Quick::kPark;
+        }
+        if (have > 0) return handOff(buf, have);
+        return Quick::kPark;  // fair to other connections: epoll reports it again if more came
+    }
+
+    Quick handOff(const uint8_t* buf, size_t n) {
+        pend_.assign(buf, buf + n);
+        pend_off_ = 0;
+        return Quick::kToWorker;
+    }
+
+    // Bytes of a frame the quick path serves from its buffer (header included); 0: not one.
+    static uint64_t quickFrameBytes(const Header& h) {
+        switch (h.type) {
+            case kWrite:
+                if (h.aux == 0 || h.aux > kMaxBatchRuns || h.b > kMaxBatchBytes) return 0;
+                return kHeaderBytes + 16ull * h.aux + h.b;
+            case kEnd:
+            case kNotify:
+                if (h.b > kMaxNotifyBytes) return 0;
+                return kHeaderBytes + h.b;
+            default:
+                return 0;
+        }
+    }
+
+    // Serves one complete frame whose body is at `body`. False: close the connection.
+    bool quickFrame(const Header& h, const uint8_t* body) {
+        switch (h.type) {
+            case kWrite:
+                return writeFromBuffer(h, body, body + 16ull * h.aux);
+            case kEnd:
+                return endFrame(h, Bytes(body, body + h.b));
+            case kNotify:
+                return notifyFrame(h, Bytes(body, body + h.b));
+            default:
+                return false;
+        }
+    }
+
+    // A WRITE whose run table and payload are in memory: the same checks and fencing as
+    // onWrite, then one copy per run.
+    bool writeFromBuffer(const Header& h, const uint8_t* table, const uint8_t* payload) {
+        if (!tableValid(table, h.aux, h.b)) return false;
+        if (failed_.size() > 65536) return false;  // a peer that never sends END
+        if (failed_.count(h.job)) return true;     // already failed: drop it
+        auto addr = [&](uint32_t i) { return getLe(table + 16 * i, 8); };
+        auto len = [&](uint32_t i) { return getLe(table + 16 * i + 8, 8); };
+        Pins pins(sh_.regions);
+        for (uint32_t i = 0; i < h.aux; ++i) {
+            if (!pins.pin(h.a, addr(i), len(i))) {
+                pins.release();
+                failJob(h.job, Status::remote(kRefused));
+                return true;
+            }
+        }
+        std::lock_guard<std::mutex> section(fence_->section);
+        if (fence_->superseded.load()) return false;
+        for (uint32_t i = 0; i < h.aux; ++i) {
+            std::memcpy(reinterpret_cast<void*>(addr(i)), payload, len(i));
+            payload += len(i);
+        }
+        return true;
     }
 
     Shared& sh_;
@@ -322,14 +546,40 @@ private:
     uint64_t peer_instance_ = 0;
     std::vector<uint8_t> table_;
     std::vector<uint8_t> scratch_;
-    std::vector<uint8_t> out_;
+    std::vector<uint8_t> out_;  // the last reply; [out_off_, size) not sent yet
+    size_t out_off_ = 0;
+    std::vector<uint8_t> pend_;  // read by the quick path, not consumed yet (for the worker)
+    size_t pend_off_ = 0;
+    bool quick_ = false;                           // inside serveQuick: never block
     std::unordered_map<uint64_t, Status> failed_;  // WRITE jobs that hit an error, until their END
     std::shared_ptr<InboundFence> fence_;
 };
 
 namespace {
 
-// A pool worker: serves ready connections; parks them again (one-shot epoll) or closes them.
+// Connections sit in the listener's epoll set (level-triggered) while the listener serves
+// them; one handed to a worker leaves the set (unpark) and comes back when the worker is
+// done (park). So the common case, a small frame served by the listener, costs no
+// epoll_ctl, and a connection is never served by two threads at once.
+void park(Shared& sh, int fd) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = fd;
+    if (::epoll_ctl(sh.epoll_fd.fd, EPOLL_CTL_ADD, fd, &ev) != 0 && errno == EEXIST) {
+        (void)::epoll_ctl(sh.epoll_fd.fd, EPOLL_CTL_MOD, fd, &ev);
+    }
+}
+
+void unpark(Shared& sh, int fd) { (void)::epoll_ctl(sh.epoll_fd.fd, EPOLL_CTL_DEL, fd, nullptr); }
+
+void dropConnection(Shared& sh, int fd) {
+    unpark(sh, fd);  // a hung-up socket must not keep waking the listener until it closes
+    ::shutdown(fd, SHUT_RDWR);
+    std::lock_guard<std::mutex> lock(sh.mutex);
+    sh.conns.erase(fd);  // the fd closes with the last reference
+}
+
+// A pool worker: serves ready connections; parks them again or closes them.
 void workerLoop(const std::shared_ptr<Shared>& sh) {
     for (;;) {
         std::shared_ptr<InboundConnection> c;
@@ -343,14 +593,10 @@ void workerLoop(const std::shared_ptr<Shared>& sh) {
             sh->ready.pop_front();
         }
         if (c->serveSome() && !sh->stopping.load()) {
-            epoll_event ev{};
-            ev.events = EPOLLIN | EPOLLONESHOT;
-            ev.data.fd = c->fd();
-            if (::epoll_ctl(sh->epoll_fd.fd, EPOLL_CTL_MOD, c->fd(), &ev) == 0) continue;
+            park(*sh, c->fd());
+            continue;
         }
-        ::shutdown(c->fd(), SHUT_RDWR);
-        std::lock_guard<std::mutex> lock(sh->mutex);
-        sh->conns.erase(c->fd());  // the fd closes with the last reference (`c`, below)
+        dropConnection(*sh, c->fd());
     }
 }
 
@@ -364,17 +610,35 @@ void onAccept(const std::shared_ptr<Shared>& sh, int c) {
     setSliceTimeouts(c);
     auto conn = std::make_shared<InboundConnection>(*sh, c);
     epoll_event ev{};
-    ev.events = EPOLLIN | EPOLLONESHOT;
+    ev.events = EPOLLIN;
     ev.data.fd = c;
     if (::epoll_ctl(sh->epoll_fd.fd, EPOLL_CTL_ADD, c, &ev) != 0) return;  // conn closes the fd
     sh->conns.emplace(c, std::move(conn));
 }
 
-void onReadable(const std::shared_ptr<Shared>& sh, int fd) {
+// A parked connection became readable (listener thread): small frames are served here, at
+// once; the rest goes to the worker pool.
+void onReadable(const std::shared_ptr<Shared>& sh, int fd, std::vector<uint8_t>& buf) {
+    std::shared_ptr<InboundConnection> c;
+    {
+        std::lock_guard<std::mutex> lock(sh->mutex);
+        auto it = sh->conns.find(fd);
+        if (it == sh->conns.end()) return;
+        c = it->second;
+    }
+    switch (c->serveQuick(buf.data(), buf.size())) {
+        case InboundConnection::Quick::kPark:
+            return;  // still in the epoll set
+        case InboundConnection::Quick::kClose:
+            dropConnection(*sh, fd);
+            return;
+        case InboundConnection::Quick::kToWorker:
+            unpark(*sh, fd);
+            break;
+    }
     std::lock_guard<std::mutex> lock(sh->mutex);
-    auto it = sh->conns.find(fd);
-    if (it == sh->conns.end()) return;
-    sh->ready.push_back(it->second);
+    if (sh->stopping.load()) return;  // stopServing finishes its reply
+    sh->ready.push_back(std::move(c));
     // The pool grows only with connections that are busy at the same time, never with
     // connected ones.
     if (sh->idle_workers == 0 && sh->workers.size() < kMaxWorkers) {
@@ -389,14 +653,24 @@ void stopServing(Shared& sh) {
     std::vector<std::thread> workers;
     {
         std::lock_guard<std::mutex> lock(sh.mutex);
-        for (auto& [fd, c] : sh.conns) ::shutdown(fd, SHUT_RDWR);  // wakes workers inside a frame
+        // Ends the read side only: a worker blocked inside a frame wakes (EOF) and stops,
+        // while one that has delivered a notification still sends its ACK (the initiator
+        // must not see a lost connection for a transfer whose notification arrived).
+        for (auto& [fd, c] : sh.conns) ::shutdown(fd, SHUT_RD);
         workers.swap(sh.workers);
     }
     sh.cv.notify_all();
     for (auto& t : workers) t.join();
-    std::lock_guard<std::mutex> lock(sh.mutex);
-    sh.ready.clear();
-    sh.conns.clear();
+    std::unordered_map<int, std::shared_ptr<InboundConnection>> conns;
+    {
+        std::lock_guard<std::mutex> lock(sh.mutex);
+        sh.ready.clear();
+        conns.swap(sh.conns);
+    }
+    // Replies the quick path could not finish (a full socket) go out now, bounded by the
+    // slice timeout.
+    for (auto& [fd, c] : conns) c->finishReply();
+    for (auto& [fd, c] : conns) ::shutdown(fd, SHUT_RDWR);
 }
 
 void listenLoop(const std::shared_ptr<Shared>& sh) {
@@ -406,6 +680,7 @@ void listenLoop(const std::shared_ptr<Shared>& sh) {
         ev.data.fd = fd;
         ::epoll_ctl(sh->epoll_fd.fd, EPOLL_CTL_ADD, fd, &ev);
     }
+    std::vector<uint8_t> buf(kQuickBufferBytes);  // the quick path's input buffer
     epoll_event events[64];
     for (;;) {
         const int n = ::epoll_wait(sh->epoll_fd.fd, events, 64, 1000);
@@ -414,7 +689,7 @@ void listenLoop(const std::shared_ptr<Shared>& sh) {
             const int fd = events[i].data.fd;
             if (fd == sh->wake_fd.fd) continue;
             if (fd != sh->listen_fd.fd) {
-                onReadable(sh, fd);
+                onReadable(sh, fd, buf);
                 continue;
             }
             for (;;) {

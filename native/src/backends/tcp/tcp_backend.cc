@@ -12,10 +12,19 @@
 //
 // Data path (initiator = the engine that posts; target = the engine whose memory is named):
 // - Per peer connection the initiator runs a sender thread (the only writer of the
-//   socket; submit() and notify() queue to it and never touch the network) and a receiver
-//   thread (ACKs and READ data). The target parks idle connections in one epoll set and
-//   serves readable ones on a worker pool that grows only with connections busy at the
-//   same time (server.cc): 1000 connected idle peers cost no threads.
+//   socket besides the inline path; submit() and notify() queue to it and never touch the
+//   network) and a receiver thread (ACKs and READ data). The target parks idle connections
+//   in one epoll set; the listener thread serves small WRITE / END / NOTIFY frames of a
+//   readable connection itself, from one buffered read (server.cc, the quick path), and
+//   hands the rest (handshake, large frames, READ_REQ) to a worker pool that grows only
+//   with connections busy at the same time: 1000 connected idle peers cost no threads.
+// - Small writes (TcpConfig::inline_max_bytes, 64 KiB): the posting thread sends WRITE +
+//   END in one sendmsg when the sender is idle (sendInline), and the thread that waits for
+//   the job reads the ACK itself while no other thread reads the socket (receiver.cc,
+//   TransferJob::Progress); the receiver thread then sleeps on an eventfd and the socket's
+//   hang-up, not on its data, and reads an inline job's ACK only if nobody waited for it
+//   within kCallerGrace (or the job is watched). One request: two threads run, the poster
+//   and the target's listener, as in a plain socket ping-pong.
 // - WRITE: the sender streams WRITE frames (<= 512 runs, <= 8 MiB) with sendmsg straight
 //   from registered memory, then END. The target checks every run against its own table
 //   of registered ranges and recvs the payload straight into place; a run outside every

@@ -46,6 +46,10 @@ constexpr auto kFrameStall = 5s;                    // target side: no progress 
 constexpr auto kScanInterval = 100ms;
 constexpr int kSocketBufferBytes = 8 << 20;
 constexpr size_t kScratchBytes = 256 * 1024;
+// Target side, the quick path (server.cc): small frames are served from one buffer on the
+// listener thread.
+constexpr size_t kQuickBufferBytes = 256 * 1024;
+constexpr int kQuickRounds = 16;  // reads per readiness before the connection parks again
 
 // ---- small helpers (socket_util.cc) -----------------------------------------------------
 
@@ -104,9 +108,10 @@ struct Shared {
     Fd listen_fd;
     Fd wake_fd;
 
-    // Inbound connections (server.cc): parked in `epoll_fd` (one-shot) while idle between
-    // frames; the listener hands readable ones to a pool of workers that grows only with
-    // connections busy at the same time (at most kMaxWorkers), never with connected ones.
+    // Inbound connections (server.cc): in `epoll_fd` (level-triggered) except while a
+    // worker serves one; the listener serves small frames itself and hands the rest to a
+    // pool of workers that grows only with connections busy at the same time (at most
+    // kMaxWorkers), never with connected ones.
     Fd epoll_fd;
     std::mutex mutex;
     std::condition_variable cv;
@@ -160,6 +165,10 @@ struct Pending {
     bool committed = false;      // commitNow() succeeded: ends only on ACK or connection loss
     bool stopped_early = false;  // READ: abandoned before every request was sent
     bool acked = false;          // WRITE: the ACK came while the sender still held it (inline)
+    // Sent by the posting thread (inline path): its waiter reads the ACK itself, so the
+    // receiver leaves it alone until `grace_until` (Progress, backend.h).
+    bool inline_job = false;
+    Clock::time_point grace_until{};
     Status ack_status;
     uint32_t reads_outstanding = 0;  // READ_REQ frames not answered yet
     Status error;                    // READ: first failure
@@ -170,10 +179,23 @@ struct ReadBatch {
     uint64_t first, end, bytes;
 };
 
+// The read side of a session is led by one thread at a time (guarded by PeerConn::mutex):
+// the receiver thread, or a caller waiting on its inline job that reads its own ACK. The
+// receiver reads only while something needs it (receiverNeeded); otherwise it sleeps in
+// poll() on `wake` and on the socket's hang-up, not on its data, so an ACK read by a
+// waiting caller wakes no other thread.
+enum class Reader : uint8_t { kNone, kReceiver, kCaller };
+
 struct Session {
     Fd fd;
+    Fd wake;  // eventfd: the receiver has work (wakeReceiver)
     std::atomic<bool> dead{false};
+    // Only the reader touches these: bytes read from the socket, not parsed yet.
+    std::vector<uint8_t> rx;
+    size_t rx_len = 0;
     // Guarded by PeerConn::mutex.
+    Reader reader = Reader::kNone;
+    bool hup = false;  // the socket hung up or failed: the receiver must read it
     bool rx_done = false;
     Status death;
     std::map<uint64_t, Pending> pending;
@@ -251,6 +273,15 @@ void releaseStreaming(PeerConn& c, const std::shared_ptr<Session>& s, uint64_t i
 
 // Makes `fd` the connection's live session and starts its receiver thread.
 void startSession(const std::shared_ptr<PeerConn>& c, Fd fd);
+// Tells a session's receiver there is work for it (a queued job, a notification, bytes a
+// caller left); cheap when it is reading already.
+void wakeReceiver(Session& s);
+// The Progress of tcp's inline jobs: the waiting caller reads the connection's frames
+// while no other thread does (backend.h).
+TransferJob::Progress& inlineProgress();
+// How long the receiver leaves an inline job's ACK to its poster before reading it itself.
+constexpr auto kCallerGrace = std::chrono::milliseconds(2);
+constexpr size_t kRxBufferBytes = 16 * 1024;  // >= one ACK: header + kMaxMessageBytes
 
 // ---- dialer.cc ---------------------------------------------------------------------------
 
