@@ -50,7 +50,8 @@ LOADS = (1, 2, 3, 4, 5)
 # Full: SmolLM2's profile at 1/4 of its times, 4 one-slot prefills, decodes by Eq. 1 with 4 slots
 # each, 512/128-token prompts, 64 tokens out (a decode-dominated request), >= 100 requests a point.
 FULL = {"model": "smollm2", "prefills": 4, "scale": 1 / 16, "output_tokens": 64, "duration": 20.0,
-        "loads": "1,2,3,4,5", "min_requests": 100, "decodes": 0, "b_d": 4, "time_scale": 0.25}  # fmt: skip
+        "loads": "1,2,3,4,5", "min_requests": 100, "decodes": 0, "b_d": 4, "time_scale": 0.25,
+        "cal_samples": 5}  # fmt: skip
 QUICK = {
     "model": "tiny",
     "prefills": 4,
@@ -62,6 +63,7 @@ QUICK = {
     "decodes": 2,
     "b_d": 16,
     "time_scale": 1.0,
+    "cal_samples": 3,
 }
 
 
@@ -98,6 +100,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="measured requests per point at least, A search included (100; --quick 0)",
     )
     p.add_argument("--max-point-s", type=float, default=900.0, help="a point ends after this in any case")
+    p.add_argument("--cal-samples", type=int, help="calibration requests per prompt length (5; --quick 3)")
     p.add_argument(
         "--time-scale",
         type=float,
@@ -144,13 +147,10 @@ def tokenizer_spec(model: str, mode: str) -> tuple[str, str, int]:
     return "smollm2", "word", 49152
 
 
-CAL_SAMPLES = 5
-
-
 async def _calibrate(
-    url: str, workload: Any, lengths: list[int], output_tokens: int
+    url: str, workload: Any, lengths: list[int], output_tokens: int, samples: int = 5
 ) -> tuple[dict, float, float]:
-    """TTFT of each prompt length alone (one user, median of CAL_SAMPLES after a warm-up),
+    """TTFT of each prompt length alone (one user, median of ``samples`` after a warm-up),
     through the gateway; the decode time of one answer alone (the first request, full length);
     and the timing noise: the largest spread (slowest - median) of one length's samples."""
     import numpy as np
@@ -165,7 +165,7 @@ async def _calibrate(
     try:
         for n in lengths:
             ts = []
-            for k in range(CAL_SAMPLES + 1):
+            for k in range(samples + 1):
                 rng = np.random.default_rng([7, n, k])
                 want = output_tokens if (k == 0 and n == lengths[-1]) else 1  # else TTFT only
                 req = workload.make(scen.name, n - scen.setting_tokens, want, rng, f"cal-{n}-{k}")
@@ -270,7 +270,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             for g in gws.values():
                 g.start()
             alone, decode_s, noise = asyncio.run(
-                _calibrate(gws["reject-retry"].url, workload, [long_n, short_n], args.output_tokens)
+                _calibrate(
+                    gws["reject-retry"].url, workload, [long_n, short_n], args.output_tokens, args.cal_samples
+                )  # fmt: skip
             )
             t_long = alone[long_n]
             floor = noise if args.slo_floor is None else args.slo_floor
@@ -282,7 +284,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 n = long_n if req.prompt_tokens >= long_n else short_n
                 return slo_of(alone, n, args.slack, t_long, floor)
 
-            log(f"timing noise alone (slowest - median of {CAL_SAMPLES}): {noise * 1e3:.1f} ms; "
+            log(f"timing noise alone (slowest - median of {args.cal_samples}): {noise * 1e3:.1f} ms; "
                 f"SLO floor {floor * 1e3:.1f} ms")  # fmt: skip
             log(
                 f"alone: long {long_n} tok {alone[long_n] * 1e3:.0f} ms, short {short_n} tok "
