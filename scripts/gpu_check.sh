@@ -2,9 +2,12 @@
 # One command for a GPU machine: print the machine, build kvxfer's Python module if the
 # one at hand does not import, run tests/gpu, run the GPU benchmarks, and write every
 # output under $OUT (default ./gpu-out). Usage:
-#   bash scripts/gpu_check.sh [all|build|test|bench|quick]
+#   bash scripts/gpu_check.sh [all|build|test|sweep|bench|tcp|equivalence|quick]
 # The build prefers CMake; where there is no cmake/pybind11 it compiles the sources with
 # one g++ command per file (pybind11 headers from PYBIND11_INCLUDE or build/pybind11-include).
+# BUILD_TYPE (default Release) and CXXFLAGS_EXTRA (e.g. -g) shape the build. Where the machine
+# has libcrypto but not its headers (libssl-dev), OPENSSL_INCLUDE_DIR names a folder holding
+# OpenSSL 3 headers and OPENSSL_CRYPTO_LIBRARY the libcrypto.so.3 to link.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -42,11 +45,11 @@ build_gxx() {
   srcs=$(ls native/src/core/*.cc native/src/util/*.cc native/src/cuda/*.cc native/src/backends/registry.cc \
     native/src/backends/loopback/*.cc native/src/backends/shm/*.cc native/src/backends/fault/*.cc \
     native/src/backends/tcp/*.cc native/src/backends/cuda_ipc/*.cc native/bindings/*.cc)
-  local flags="-std=c++20 -O2 -fPIC -fvisibility=hidden -DNDEBUG -DKVXFER_HAVE_FAULT=1 -DKVXFER_HAVE_TCP=1 \
+  local flags="-std=c++20 -O2 ${CXXFLAGS_EXTRA:-} ${OPENSSL_INCLUDE_DIR:+-I$OPENSSL_INCLUDE_DIR} -fPIC -fvisibility=hidden -DNDEBUG -DKVXFER_HAVE_FAULT=1 -DKVXFER_HAVE_TCP=1 \
     -DKVXFER_HAVE_CUDA_IPC=1 -Inative/include -Inative/src -Inative/bindings -I$pyinc -I$pybinc"
   echo "$srcs" | tr ' ' '\n' | xargs -P "$(nproc)" -I{} sh -c \
     'o='"$objdir"'/$(echo {} | tr / _).o; g++ '"$flags"' -c {} -o $o || exit 255'
-  g++ -shared -o "kvxfer/_native$ext" "$objdir"/*.o -lpthread -ldl
+  g++ -shared -o "kvxfer/_native$ext" "$objdir"/*.o "${OPENSSL_CRYPTO_LIBRARY:--lcrypto}" -lpthread -ldl
 }
 
 build() {
@@ -55,14 +58,23 @@ build() {
   # compiled against older headers (the device machine keeps ignored folders between runs).
   if [ -n "${SKIP_BUILD:-}" ] && imports 2>&1 | tee -a "$OUT/build.log"; then return 0; fi
   rm -rf build/gpu build/gxx kvxfer/_native*.so
+  local ssl=()
+  [ -n "${OPENSSL_INCLUDE_DIR:-}" ] && ssl+=("-DOPENSSL_INCLUDE_DIR=$OPENSSL_INCLUDE_DIR")
+  [ -n "${OPENSSL_CRYPTO_LIBRARY:-}" ] && ssl+=("-DOPENSSL_CRYPTO_LIBRARY=$OPENSSL_CRYPTO_LIBRARY")
   if command -v cmake >/dev/null && $PY -c "import pybind11" 2>/dev/null; then
-    cmake -S . -B build/gpu -DKVXFER_BUILD_PYTHON=ON -DKVXFER_WITH_IBVERBS=OFF -DCMAKE_BUILD_TYPE=Release \
+    cmake -S . -B build/gpu -DKVXFER_BUILD_PYTHON=ON -DKVXFER_WITH_IBVERBS=OFF -DCMAKE_BUILD_TYPE="${BUILD_TYPE:-Release}" \
+      -DCMAKE_CXX_FLAGS="${CXXFLAGS_EXTRA:-}" "${ssl[@]}" \
       -DPython_EXECUTABLE="$(command -v $PY)" -Dpybind11_DIR="$($PY -m pybind11 --cmakedir)" >>"$OUT/build.log" 2>&1 &&
       cmake --build build/gpu -j "$(nproc)" >>"$OUT/build.log" 2>&1 && cp build/gpu/native/_native*.so kvxfer/
   else
     build_gxx >>"$OUT/build.log" 2>&1
   fi
   tail -5 "$OUT/build.log"
+  # The 2 x H200 image sets CXX=/opt/gcc/bin/g++, whose modules carry a static libstdc++
+  # (no libstdc++.so.6 in ldd): say so, it matters for anything using iostreams (docs/gpu.md).
+  echo "compiler: ${CXX:-c++ from PATH} ($(${CXX:-c++} --version 2>/dev/null | head -1))" | tee -a "$OUT/build.log"
+  ldd kvxfer/_native*.so 2>/dev/null | grep -q "libstdc++" ||
+    echo "note: kvxfer/_native links libstdc++ statically" | tee -a "$OUT/build.log"
   imports 2>&1 | tee -a "$OUT/build.log"
 }
 
@@ -94,6 +106,15 @@ bench_tcp() {
   cat "$OUT/bench-gpu-tcp.txt"
 }
 
+equivalence() {
+  # Issue 11 on two GPUs: prefill on cuda:0, decode on cuda:1, KV over cuda_ipc.
+  log "equivalence (cuda_ipc, prefill cuda:0, decode cuda:1)"
+  $PY -m kvxfer.cli experiment equivalence --backend cuda_ipc --prefill-device cuda:0 --decode-device cuda:1 \
+    --json ${EQUIV_ARGS:-} > "$OUT/equivalence.jsonl" 2> "$OUT/equivalence.txt"
+  echo "rc=$?" >> "$OUT/equivalence.txt"
+  tail -5 "$OUT/equivalence.txt"; cat "$OUT/equivalence.jsonl"
+}
+
 case "$what" in
   all) machine; build && tests; sweep; bench ;;
   sweep) build && sweep ;;
@@ -101,6 +122,7 @@ case "$what" in
   test) build && tests ;;
   bench) build && bench ;;
   tcp) build && bench_tcp ;;
+  equivalence) build && equivalence ;;
   quick) machine; build && tests ;;
-  *) echo "usage: $0 [all|build|test|sweep|bench|tcp|quick]"; exit 2 ;;
+  *) echo "usage: $0 [all|build|test|sweep|bench|tcp|equivalence|quick]"; exit 2 ;;
 esac

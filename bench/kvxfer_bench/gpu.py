@@ -143,6 +143,7 @@ class _Target:
         self.conn, theirs = ctx.Pipe()
         self.proc = ctx.Process(target=_target, args=(theirs, device), daemon=True)
         self.proc.start()
+        theirs.close()  # if the target dies, the next recv raises EOFError at once
 
     def call(self, cmd: str, timeout: float = 600, **args):
         self.conn.send((cmd, args))

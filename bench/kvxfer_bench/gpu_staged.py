@@ -110,6 +110,7 @@ def run(opts: dict, emit) -> int:
     conn, theirs = ctx.Pipe()
     proc = ctx.Process(target=_target, args=(theirs, d1, lay, ids_r.tolist(), chunk_layers), daemon=True)
     proc.start()
+    theirs.close()  # if the target dies, the next recv raises EOFError at once
 
     def call(cmd, **args):
         conn.send((cmd, args))

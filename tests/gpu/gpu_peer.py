@@ -112,6 +112,7 @@ def staged_initiator(result, target_device: int) -> None:
     conn, theirs = ctx.Pipe()
     proc = ctx.Process(target=serve_staged, args=(theirs, target_device, kw, ids_r.tolist(), 4))
     proc.start()
+    theirs.close()  # only the child holds its end: if it dies, recv() raises EOFError at once
     try:
         if not conn.poll(120):
             raise TimeoutError("the staged target did not start")

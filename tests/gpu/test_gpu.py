@@ -283,6 +283,7 @@ class Target:
             target=gpu_peer.serve, args=(theirs, "gpu-target", device, kw, num_pools, seed, env or {})
         )
         self.proc.start()
+        theirs.close()  # if the target dies, reply() raises EOFError at once
         self.descriptor, self.region_ids = self.reply(120)
 
     def reply(self, timeout=60):
@@ -393,6 +394,7 @@ def test_tcp_host_staged_gpu_to_gpu_byte_exact(one_gpu):
     conn, theirs = ctx.Pipe()
     proc = ctx.Process(target=gpu_peer.staged_initiator, args=(theirs, 1 if GPUS >= 2 else 0))
     proc.start()
+    theirs.close()  # a dead child then ends poll() at once (EOF) instead of after its timeout
     try:
         assert conn.poll(300), "the staged initiator did not finish"
         status, value = conn.recv()

@@ -212,6 +212,12 @@ public:
     bool commitNow();
     // Terminal report from the backend: exactly once per job.
     void finish(Status status);
+    // Optional hint: the backend expects the data to be done at `t` (cuda_ipc: the kernel's
+    // bytes at the rate of the last ones). A waiter then sleeps until shortly before `t`
+    // and spins through it, instead of paying a sleeping thread's wake-up (tens of
+    // microseconds in a VM) after a long transfer. Correctness never depends on it.
+    // Wakes a waiter already asleep, so that it re-plans its wait (once per job).
+    void expectDataAt(Clock::time_point t);
 
     // Caller-driven completion (the inline path). A backend that takes a job in
     // trySubmitInline may point `progress` at an object that outlives the job's keepalive.
@@ -263,6 +269,7 @@ private:
 
     std::atomic<uint8_t> state_{kRunning};
     std::atomic<bool> finished_{false};
+    std::atomic<Clock::rep> expected_ns_{0};  // expectDataAt(); 0 = no estimate
     mutable std::mutex mutex_;
     std::condition_variable cv_;
     Status status_;

@@ -5,22 +5,20 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <fstream>
 #include <random>
-#include <sstream>
 
 #include "core/deadline_timer.h"
 #include "cuda/driver.h"
 #include "util/auth.h"
+#include "util/proc_file.h"
 
 namespace kvxfer {
 namespace {
 
 // Processes that can reach each other's memory directly share a boot and a pid namespace.
 std::string readHostId() {
-    std::string boot;
-    std::ifstream f("/proc/sys/kernel/random/boot_id");
-    std::getline(f, boot);
+    const std::string boot(
+        procfs::field(procfs::readFile("/proc/sys/kernel/random/boot_id").value_or(""), 0));
     struct stat st {};
     const unsigned long long ns = ::stat("/proc/self/ns/pid", &st) == 0 ? st.st_ino : 0;
     return boot + "/" + std::to_string(ns);
@@ -160,9 +158,9 @@ std::vector<BackendCaps> Engine::backendCaps() const {
 }
 
 std::string Engine::describeBackends() const {
-    std::ostringstream os;
-    for (size_t i = 0; i < backends_.size(); ++i) os << (i ? "; " : "") << backends_[i]->describe();
-    return os.str();
+    std::string out;
+    for (size_t i = 0; i < backends_.size(); ++i) out += (i ? "; " : "") + backends_[i]->describe();
+    return out;
 }
 
 Result<std::shared_ptr<Region>> Engine::registerMemory(const MemorySpan& span, std::optional<KvLayout> layout,

@@ -63,6 +63,10 @@ std::string Status::toString() const {
 namespace {
 
 constexpr auto kWaitSpin = std::chrono::microseconds(3);
+// With an expected completion time (expectDataAt): wake this long before it (a timed
+// sleep overshoots by a wake-up), and spin at most this long past it before sleeping.
+constexpr auto kEtaLead = std::chrono::microseconds(150);
+constexpr auto kEtaSpin = std::chrono::microseconds(500);
 
 inline void cpuRelax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -259,8 +263,32 @@ TransferState TransferJob::waitUntil(Clock::time_point until) {
     // Then sleep, in slices of at most a day: condition variables overflow on time points
     // centuries away (a saturated timeout) and would return at once. The deadline ends
     // the job in every state (state() applies it), so waiting until it is enough.
+    // Once the backend says when it expects the data (expectDataAt, which wakes this
+    // sleep), sleep only until shortly before that and spin through it, bounded: a thread
+    // woken by the completion would pay a wake-up (tens of microseconds in a VM).
     constexpr auto kSlice = std::chrono::hours(24);
+    bool eta_used = false;
     for (;;) {
+        if (const Clock::rep eta_ns = expected_ns_.load(std::memory_order_acquire);
+            eta_ns != 0 && !eta_used) {
+            eta_used = true;
+            const Clock::time_point eta{Clock::duration(eta_ns)};
+            const auto wake = std::min({eta - kEtaLead, until, deadline});
+            if (Clock::now() < wake) {
+                std::unique_lock<std::mutex> lock(mutex_);
+                cv_.wait_until(lock, wake, [&] {
+                    const uint8_t s = state_.load(std::memory_order_acquire);
+                    return s == kOk || s == kFail;
+                });
+            }
+            const auto spin_end = std::min(until, std::max(Clock::now(), eta) + kEtaSpin);
+            for (int i = 0;; ++i) {
+                const uint8_t s = state_.load(std::memory_order_acquire);
+                if (s == kOk || s == kFail) return state();
+                if ((i & 63) == 63 && Clock::now() >= spin_end) break;
+                cpuRelax();
+            }
+        }
         {
             std::unique_lock<std::mutex> lock(mutex_);
             const auto now = Clock::now();
@@ -268,12 +296,21 @@ TransferState TransferJob::waitUntil(Clock::time_point until) {
             if (stop - now > kSlice) stop = now + kSlice;
             cv_.wait_until(lock, stop, [&] {
                 const uint8_t s = state_.load(std::memory_order_acquire);
-                return s == kOk || s == kFail;
+                return s == kOk || s == kFail ||
+                       (!eta_used && expected_ns_.load(std::memory_order_acquire) != 0);
             });
         }
         const TransferState s = state();
         if (s != TransferState::kPending || Clock::now() >= until) return s;
     }
+}
+
+void TransferJob::expectDataAt(Clock::time_point t) {
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        expected_ns_.store(t.time_since_epoch().count(), std::memory_order_release);
+    }
+    cv_.notify_all();
 }
 
 bool TransferJob::waitQuiesced(Clock::time_point until) {

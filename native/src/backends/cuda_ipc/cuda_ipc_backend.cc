@@ -17,6 +17,9 @@
 //   sends the notification over the peer's Unix socket (notify_channel.h).
 #include <unistd.h>
 
+#include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <cstring>
@@ -76,12 +79,21 @@ struct DeviceLane {
     DeviceState* device = nullptr;
     cuda::CUstream stream = nullptr;
     std::vector<std::unique_ptr<cuda::TableBuffer>> tables;
+    // The copy rate seen on this lane (a moving average over transfers of >= 1 MiB), and
+    // when its stream's queued work is expected to be done: TransferJob::expectDataAt.
+    double ns_per_byte = 0;
+    Clock::time_point busy_until{};
+    Clock::time_point last_done{};
 };
 
 struct InFlight {
     std::shared_ptr<TransferJob> job;
     cuda::TableBuffer* table = nullptr;
+    DeviceLane* lane = nullptr;
+    Clock::time_point launched{};
 };
+
+constexpr uint64_t kRateMinBytes = 1 << 20;
 
 // Everything the progress thread touches; shared so the thread never holds the backend.
 struct Worker {
@@ -96,6 +108,11 @@ struct Worker {
     // Runs at least this long are copied by the copy engines (cuMemcpyDtoDAsync) rather than
     // the kernel: KVXFER_CUDA_IPC_CE_MIN_BYTES, 0 = never; default 8 MiB.
     uint64_t ce_min_bytes = UINT64_MAX;
+    // After the last transfer in flight ends, the thread keeps polling the queue this long
+    // before sleeping, so a caller posting one transfer after another (queue depth 1) does
+    // not pay the thread's wake-up each time: KVXFER_CUDA_IPC_LINGER_US, default 1000.
+    Clock::duration linger = std::chrono::microseconds(1000);
+    std::atomic<size_t> queued{0};
 
     Result<DeviceLane*> lane(int ordinal) {
         auto it = lanes.find(ordinal);
@@ -226,7 +243,7 @@ struct Worker {
                 }
             }
             KVXFER_RETURN_IF_ERROR(table->launchPlanes(nruns, nplanes, lane->stream));
-            in_flight.push_back({job, table});
+            track(job, table, *lane);
             return Status::ok();
         }
         uint64_t bound = 0;
@@ -257,8 +274,32 @@ struct Worker {
             }
         }
         KVXFER_RETURN_IF_ERROR(table->launch(n, lane->stream));
-        in_flight.push_back({job, table});
+        track(job, table, *lane);
         return Status::ok();
+    }
+
+    // A launched job is in flight; with a known rate, the core learns when it should end.
+    void track(const std::shared_ptr<TransferJob>& job, cuda::TableBuffer* table, DeviceLane& lane) {
+        const auto now = Clock::now();
+        in_flight.push_back({job, table, &lane, now});
+        if (lane.ns_per_byte > 0) {
+            const auto eta =
+                std::max(now, lane.busy_until) +
+                std::chrono::nanoseconds(static_cast<int64_t>(lane.ns_per_byte * job->total_bytes));
+            lane.busy_until = eta;
+            job->expectDataAt(eta);
+        }
+    }
+
+    // The job's copy ended (its event completed) at `now`: update the lane's rate.
+    static void learnRate(const InFlight& f, Clock::time_point now) {
+        DeviceLane& lane = *f.lane;
+        const auto start = std::max(f.launched, lane.last_done);  // queued behind the previous one
+        lane.last_done = now;
+        const uint64_t bytes = f.job->total_bytes;
+        if (bytes < kRateMinBytes || now <= start) return;
+        const double sample = std::chrono::duration<double, std::nano>(now - start).count() / bytes;
+        lane.ns_per_byte = lane.ns_per_byte > 0 ? 0.75 * lane.ns_per_byte + 0.25 * sample : sample;
     }
 
     static void complete(const std::shared_ptr<TransferJob>& job, Status status, bool all_moved) {
@@ -270,13 +311,20 @@ struct Worker {
     }
 
     void run() {
+        Clock::time_point linger_until{};
         for (;;) {
             std::deque<std::shared_ptr<TransferJob>> fresh;
+            if (in_flight.empty() && queued.load(std::memory_order_acquire) == 0 &&
+                Clock::now() < linger_until) {
+                std::this_thread::yield();  // lingering: a new job is likely to come soon
+                continue;
+            }
             {
                 std::unique_lock<std::mutex> lock(mutex);
                 if (in_flight.empty()) cv.wait(lock, [&] { return stopping || !queue.empty(); });
                 if (stopping && queue.empty() && in_flight.empty()) return;
                 fresh.swap(queue);
+                queued.store(0, std::memory_order_release);
             }
             for (auto& job : fresh) {
                 if (job->abandoned()) {
@@ -294,9 +342,11 @@ struct Worker {
                     ++it;
                     continue;
                 }
+                if (r == cuda::CUDA_SUCCESS) learnRate(*it, Clock::now());
                 auto job = std::move(it->job);
                 it = in_flight.erase(it);
                 progressed = true;
+                if (in_flight.empty()) linger_until = Clock::now() + linger;
                 complete(job, r == cuda::CUDA_SUCCESS ? Status::ok() : api->error("the copy kernel", r),
                          r == cuda::CUDA_SUCCESS);
             }
@@ -436,6 +486,7 @@ public:
             std::lock_guard<std::mutex> lock(worker_->mutex);
             if (worker_->stopping) return Status::canceled("cuda_ipc backend is closing");
             worker_->queue.push_back(job);
+            worker_->queued.fetch_add(1, std::memory_order_release);
         }
         worker_->cv.notify_one();
         return Status::ok();
@@ -457,6 +508,9 @@ private:
         const char* ce = std::getenv("KVXFER_CUDA_IPC_CE_MIN_BYTES");
         const uint64_t ce_min = ce != nullptr && *ce ? std::strtoull(ce, nullptr, 10) : (8ull << 20);
         worker_->ce_min_bytes = ce_min == 0 ? UINT64_MAX : ce_min;
+        if (const char* l = std::getenv("KVXFER_CUDA_IPC_LINGER_US"); l != nullptr && *l) {
+            worker_->linger = std::chrono::microseconds(std::strtoull(l, nullptr, 10));
+        }
         thread_ = std::thread([w = worker_] { w->run(); });
     }
 

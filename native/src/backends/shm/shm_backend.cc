@@ -30,9 +30,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <deque>
-#include <fstream>
 #include <optional>
-#include <sstream>
 #include <thread>
 #include <unordered_map>
 
@@ -44,6 +42,7 @@
 #include "util/copy_pool.h"
 #include "util/fast_copy.h"
 #include "util/notify_socket.h"
+#include "util/proc_file.h"
 #include "util/scoped_fd.h"
 
 namespace kvxfer {
@@ -56,18 +55,13 @@ constexpr size_t kMaxIov = 1024;  // UIO_MAXIOV
 constexpr uint64_t kInlineMaxRuns = 64;
 
 uint64_t processStartTime(pid_t pid) {
-    std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
-    std::string line;
-    if (!std::getline(f, line)) return 0;
-    const auto close = line.rfind(')');
+    const auto line = procfs::readFile(("/proc/" + std::to_string(pid) + "/stat").c_str());
+    if (!line) return 0;
+    const auto close = line->rfind(')');
     if (close == std::string::npos) return 0;
-    std::istringstream rest(line.substr(close + 2));
-    std::string field;
     // Fields after the command name start at 3 (state); starttime is field 22.
-    for (int i = 3; i <= 22 && rest >> field; ++i) {
-        if (i == 22) return std::stoull(field);
-    }
-    return 0;
+    const auto v = procfs::toNumber(procfs::field(std::string_view(*line).substr(close + 1), 22 - 3));
+    return v && *v > 0 ? static_cast<uint64_t>(*v) : 0;
 }
 
 std::string socketName(uint64_t instance) {

@@ -6,9 +6,9 @@
 #include <sys/socket.h>
 
 #include <cstring>
-#include <fstream>
 
 #include "backends/tcp/tcp_internal.h"
+#include "util/proc_file.h"
 
 namespace kvxfer::tcp {
 
@@ -28,12 +28,7 @@ namespace {
 
 // The n-th (0-based) number of a /proc/sys file; 0 when unreadable.
 long readSysctl(const char* path, int index = 0) {
-    std::ifstream f(path);
-    long v = 0;
-    for (int i = 0; i <= index; ++i) {
-        if (!(f >> v)) return 0;
-    }
-    return v;
+    return static_cast<long>(procfs::readNumber(path, index).value_or(0));
 }
 
 }  // namespace
