@@ -13,9 +13,13 @@ Setup (one run, one machine):
 * One scenario mixing long and short prompts, after the paper's example of one 8k prompt among
   2k ones, scaled to the model (``--scale``; default 1/16: 512 and 128 tokens), one long per
   three short; ``--output-tokens`` generated per request.
+* Decode workers by Eq. 1 (``--decodes`` 0, the default): at least the prefills' capacity, so
+  that the test measures prefill admission, not a full decode side [inferred].
 * The TTFT SLO of a request is its prompt length's TTFT measured alone (calibrated at the start
-  of the run, median of 3) plus ``--slack`` times the long prompt's: the paper sets thresholds
-  per prompt length [paper 3.3] (the rule is ours [inferred]).
+  of the run, median of 5) plus ``--slack`` times the long prompt's plus the calibration's
+  timing noise: the paper sets thresholds per prompt length [paper 3.3] (the rule is ours
+  [inferred]).
+* Every point (the A search's too) measures at least ``--min-requests`` requests (100).
 * As in the paper: A = the most users (1, 2, ...) at which the local-queue baseline meets the SLO
   for every request; then A, 2A .. 5A users for both policies (``load`` = users / A).
 
@@ -43,8 +47,11 @@ LOADS = (1, 2, 3, 4, 5)
 # Defaults. Full: SmolLM2's profile, 6 one-slot prefills, 512/128-token prompts, 16 tokens out.
 # Quick (under a minute): the tiny model's profile (milliseconds), 4 prefills, 2048/512-token
 # prompts and long answers, so that decoding still dominates a user's cycle; loads 1 and 4.
-FULL = {"model": "smollm2", "prefills": 6, "scale": 1 / 16, "output_tokens": 16, "duration": 60.0,
-        "loads": "1,2,3,4,5"}  # fmt: skip
+# Full: SmolLM2's profile at 1/4 of its times, 4 one-slot prefills, decodes by Eq. 1 with 4 slots
+# each, 512/128-token prompts, 64 tokens out (a decode-dominated request), >= 100 requests a point.
+FULL = {"model": "smollm2", "prefills": 4, "scale": 1 / 16, "output_tokens": 64, "duration": 20.0,
+        "loads": "1,2,3,4,5", "min_requests": 100, "decodes": 0, "b_d": 4, "time_scale": 0.25,
+        "cal_samples": 5}  # fmt: skip
 QUICK = {
     "model": "tiny",
     "prefills": 4,
@@ -52,6 +59,11 @@ QUICK = {
     "output_tokens": 128,
     "duration": 3.0,
     "loads": "1,4",
+    "min_requests": 0,
+    "decodes": 2,
+    "b_d": 16,
+    "time_scale": 1.0,
+    "cal_samples": 3,
 }
 
 
@@ -67,15 +79,33 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mode", choices=("profiled", "real"), default="profiled")
     p.add_argument("--model", choices=("smollm2", "tiny"), help="default: smollm2 (--quick: tiny)")
     p.add_argument("--profile", default="", help="profiled mode: profile JSON (default: the model's)")
-    p.add_argument("--prefills", type=int, help="prefill workers (default 6; --quick 4)")
-    p.add_argument("--decodes", type=int, default=2)
+    p.add_argument("--prefills", type=int, help="prefill workers (default 4; --quick 4)")
+    p.add_argument(
+        "--decodes", type=int, help="decode workers (default: Eq. 1 from the profile; --quick 2); 0 = Eq. 1"
+    )
     p.add_argument("--b-p", type=int, default=1, help="prefill slots (the paper's example: 1)")
-    p.add_argument("--b-d", type=int, default=16, help="decode batch per decode worker")
+    p.add_argument("--b-d", type=int, help="decode batch per decode worker (4; --quick 16)")
     p.add_argument("--scale", type=float, help="prompt lengths 8192/2048 times this (1/16; --quick 1/4)")
-    p.add_argument("--output-tokens", type=int, help="tokens per answer (16; --quick 128)")
+    p.add_argument("--output-tokens", type=int, help="tokens per answer (64; --quick 128)")
     p.add_argument("--slack", type=float, default=0.5, help="SLO = alone TTFT + slack x long TTFT")
-    p.add_argument("--slo-floor", type=float, default=0.05, help="seconds added to every SLO (noise)")
-    p.add_argument("--duration", type=float, help="seconds per (policy, load) point (60; --quick 3)")
+    p.add_argument(
+        "--slo-floor",
+        type=float,
+        help="seconds added to every SLO for timing noise (default: the calibration's spread)",
+    )
+    p.add_argument("--duration", type=float, help="seconds per (policy, load) point at least (20; --quick 3)")
+    p.add_argument(
+        "--min-requests",
+        type=int,
+        help="measured requests per point at least, A search included (100; --quick 0)",
+    )
+    p.add_argument("--max-point-s", type=float, default=900.0, help="a point ends after this in any case")
+    p.add_argument("--cal-samples", type=int, help="calibration requests per prompt length (5; --quick 3)")
+    p.add_argument(
+        "--time-scale",
+        type=float,
+        help="profiled mode: every time of the profile times this (0.25; --quick 1)",
+    )
     p.add_argument("--max-a", type=int, default=64, help="largest user count tried for A")
     p.add_argument("--a", type=int, default=0, help="use this A instead of searching for it")
     p.add_argument("--loads", help="loads to run (1,2,3,4,5; --quick 1,4)")
@@ -117,9 +147,12 @@ def tokenizer_spec(model: str, mode: str) -> tuple[str, str, int]:
     return "smollm2", "word", 49152
 
 
-async def _calibrate(url: str, workload: Any, lengths: list[int], output_tokens: int) -> tuple[dict, float]:
-    """TTFT of each prompt length alone (one user, median of 3 after a warm-up), through the
-    gateway; and the decode time of one answer alone (the first request, full length)."""
+async def _calibrate(
+    url: str, workload: Any, lengths: list[int], output_tokens: int, samples: int = 5
+) -> tuple[dict, float, float]:
+    """TTFT of each prompt length alone (one user, median of ``samples`` after a warm-up),
+    through the gateway; the decode time of one answer alone (the first request, full length);
+    and the timing noise: the largest spread (slowest - median) of one length's samples."""
     import numpy as np
 
     from kvxfer.serve import loadgen
@@ -128,10 +161,11 @@ async def _calibrate(url: str, workload: Any, lengths: list[int], output_tokens:
     client = loadgen._client(url, 600.0)
     out: dict[int, float] = {}
     decode_s = 0.0
+    noise = 0.0
     try:
         for n in lengths:
             ts = []
-            for k in range(4):
+            for k in range(samples + 1):
                 rng = np.random.default_rng([7, n, k])
                 want = output_tokens if (k == 0 and n == lengths[-1]) else 1  # else TTFT only
                 req = workload.make(scen.name, n - scen.setting_tokens, want, rng, f"cal-{n}-{k}")
@@ -143,20 +177,41 @@ async def _calibrate(url: str, workload: Any, lengths: list[int], output_tokens:
                 elif want > 1:
                     decode_s = r.e2e_s - r.ttft_s
             out[n] = statistics.median(ts)
+            noise = max(noise, max(ts) - out[n])
     finally:
         await client.close()
-    return out, decode_s
+    return out, decode_s, noise
 
 
-async def _point(url: str, workload: Any, users: int, slo: Any, ramp: float, duration: float) -> dict:
-    """``users`` closed-loop users: started evenly over ``ramp`` s, measured for ``duration`` s
-    after it (requests started during the ramp are left out)."""
+async def _point(
+    url: str,
+    workload: Any,
+    users: int,
+    slo: Any,
+    ramp: float,
+    duration: float,
+    min_requests: int = 0,
+    max_s: float = 900.0,
+) -> dict:
+    """``users`` closed-loop users: started evenly over ``ramp`` s, measured after it
+    (requests started during the ramp are left out) for ``duration`` s and until at least
+    ``min_requests`` measured requests have ended (at most ``max_s``): a success rate of
+    100% or 99% over a few dozen requests says little."""
     from kvxfer.serve import loadgen
 
+    t0 = time.monotonic()
+
+    def enough(res: list) -> bool:
+        if time.monotonic() - t0 < ramp + duration:
+            return False
+        return sum(1 for r in res if r.start_s >= ramp) >= min_requests
+
     res = await loadgen.closed_loop(
-        url, workload, users, ttft_slo_s=slo, duration_s=ramp + duration, ramp_s=ramp
-    )
-    return loadgen.summarize([r for r in res if r.start_s >= ramp], wall_s=duration)
+        url, workload, users, ttft_slo_s=slo, duration_s=ramp + max(duration, max_s), ramp_s=ramp,
+        until=enough,
+    )  # fmt: skip
+    wall = max(r.start_s for r in res) - ramp if res else duration
+    return loadgen.summarize([r for r in res if r.start_s >= ramp], wall_s=max(duration, wall))
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -180,6 +235,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     args.profile = args.profile or default_profile(args.model, args.mode)
     if args.profile:
         opts["profile"] = args.profile
+    scaled_dir = None
+    if args.mode == "profiled" and args.time_scale != 1.0:
+        import tempfile
+
+        scaled_dir = tempfile.TemporaryDirectory(prefix="kvxfer-forwarding-")
+        opts["profile"] = scaled_profile(args.profile or args.model, args.time_scale, scaled_dir.name)
+        log(f"profile times x {args.time_scale:g}: {opts['profile']}")
+    if not args.decodes:
+        reused = scen.setting_tokens if scen.setting_tokens >= 16 else 0  # the prefix cache's minimum
+        args.decodes = eq1_decodes(opts.get("profile") or args.model, args, long_n, short_n, reused)
     log(
         f"starting {args.prefills} prefill (b_p={args.b_p}) + {args.decodes} decode, {args.model} {args.mode}"
     )
@@ -204,18 +269,23 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         try:
             for g in gws.values():
                 g.start()
-            alone, decode_s = asyncio.run(
-                _calibrate(gws["reject-retry"].url, workload, [long_n, short_n], args.output_tokens)
+            alone, decode_s, noise = asyncio.run(
+                _calibrate(
+                    gws["reject-retry"].url, workload, [long_n, short_n], args.output_tokens, args.cal_samples
+                )  # fmt: skip
             )
             t_long = alone[long_n]
+            floor = noise if args.slo_floor is None else args.slo_floor
             # one user's cycle alone: the mix's mean TTFT + an answer's decode; users ramp up over it
             ramp = 0.25 * alone[long_n] + 0.75 * alone[short_n] + decode_s
             duration = max(args.duration, 2 * ramp)
 
             def slo(req: Any) -> float:
                 n = long_n if req.prompt_tokens >= long_n else short_n
-                return slo_of(alone, n, args.slack, t_long, args.slo_floor)
+                return slo_of(alone, n, args.slack, t_long, floor)
 
+            log(f"timing noise alone (slowest - median of {args.cal_samples}): {noise * 1e3:.1f} ms; "
+                f"SLO floor {floor * 1e3:.1f} ms")  # fmt: skip
             log(
                 f"alone: long {long_n} tok {alone[long_n] * 1e3:.0f} ms, short {short_n} tok "
                 f"{alone[short_n] * 1e3:.0f} ms; SLO long {slo(_Len(long_n)):.3f} s, "
@@ -227,7 +297,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             )
             a = args.a or find_a(gws["local-queue"].url, workload, slo, ramp, duration, args)
             log(f"A = {a} users")
-            slos = {str(n): slo_of(alone, n, args.slack, t_long, args.slo_floor) for n in (long_n, short_n)}
+            slos = {str(n): slo_of(alone, n, args.slack, t_long, floor) for n in (long_n, short_n)}
             common = {
                 "A": a,
                 "mode": args.mode,
@@ -238,6 +308,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "decodes": args.decodes,
                 "prompt_tokens": [long_n, short_n],
                 "slo_s": slos,
+                "slo_floor_s": floor,
+                "alone_ttft_s": {str(n): alone[n] for n in (long_n, short_n)},
+                "min_requests": args.min_requests,
+                "time_scale": args.time_scale if args.mode == "profiled" else None,
                 "duration_s": duration,
                 "ramp_s": ramp,
                 "profile": args.profile or (f"{args.model} (default)" if args.mode == "profiled" else None),
@@ -245,7 +319,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             for load in loads:
                 users = max(1, round(load * a))
                 for pol in ("local-queue", "reject-retry"):
-                    st = asyncio.run(_point(gws[pol].url, workload, users, slo, ramp, duration))
+                    wall0 = time.time()
+                    st = asyncio.run(
+                        _point(gws[pol].url, workload, users, slo, ramp, duration, args.min_requests,
+                               args.max_point_s)
+                    )  # fmt: skip
                     row = {
                         "experiment": "forwarding",
                         "policy": pol,
@@ -258,6 +336,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "requests": st["requests"],
                         "errors": st["errors"],
                         "throughput_rps": st.get("throughput_rps"),
+                        "where": where_time_goes(gws[pol].url, wall0 + ramp, long_n),
                         **common,
                     }
                     rows.append(row)
@@ -265,9 +344,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         f"TTFT p50 {_f(st['ttft_p50_s'])} p99 {_f(st['ttft_p99_s'])} s, retries p99 "
                         f"{_f(st['retries_p99'])}, {st['requests']} requests, "
                         f"errors {st['errors']}")  # fmt: skip
+                    for cls, w in row["where"].items():
+                        log(f"    {cls}: {w['failed']}/{w['requests']} failed ({w['not_admitted']} not "
+                            f"admitted, {w['late']} late); wait p50 {_f(w['wait_p50_s'])} s, serve p50 "
+                            f"{_f(w['serve_p50_s'])} s; failed: wait {_f(w['failed_wait_p50_s'])} s, "
+                            f"serve {_f(w['failed_serve_p50_s'])} s")  # fmt: skip
         finally:
             for g in gws.values():
                 g.stop()
+            if scaled_dir is not None:
+                scaled_dir.cleanup()
     log(f"done in {time.monotonic() - t_start:.0f} s")
     return rows
 
@@ -280,7 +366,9 @@ def find_a(url: str, workload: Any, slo: Any, ramp: float, duration: float, args
     nothing queues; it goes up from there while every request succeeds (down if one fails)."""
 
     def ok(users: int) -> bool:
-        st = asyncio.run(_point(url, workload, users, slo, ramp, duration))
+        st = asyncio.run(
+            _point(url, workload, users, slo, ramp, duration, args.min_requests, args.max_point_s)
+        )
         log(
             f"A search: local-queue, {users} users: success {_f(st['success_rate'])} "
             f"({st['requests']} requests, errors {st['errors']})"
@@ -297,6 +385,81 @@ def find_a(url: str, workload: Any, slo: Any, ramp: float, duration: float, args
         if ok(users):
             return users
     raise RuntimeError("local-queue misses the SLO even with one user: raise --slack or --slo-floor")
+
+
+def where_time_goes(url: str, since: float, long_n: int) -> dict[str, Any]:
+    """From the gateway's own records of the requests that arrived after ``since`` (wall
+    clock): per prompt class (``long``/``short``), how many there were and failed, and the
+    medians of the two parts of their TTFT: ``wait`` (arrival -> a prefill accepted: gateway
+    retries) and ``serve`` (accept -> first token: a local queue, then the prefill itself), for
+    all requests and for the failed ones; failures also by kind (``not_admitted``: no prefill
+    accepted before the deadline; ``late``: admitted, first token after the deadline)."""
+    import urllib.request
+
+    with urllib.request.urlopen(url.rstrip("/") + "/v1/kvxfer/requests", timeout=30) as resp:
+        recs = [r for r in json.loads(resp.read()) if r["arrival"] >= since and r["outcome"] != "running"]
+
+    def med(xs: list[float]) -> float | None:
+        return round(statistics.median(xs), 4) if xs else None
+
+    out: dict[str, Any] = {}
+    for cls in ("long", "short"):
+        mine = [r for r in recs if (r["prompt_tokens"] >= long_n) == (cls == "long")]
+        ok = [r for r in mine if r["first_token"] is not None and r["first_token"] <= r["deadline"]]
+        bad = [r for r in mine if r not in ok]
+        acc = [r for r in mine if r["accept"] is not None]
+        acc_bad = [r for r in bad if r["accept"] is not None]
+        out[cls] = {
+            "requests": len(mine),
+            "failed": len(bad),
+            "not_admitted": sum(1 for r in bad if r["accept"] is None),
+            "late": len(acc_bad),
+            "wait_p50_s": med([r["accept"] - r["arrival"] for r in acc]),
+            "serve_p50_s": med([r["first_token"] - r["accept"] for r in acc if r["first_token"]]),
+            "failed_wait_p50_s": med([r["accept"] - r["arrival"] for r in acc_bad]),
+            "failed_serve_p50_s": med([r["first_token"] - r["accept"] for r in acc_bad if r["first_token"]]),
+        }
+    return out
+
+
+def eq1_decodes(profile: str, args: argparse.Namespace, long_n: int, short_n: int, setting: int) -> int:
+    """Decode workers by Eq. 1 [paper]: at least the prefills' capacity, ``n_d >= n_p b_p T_d /
+    (b_d T_p)``, rounded up, with T_p the mix's mean prefill time (one long per three short,
+    the setting part reused) and T_d = TPOT(b_d) x (G - 1), from the compute profile. The
+    experiment measures prefill admission, so decode must not be the bottleneck [inferred:
+    the paper sizes its groups by Eq. 1 and tests forwarding on them]."""
+    import math
+
+    from kvxfer.serve.control.ratio import RatioInputs
+    from kvxfer.serve.profile import load_profile
+
+    prof = load_profile(profile)
+    t_p = 0.25 * prof.prefill_s(long_n - setting) + 0.75 * prof.prefill_s(short_n - setting)
+    t_d = RatioInputs.from_profile(prof, short_n, args.output_tokens, args.b_d).t_d
+    n_d = max(1, math.ceil(args.prefills * args.b_p * t_d / (args.b_d * t_p)))
+    log(f"Eq. 1: T_p {t_p:.3f} s (mix mean), T_d {t_d:.3f} s at b_d={args.b_d}: {n_d} decodes")
+    return n_d
+
+
+def scaled_profile(name_or_path: str, factor: float, folder: str) -> str:
+    """Writes the profile with every time multiplied by ``factor`` into ``folder``; its path.
+
+    The comparison is relative (two policies over the same workers), and what shapes it is
+    the ratio of prefill to decode times and to the SLO, which a common factor keeps; a
+    factor < 1 only makes each point's requests come faster [inferred]."""
+    import json as _json
+    from pathlib import Path
+
+    from kvxfer.serve.profile import load_profile
+
+    prof = load_profile(name_or_path)
+    d = prof.to_json()
+    d["prefill"] = [[n, t * factor] for n, t in prof.prefill]
+    d["decode"] = [[b, t * factor] for b, t in prof.decode]
+    d["meta"] = {**prof.meta, "time_scale": factor, "scaled_from": str(name_or_path)}
+    path = Path(folder) / f"{prof.model}-x{factor:g}.json"
+    path.write_text(_json.dumps(d, indent=1))
+    return str(path)
 
 
 def _f(x: float | None) -> str:

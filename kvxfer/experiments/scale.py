@@ -154,11 +154,13 @@ def validate(args: argparse.Namespace) -> list[dict[str, Any]]:
     long_n, short_n = r0["prompt_tokens"]
     mix = paper_mix(long_n / 8192, fargs.output_tokens)
     cfg = SimConfig(prof, 1, r0["prefills"], r0["decodes"], r0["b_p"], fargs.b_d, pending=4)
+    # the real run's SLO floor (its calibration's timing noise, unless --slo-floor was given)
+    floor = fargs.slo_floor if fargs.slo_floor is not None else r0.get("slo_floor_s", 0.05)
     out = []
     for r in real:
         sim = closed_loop(
             dataclasses.replace(cfg, policy=r["policy"]), mix, r["users"], max(120.0, r["duration_s"]),
-            slack=fargs.slack, floor=fargs.slo_floor, seed=args.seed,
+            slack=fargs.slack, floor=floor, seed=args.seed,
         )  # fmt: skip
         row = {
             "experiment": "scale", "validation": True, "policy": r["policy"], "load": r["load"],

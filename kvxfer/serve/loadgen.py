@@ -154,8 +154,10 @@ async def closed_loop(
     request_timeout_s: float = 120.0,
     think_time_s: float = 0.0,
     ramp_s: float = 0.0,
+    until: Callable[[list[Result]], bool] | None = None,
 ) -> list[Result]:
-    """``users`` closed-loop users for ``duration_s`` seconds (or ``max_requests`` in total).
+    """``users`` closed-loop users for ``duration_s`` seconds (or ``max_requests`` in total, or
+    until ``until(results so far)`` is true: checked before each new request).
 
     ``ramp_s`` staggers the users' first requests evenly over that many seconds (user ``u``
     starts at ``u * ramp_s / users``): all of them at once is a burst that no steady state
@@ -175,6 +177,8 @@ async def closed_loop(
             await asyncio.sleep(u * ramp_s / users)
         for req in workload.user_stream(u):
             if time.monotonic() >= stop_at or (max_requests is not None and issued >= max_requests):
+                return
+            if until is not None and until(results):
                 return
             issued += 1
             results.append(

@@ -262,7 +262,7 @@ def test_small_write_completes_however_it_is_waited_for(pair, how):
             assert t.wait(30) == TransferState.DONE
         elif how == "wait-other-thread":
             out = []
-            th = threading.Thread(target=lambda: out.append(t.wait(30)))
+            th = threading.Thread(target=lambda t=t, out=out: out.append(t.wait(30)))
             th.start()
             th.join(60)
             assert out == [TransferState.DONE]

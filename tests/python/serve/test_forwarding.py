@@ -19,6 +19,7 @@ FIELDS = ("experiment", "policy", "load", "users", "success_rate", "ttft_p50_s",
 def test_forwarding_json_lines(capsys):
     argv = ["--json", "--model", "tiny", "--prefills", "2", "--decodes", "1", "--a", "2", "--loads", "1,2"]
     argv += ["--duration", "2", "--output-tokens", "8", "--scale", "0.0625", "--slo-floor", "1.0"]
+    argv += ["--min-requests", "0", "--time-scale", "1"]
     assert forwarding.main(argv) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     rows, summary = lines[:-1], lines[-1]
@@ -38,6 +39,27 @@ def test_forwarding_json_lines(capsys):
     # two users on two one-slot prefills never queue, and the SLO has a second of slack
     assert rows[0]["success_rate"] == 1.0 and rows[1]["success_rate"] == 1.0
     assert summary["summary"] is True and set(summary["success_gap"]) == {"1.0", "2.0"}
+
+
+def test_eq1_decodes_and_scaled_profile(tmp_path):
+    """Decode workers by Eq. 1 from the profile; a scaled profile multiplies every time."""
+    import math
+
+    from kvxfer.serve.profile import load_profile
+
+    prof = load_profile("smollm2")
+    args = forwarding.parse(["--prefills", "6", "--b-d", "4", "--output-tokens", "32"])
+    n_d = forwarding.eq1_decodes("smollm2", args, 512, 128, 0)
+    t_p = 0.25 * prof.prefill_s(512) + 0.75 * prof.prefill_s(128)
+    t_d = prof.decode_s(4) * 31
+    assert n_d == math.ceil(6 * t_d / (4 * t_p))
+    # n_d decodes carry at least the prefills' rate, n_d - 1 do not
+    assert n_d * 4 / t_d >= 6 / t_p > (n_d - 1) * 4 / t_d
+    path = forwarding.scaled_profile("smollm2", 0.25, str(tmp_path))
+    fast = load_profile(path)
+    assert fast.prefill_s(300) == pytest.approx(0.25 * prof.prefill_s(300))
+    assert fast.decode_s(8) == pytest.approx(0.25 * prof.decode_s(8))
+    assert fast.meta["time_scale"] == 0.25
 
 
 def test_aggregated_json_lines(capsys):

@@ -200,7 +200,10 @@ def test_deadline_ends_request_with_error_event():
             assert info.value.body["code"] == "deadline"
             retries = info.value.body["kvxfer"]["retries"]
             assert retries >= 4  # kept trying both prefills in turn until the deadline
-            assert retries == sum(len(s.log) for s in stubs)
+            # Every counted rejection reached a prefill; one more request may have reached one
+            # whose 429 the gateway never read (the deadline cancelled that forward in flight).
+            reached = sum(len(s.log) for s in stubs)
+            assert retries <= reached <= retries + 1
             rec = gw.records[-1]
             assert rec.outcome == "deadline" and rec.accept is None and rec.retries == retries
             # non-streamed: a 504 with the same error code; per-request SLO from the header
