@@ -8,7 +8,7 @@ namespace {
 template <typename Fn>
 void bind(void* handle, Fn& slot, const char* name, std::string* missing) {
     slot = reinterpret_cast<Fn>(::dlsym(handle, name));
-    if (slot == nullptr) {
+    if (slot == nullptr && missing != nullptr) {
         if (!missing->empty()) *missing += ", ";
         *missing += name;
     }
@@ -74,6 +74,7 @@ Loaded load() {
     bind(handle, a.eventRecord, "cuEventRecord", &missing);
     bind(handle, a.eventQuery, "cuEventQuery", &missing);
     bind(handle, a.eventSynchronize, "cuEventSynchronize", &missing);
+    bind(handle, a.memGetHandleForAddressRange, "cuMemGetHandleForAddressRange", nullptr);  // optional
     if (!missing.empty()) {
         out.status = Status::unsupported("the CUDA driver (libcuda.so.1) lacks " + missing +
                                          ": it is too old for kvxfer (CUDA 11.0 or newer is needed)");

@@ -44,6 +44,7 @@ constexpr int kPointerAttrMemoryType = 2;
 constexpr int kPointerAttrDeviceOrdinal = 9;
 constexpr int kPointerAttrIsLegacyIpcCapable = 10;
 constexpr unsigned kMemoryTypeDevice = 2;
+constexpr int kMemRangeHandleTypeDmaBufFd = 1;  // CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD
 
 struct CudaApi {
     CUresult (*init)(unsigned flags) = nullptr;
@@ -89,6 +90,10 @@ struct CudaApi {
     CUresult (*eventRecord)(CUevent event, CUstream stream) = nullptr;
     CUresult (*eventQuery)(CUevent event) = nullptr;
     CUresult (*eventSynchronize)(CUevent event) = nullptr;
+    // Optional (CUDA >= 11.7; nullptr on older drivers): a dma-buf fd for a page-aligned
+    // range of device memory (GPUDirect RDMA through ibv_reg_dmabuf_mr).
+    CUresult (*memGetHandleForAddressRange)(void* handle, CUdeviceptr ptr, size_t bytes, int handle_type,
+                                            unsigned long long flags) = nullptr;
 
     // "cuXxx failed: CUDA_ERROR_NAME (description)" as a kvxfer Status (kSystem, or
     // kUnsupported for errors that mean "this cannot work here").

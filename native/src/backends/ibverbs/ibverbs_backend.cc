@@ -76,7 +76,8 @@ public:
         const Tunables& t = shared_->tunables();
         return "ibverbs (" + shared_->device().describe() + ", " + std::to_string(t.qps_per_peer) +
                " RC QPs/peer, SQ depth " + std::to_string(t.sq_depth) + ", max WR " +
-               std::to_string(caps_.max_run_bytes) + " B, UD CM QPN 0x" + hex(shared_->udQpn()) + ")";
+               std::to_string(caps_.max_run_bytes) + " B, UD CM QPN 0x" + hex(shared_->udQpn()) +
+               ", GPU memory: " + gpu_memory_ + ")";
     }
 
     Bytes endpointInfo() const override {
@@ -93,16 +94,22 @@ public:
     }
 
     Result<std::unique_ptr<BackendRegion>> registerMemory(const MemorySpan& span) override {
-        KVXFER_ASSIGN_OR_RETURN(auto local, MemoryRegion::create(shared_->devicePtr(), span.base, span.length,
-                                                                 IBV_ACCESS_LOCAL_WRITE));
+        // CUDA memory (offered only when gpuDirectAvailability said yes): the NIC reads and
+        // writes it directly; nothing in this backend touches a region's bytes with the CPU
+        // (RDMA WRs never use IBV_SEND_INLINE; only notification SENDs from host slabs do).
+        const bool gpu = span.kind == MemoryKind::kCuda;
+        auto reg = [&](int access) {
+            return gpu ? MemoryRegion::createGpu(shared_->devicePtr(), span.base, span.length, access,
+                                                 span.device)
+                       : MemoryRegion::create(shared_->devicePtr(), span.base, span.length, access);
+        };
+        KVXFER_ASSIGN_OR_RETURN(auto local, reg(IBV_ACCESS_LOCAL_WRITE));
         // The published rkey is never one this engine revoked recently: a stale descriptor
         // (region deregistered, memory registered again) then reaches nothing, even where
         // the provider would hand the same key out again.
         std::vector<std::unique_ptr<MemoryRegion>> colliding;
         for (;;) {
-            KVXFER_ASSIGN_OR_RETURN(auto remote,
-                                    MemoryRegion::create(shared_->devicePtr(), span.base, span.length,
-                                                         MemoryRegion::kRemoteAccess));
+            KVXFER_ASSIGN_OR_RETURN(auto remote, reg(MemoryRegion::kRemoteAccess));
             {
                 std::lock_guard<std::mutex> lock(keys_mutex_);
                 if (!retired_rkeys_.contains(remote->rkey()))
@@ -220,6 +227,11 @@ private:
     explicit IbverbsBackend(std::shared_ptr<Shared> shared) : shared_(std::move(shared)) {
         caps_.max_run_bytes = std::min<uint64_t>(shared_->maxMessage(), shared_->tunables().max_wr_bytes);
         caps_.lanes = shared_->tunables().qps_per_peer;  // RC QPs per peer
+        // GPUDirect RDMA: CUDA regions are offered to this backend only where registering
+        // them can work at all (a peer must offer them too for its CUDA regions to be reached).
+        const Status gpu = gpuDirectAvailability(shared_->device().verbs());
+        if (gpu.isOk()) caps_.memory_kinds |= memoryKindBit(MemoryKind::kCuda);
+        gpu_memory_ = gpu.isOk() ? "GPUDirect (dma-buf, else peer memory)" : "no (" + gpu.message() + ")";
         thread_ = std::thread([s = shared_] { s->run(); });
     }
 
@@ -227,6 +239,7 @@ private:
 
     std::shared_ptr<Shared> shared_;
     BackendCaps caps_{};
+    std::string gpu_memory_;  // for describe()
     std::thread thread_;
     std::mutex keys_mutex_;
     std::unordered_set<uint32_t> retired_rkeys_;  // rkeys of revoked regions, newest kMaxRetiredKeys

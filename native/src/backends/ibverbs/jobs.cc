@@ -65,6 +65,7 @@ void Shared::finishWork(Work& w, Status st) {
     if (w.notify_slot >= 0) {
         free_notify_.push_back(w.notify_slot);
         w.notify_slot = -1;
+        if (w.conn && w.conn->notify_held > 0) --w.conn->notify_held;
     }
     if (w.job) w.job->finish(std::move(st));
     if (w.waiter) w.waiter->set(std::move(st));

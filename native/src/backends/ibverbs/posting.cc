@@ -1,6 +1,7 @@
 // ibverbs backend: posting. Connections with queued work take turns; a Work's runs go out
 // as chains of RDMA WRITE / READ work requests spread over the connection's queue pairs,
 // within each send window and the CQ budget; a notification is one SEND from a notify slot.
+#include <algorithm>
 #include <cstring>
 
 #include "backends/ibverbs/shared.h"
@@ -142,9 +143,13 @@ bool Shared::postFrom(Connection& conn, Work& w) {
 bool Shared::postNotify(Connection& conn, Work& w) {
     if (send_in_flight_ >= send_budget_) return false;
     if (w.notify_slot < 0) {
-        if (free_notify_.empty()) return false;
+        // One peer holds at most a quarter of the slots: SENDs to a stopped peer wait in RNR
+        // until their transfers' deadlines, and must not starve the other peers' notifications.
+        if (free_notify_.empty() || conn.notify_held >= std::max<uint32_t>(1, t_.notify_slots / 4))
+            return false;
         w.notify_slot = free_notify_.back();
         free_notify_.pop_back();
+        ++conn.notify_held;
         const Bytes& p = w.notifyPayload();
         uint8_t* buf = notify_slab_->slot(static_cast<size_t>(w.notify_slot));
         writeNotifyHeader(buf, static_cast<uint32_t>(p.size()));

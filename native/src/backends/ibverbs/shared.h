@@ -61,7 +61,7 @@ struct Tunables {
     uint32_t signal_interval = 32;
     uint32_t chain_max = 32;  // WRs per post list (and per QP turn when spreading a job)
     uint32_t recv_buffers = 64;
-    uint32_t notify_slots = 8;
+    uint32_t notify_slots = 32;  // shared by all peers; one peer holds at most a quarter
     uint32_t cq_entries = 16384;
     uint64_t max_wr_bytes = 1 << 20;
     RcTiming timing;
@@ -173,11 +173,13 @@ struct Connection {
     Clock::time_point handshake_deadline;
     Clock::time_point handshake_next;
     std::chrono::milliseconds handshake_interval{100};
-    std::deque<Work*> queue;  // work with something left to post, FIFO
-    size_t next_slot = 0;     // round robin
-    bool released = false;    // its IbPeer is gone
-    bool registered = false;  // in the progress thread's tables
-    bool in_ready = false;    // in Shared::ready_queue_
+    std::deque<Work*> queue;   // work with something left to post, FIFO
+    size_t next_slot = 0;      // round robin
+    bool released = false;     // its IbPeer is gone
+    bool registered = false;   // in the progress thread's tables
+    bool in_ready = false;     // in Shared::ready_queue_
+    uint32_t notify_held = 0;  // notify slots its works hold (bounded: a stopped peer's SENDs
+                               // wait in RNR and must not take every slot from healthy peers)
 
     void markDead(Status st) {
         {

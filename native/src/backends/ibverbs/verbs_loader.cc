@@ -63,6 +63,7 @@ Loaded load() {
     bind(handle, a.dealloc_pd, "ibv_dealloc_pd", v11, &missing);
     bind(handle, a.reg_mr, "ibv_reg_mr", v11, &missing);
     bind(handle, a.dereg_mr, "ibv_dereg_mr", v11, &missing);
+    bind(handle, a.reg_dmabuf_mr, "ibv_reg_dmabuf_mr", "IBVERBS_1.12", nullptr);  // optional
     bind(handle, a.create_comp_channel, "ibv_create_comp_channel", v11, &missing);
     bind(handle, a.destroy_comp_channel, "ibv_destroy_comp_channel", v11, &missing);
     bind(handle, a.create_cq, "ibv_create_cq", v11, &missing);

@@ -43,6 +43,9 @@ struct VerbsApi {
     int (*dealloc_pd)(ibv_pd* pd) = nullptr;
     ibv_mr* (*reg_mr)(ibv_pd* pd, void* addr, size_t length, int access) = nullptr;
     int (*dereg_mr)(ibv_mr* mr) = nullptr;
+    // Optional (rdma-core >= 34): registers a dma-buf (GPU memory exported by its driver).
+    ibv_mr* (*reg_dmabuf_mr)(ibv_pd* pd, uint64_t offset, size_t length, uint64_t iova, int fd,
+                             int access) = nullptr;
 
     // Completion queues and channels.
     ibv_comp_channel* (*create_comp_channel)(ibv_context* context) = nullptr;
