@@ -7,7 +7,21 @@
 
 namespace kvxfer::auth {
 
+namespace {
+
+// kvxfer's threads (a progress thread answering a connection handshake, a notifier) can still
+// be running while the process exits. OpenSSL's default atexit cleanup frees its locks under
+// them (a crash in pthread_rwlock_wrlock on a null lock, seen at the exit of the ibverbs
+// conformance tests), so the library asks OpenSSL to leave its state to the OS at exit.
+void initCrypto() {
+    static const bool ok = OPENSSL_init_crypto(OPENSSL_INIT_NO_ATEXIT, nullptr) == 1;
+    (void)ok;
+}
+
+}  // namespace
+
 Status randomBytes(uint8_t* out, size_t n) {
+    initCrypto();
     if (RAND_bytes(out, static_cast<int>(n)) != 1) return Status::system("OpenSSL RAND_bytes failed");
     return Status::ok();
 }
@@ -25,6 +39,7 @@ Result<Nonce> randomNonce() {
 }
 
 Mac mac(ByteView secret, std::initializer_list<ByteView> parts) {
+    initCrypto();
     Bytes data;
     for (ByteView p : parts) data.insert(data.end(), p.begin(), p.end());
     Mac out{};
