@@ -18,7 +18,7 @@ from kvxfer.errors import InvalidArgumentError, KvxferError, UnsupportedError
 
 sys.path.insert(0, os.path.dirname(__file__))
 import gpu_peer  # noqa: E402
-from gpu_env import GPUS  # noqa: E402
+from gpu_env import GPUS, check_paged_write_read  # noqa: E402
 
 
 def _layout(layers=4, kv=2, blocks=256, block_bytes=16384):
@@ -133,30 +133,8 @@ def test_in_process_write_read_byte_exact(one_gpu, devices):
     dst = torch.zeros(n, dtype=torch.uint8, device=f"cuda:{devices[1]}")
     a, b = _pair()
     try:
-        ra = a.register(src, lay)
-        rb = b.register(dst, lay)
-        peer = a.add_peer(b.descriptor())
-        rng = np.random.default_rng(1)
-        ids_a = rng.choice(lay.num_blocks, 64, replace=False)
-        ids_b = rng.choice(lay.num_blocks, 64, replace=False)
-        t = a.post(kvxfer.Op.WRITE, peer, ra, rb.id, local_blocks=ids_a, remote_blocks=ids_b, notify=b"w1")
-        t.wait(30)
-        note = b.wait_notification(b"w1", timeout=30)
+        note = check_paged_write_read(a, b, src, dst, lay, b"w1")
         assert note.peer == "gpu-a"
-        sv = src.view(lay.num_layers, lay.num_kv, lay.num_blocks, -1)
-        dv = dst.view(lay.num_layers, lay.num_kv, lay.num_blocks, -1)
-        ia, ib = torch.as_tensor(ids_a), torch.as_tensor(ids_b)
-        assert torch.equal(sv[:, :, ia.to(src.device)].cpu(), dv[:, :, ib.to(dst.device)].cpu())
-        untouched = torch.ones(lay.num_blocks, dtype=torch.bool)
-        untouched[ib] = False
-        assert int(dv[:, :, untouched.to(dst.device)].count_nonzero()) == 0
-        # READ back into other blocks of the source.
-        ids_c = np.setdiff1d(np.arange(lay.num_blocks), ids_a)[:64]
-        t = a.post(kvxfer.Op.READ, peer, ra, rb.id, local_blocks=ids_c, remote_blocks=ids_b)
-        t.wait(30)
-        assert torch.equal(
-            sv[:, :, torch.as_tensor(ids_c).to(src.device)].cpu(), sv[:, :, ia.to(src.device)].cpu()
-        )
     finally:
         a.close()
         b.close()

@@ -11,13 +11,12 @@ from __future__ import annotations
 import os
 import sys
 
-import numpy as np
 import pytest
 
 import kvxfer
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gpu_env import GPUS, WHY  # noqa: E402
+from gpu_env import GPUS, WHY, check_paged_write_read  # noqa: E402
 
 
 def _why_not() -> str | None:
@@ -50,27 +49,7 @@ def test_ibverbs_gpu_to_gpu_write_read_byte_exact():
     a = kvxfer.Engine("gd-a", backends=["ibverbs"], timeout=30.0)
     b = kvxfer.Engine("gd-b", backends=["ibverbs"], timeout=30.0)
     try:
-        ra = a.register(src, lay)
-        rb = b.register(dst, lay)
-        peer = a.add_peer(b.descriptor())
-        rng = np.random.default_rng(1)
-        ids_a = rng.choice(lay.num_blocks, 64, replace=False)
-        ids_b = rng.choice(lay.num_blocks, 64, replace=False)
-        a.post(kvxfer.Op.WRITE, peer, ra, rb.id, local_blocks=ids_a, remote_blocks=ids_b, notify=b"gd").wait(
-            30
-        )
-        b.wait_notification(b"gd", timeout=30)
-        sv = src.view(lay.num_layers, lay.num_kv, lay.num_blocks, -1)
-        dv = dst.view(lay.num_layers, lay.num_kv, lay.num_blocks, -1)
-        ia, ib = torch.as_tensor(ids_a), torch.as_tensor(ids_b)
-        assert torch.equal(sv[:, :, ia.to(src.device)].cpu(), dv[:, :, ib.to(dst.device)].cpu())
-        untouched = torch.ones(lay.num_blocks, dtype=torch.bool)
-        untouched[ib] = False
-        assert int(dv[:, :, untouched.to(dst.device)].count_nonzero()) == 0
-        ids_c = np.setdiff1d(np.arange(lay.num_blocks), ids_a)[:64]
-        a.post(kvxfer.Op.READ, peer, ra, rb.id, local_blocks=ids_c, remote_blocks=ids_b).wait(30)
-        ic = torch.as_tensor(ids_c).to(src.device)
-        assert torch.equal(sv[:, :, ic].cpu(), sv[:, :, ia.to(src.device)].cpu())
+        check_paged_write_read(a, b, src, dst, lay, b"gd")
     finally:
         a.close()
         b.close()
