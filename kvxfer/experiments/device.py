@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import platform
 import random
@@ -298,20 +299,30 @@ def main(argv: list[str] | None = None) -> int:
                 _log(f"L={L}: no summary, failed requests {failed}")
                 continue
             pd, do, co = med[PD], med[DEVICE_ONLY], med[CLOUD_ONLY]
-            emit(
-                {
-                    "experiment": "device",
-                    "kind": "summary",
-                    "prompt_tokens": L,
-                    "ttft_reduction_vs_device_only": 1 - pd["ttft_s"] / do["ttft_s"],
-                    "cloud_busy_ratio_cloud_only_over_pd": co["cloud_busy_s"] / pd["cloud_busy_s"]
-                    if pd["cloud_busy_s"]
-                    else None,
-                    "pd_tpot_max_s": pd["tpot_max_s"],
-                    "naive_tpot_max_s": med["naive-hybrid"]["tpot_max_s"],
-                    "decision": st.method,
-                }
-            )
+            summary = {
+                "experiment": "device",
+                "kind": "summary",
+                "prompt_tokens": L,
+                "ttft_reduction_vs_device_only": 1 - pd["ttft_s"] / do["ttft_s"],
+                "cloud_busy_ratio_cloud_only_over_pd": co["cloud_busy_s"] / pd["cloud_busy_s"]
+                if pd["cloud_busy_s"]
+                else None,
+                "pd_tpot_max_s": pd["tpot_max_s"],
+                "naive_tpot_max_s": med["naive-hybrid"]["tpot_max_s"],
+                "decision": st.method,
+            }
+            if st.method == PD:
+                # the best any pacing could do at this rho in this run: the display needs one
+                # token per theta (less the absorb cost) from the first token to T_ready
+                tau = co["cloud_decode_s"] / max(1, co["cloud_tokens"] - 1)
+                n_min = max(1, math.ceil((pd["t_ready_s"] - pd["ttft_s"]) / (THETA - prof.c_d)))
+                pd_pre = statistics.median(x["cloud_busy_s"] - x["cloud_decode_s"] for x in per[PD])
+                summary.update(
+                    n_min=n_min,
+                    cloud_tau_s=tau,
+                    busy_ratio_bound=co["cloud_busy_s"] / (pd_pre + (n_min - 1) * tau),
+                )
+            emit(summary)
             timelines[L] = per[PD][0]
 
         # link cut mid-stream: the device completes alone; the gap is reported
