@@ -248,3 +248,77 @@ def test_stopped_peer_ends_by_its_deadline_and_holds_no_healthy_peer():
         a.close()
         healthy.quit()
         stopped.quit()
+
+
+def test_several_stopped_peers_leave_notification_buffers_for_a_healthy_one():
+    """Five SIGSTOPped targets each hold their share of the initiator's buffers for large
+    notifications (SENDs waiting in RNR); together they hold more than one slab. More buffers
+    are registered on demand, so a healthy peer's large notifications still go out at once."""
+    lay = (1, 1, 16, 4096)
+    stopped = [h.Target(f"ib-stopped-{i}", lay) for i in range(5)]
+    healthy = h.Target("ib-healthy", lay)
+    a = h.make_engine("ib-initiator")
+    try:
+        src = h.random_bytes(4096, 63)
+        ra = a.register(src)
+        peers = [a.add_peer(t.descriptor) for t in stopped]
+        ph = a.add_peer(healthy.descriptor)
+        for t in stopped:
+            _stop(t.pid)
+        ext = [[0, 64]]
+        deadline_s = 15.0
+        t0 = time.monotonic()
+        to_stopped = [
+            a.post(
+                Op.WRITE,
+                p,
+                ra,
+                t.region_id,
+                local_extents=ext,
+                remote_extents=ext,
+                notify=bytes(NOTE),
+                timeout=deadline_s,
+            )
+            for p, t in zip(peers, stopped, strict=True)
+            for _ in range(80)
+        ]
+        # Each stopped peer's receive buffers take its first 64 notifications; the rest wait in
+        # RNR and hold the initiator's buffers. Only then does the healthy peer post.
+        settle = time.monotonic() + deadline_s / 2
+        while sum(t.poll() == TransferState.DONE for t in to_stopped) < 5 * 64 and time.monotonic() < settle:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        to_healthy = [
+            a.post(
+                Op.WRITE,
+                ph,
+                ra,
+                healthy.region_id,
+                local_extents=ext,
+                remote_extents=ext,
+                notify=i.to_bytes(4, "little") + bytes(NOTE - 4),
+            )
+            for i in range(20)
+        ]
+        for t in to_healthy:
+            t.wait(h.TIMEOUT)
+        healthy_s = time.monotonic() - t0
+        assert healthy_s < deadline_s, f"a healthy peer waited {healthy_s:.1f} s behind stopped ones"
+        stop = time.monotonic() + 90
+        while any(t.poll() == TransferState.PENDING for t in to_stopped) and time.monotonic() < stop:
+            time.sleep(0.05)
+        states = [t.poll() for t in to_stopped]
+        print(
+            f"healthy {healthy_s:.2f} s; failed per stopped peer:",
+            [sum(s == TransferState.FAILED for s in states[i * 80 : (i + 1) * 80]) for i in range(5)],
+        )
+        assert TransferState.PENDING not in states
+        assert TransferState.FAILED in states, "the stopped peers' receive buffers never ran out"
+    finally:
+        for t in stopped:
+            os.kill(t.pid, signal.SIGCONT)
+        a.close()
+        healthy.quit()
+        for t in stopped:
+            t.quit()
