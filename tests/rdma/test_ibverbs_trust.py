@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import numpy as np
@@ -18,6 +19,9 @@ import rdma_helpers as h
 
 import kvxfer._native as native
 from kvxfer import Op, TransferState, errors
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "adversarial"))
+from notify_checks import NOTE, assert_full_queue_holds_posts_back_without_loss  # noqa: E402
 
 pytestmark = pytest.mark.rdma
 h.require_rdma()
@@ -162,55 +166,11 @@ def test_stale_descriptor_after_deregister_never_lands():
     b.close()
 
 
-NOTE = 60 * 1024  # bytes per notification: 64 MiB / 60 KiB = 1118 fit in the engine's queue
-FIT = (64 << 20) // NOTE
-
-
 def test_full_notification_queue_holds_senders_back_without_loss():
     a = h.make_engine("sender")
     b = h.make_engine("slow-reader")
     try:
-        src = np.full(4096, 7, np.uint8)
-        dst = np.zeros(4096, np.uint8)
-        ra, rb = a.register(src), b.register(dst)
-        peer = a.add_peer(b.descriptor())
-        ext = [[0, 64]]
-        transfers = []
-        for i in range(FIT + 200):
-            transfers.append(
-                a.post(
-                    Op.WRITE,
-                    peer,
-                    ra,
-                    rb.id,
-                    local_extents=ext,
-                    remote_extents=ext,
-                    notify=i.to_bytes(4, "little") + bytes(NOTE - 4),
-                    timeout=20.0,
-                )
-            )
-        stop = time.monotonic() + 120
-        while any(t.poll() == TransferState.PENDING for t in transfers) and time.monotonic() < stop:
-            time.sleep(0.05)
-        states = [t.poll() for t in transfers]
-        assert TransferState.PENDING not in states
-        done = [i for i, s in enumerate(states) if s == TransferState.DONE]
-        assert len(done) < len(transfers), "the receiver's queue bound never held a sender back"
-        maybe = set()  # timed out while committing: the notification may have gone out
-        for i, t in enumerate(transfers):
-            if t.poll() == TransferState.FAILED:
-                with pytest.raises(errors.TimeoutError) as e:
-                    t.wait()
-                if "may have received" in str(e.value):
-                    maybe.add(i)
-        # Everything a DONE transfer sent arrives once the reader takes its queue, in order.
-        got = []
-        stop = time.monotonic() + 60
-        while not set(done) <= set(got) and time.monotonic() < stop:
-            got += [int.from_bytes(n.payload[:4], "little") for n in b.notifications()]
-            time.sleep(0.05)
-        assert set(done) <= set(got) <= set(done) | maybe
-        assert len(got) == len(set(got))  # none twice
+        assert_full_queue_holds_posts_back_without_loss(a, b, timeout=20.0, settle=120, drain=60, poll=0.05)
     finally:
         a.close()
         b.close()
