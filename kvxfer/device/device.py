@@ -61,7 +61,8 @@ DISPLAY_MARGIN = 0.005  # s: the pacer's margin under theta until lateness has b
 MARGIN_FLOOR = 0.001  # s: the measured margin never goes below this
 MARGIN_SAMPLES = 30  # lateness samples (display and sleep each) before the measured margin is used
 LATENESS_WINDOW = 400  # the most recent samples kept per kind
-LATENESS_Q = 99.0  # percentile of each kind of lateness that the margin covers
+LATENESS_Q = 99.9  # percentile of each kind of lateness that the margin covers (a gap of a paced
+# request is late with a chance of 1 - Q/100 per token, and a request paces tens of tokens)
 
 
 class Lateness:
@@ -534,8 +535,8 @@ class _Session:
             "catch_estimate_max_s": self.est_max,
             "pacer_margin_s": self.margin,
             "next_margin_s": self.lateness.margin(j.theta),
-            "display_late_p99_s": self.lateness.quantiles()[0],
-            "sleep_late_p99_s": self.lateness.quantiles()[1],
+            "display_late_q_s": self.lateness.quantiles()[0],
+            "sleep_late_q_s": self.lateness.quantiles()[1],
             "log": self.log,
             **info,
         }
