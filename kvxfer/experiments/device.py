@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             "kind": "run",
             "machine": machine,
             "wall_s": time.time() - t_start,
-            "command": "kvxfer experiment device " + " ".join(argv or []),
+            "command": "kvxfer experiment device " + " ".join(sys.argv[1:] if argv is None else argv),
             "cloud": a.cloud,
         }
     )
