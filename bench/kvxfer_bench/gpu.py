@@ -18,9 +18,7 @@ clock from post to completion at queue depth ``--queue-depth``; kernel-only figu
 
 from __future__ import annotations
 
-import hashlib
 import json
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -30,6 +28,8 @@ import time
 from typing import Any
 
 import numpy as np
+
+from .gpu_common import TargetProcess, choose_blocks, gpu_digest, paged_shape
 
 GiB = 1 << 30
 
@@ -73,18 +73,6 @@ def gpu_machine() -> dict:
     return out
 
 
-def _digest(pools, lay: dict, ids) -> str:
-    import torch
-
-    h = hashlib.sha256()
-    for pool in pools:
-        idx = torch.as_tensor(np.asarray(ids), dtype=torch.int64, device=pool.device)
-        view = pool.view(lay["num_layers"], lay["num_kv"], lay["num_blocks"], lay["block_bytes"])
-        for layer in range(lay["num_layers"]):  # a layer at a time keeps the host copy small
-            h.update(view[layer, :, idx].contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
-
-
 def _target(conn, device: int) -> None:
     """The spawned target: allocates pools on its GPU, registers them, answers digests."""
     import torch
@@ -120,7 +108,7 @@ def _target(conn, device: int) -> None:
                 reply: Any = (engine.descriptor(), [r.id for r in regions])
             elif cmd == "digest":
                 torch.cuda.synchronize(device)
-                reply = _digest(pools, lay, args["ids"])
+                reply = gpu_digest(pools, lay, args["ids"])
             elif cmd == "poison":
                 for p in pools:
                     p.fill_(args["value"])
@@ -137,29 +125,11 @@ def _target(conn, device: int) -> None:
             conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
-class _Target:
+class _Target(TargetProcess):
+    """The cuda_ipc target (_target) on GPU `device`."""
+
     def __init__(self, device: int):
-        ctx = mp.get_context("spawn")
-        self.conn, theirs = ctx.Pipe()
-        self.proc = ctx.Process(target=_target, args=(theirs, device), daemon=True)
-        self.proc.start()
-        theirs.close()  # if the target dies, the next recv raises EOFError at once
-
-    def call(self, cmd: str, timeout: float = 600, **args):
-        self.conn.send((cmd, args))
-        if not self.conn.poll(timeout):
-            raise RuntimeError(f"target: no answer to {cmd}")
-        status, value = self.conn.recv()
-        if status != "ok":
-            raise RuntimeError(f"target: {cmd}: {value}")
-        return value
-
-    def close(self):
-        try:
-            self.call("exit", timeout=30)
-        except Exception:  # noqa: BLE001
-            pass
-        self.proc.join(30)
+        super().__init__(_target, device)
 
 
 def _median_rate(nbytes: int, seconds: list[float]) -> float:
@@ -218,7 +188,7 @@ def _verify(torch, target, pools, lay, ids_l, ids_r, op_name, post_n, device) ->
         torch.cuda.synchronize(device)
     post_n(1, 1)
     torch.cuda.synchronize(device)
-    return _digest(pools, lay, ids_l) == target.call("digest", ids=list(np.asarray(ids_r).tolist()))
+    return gpu_digest(pools, lay, ids_l) == target.call("digest", ids=list(np.asarray(ids_r).tolist()))
 
 
 def run(opts: dict, emit) -> int:
@@ -229,13 +199,7 @@ def run(opts: dict, emit) -> int:
     import kvxfer.gpu
 
     d0, d1 = opts["device"], opts["target_device"]
-    layers, kv, pool_blocks, nblocks, bb = (
-        opts["layers"],
-        opts["kv"],
-        opts["pool_blocks"],
-        opts["blocks"],
-        opts["block_bytes"],
-    )
+    layers, kv, pool_blocks, nblocks, bb = paged_shape(opts)
     repeat, qds = opts["repeat"], opts["queue_depths"]
     status = kvxfer.gpu.cuda_status()
     if status:
@@ -244,9 +208,7 @@ def run(opts: dict, emit) -> int:
         raise RuntimeError(f"cuda:{max(d0, d1)} does not exist (torch sees {torch.cuda.device_count()} GPUs)")
     emit({"type": "machine", **gpu_machine()})
     torch.cuda.set_device(d0)
-    rng = np.random.default_rng(opts["seed"])
-    ids_l = rng.choice(pool_blocks, nblocks, replace=False)
-    ids_r = rng.choice(pool_blocks, nblocks, replace=False)
+    rng, ids_l, ids_r = choose_blocks(opts["seed"], pool_blocks, nblocks)
     moved = layers * kv * nblocks * bb
     dev0, dev1 = f"cuda:{d0}", f"cuda:{d1}"
 

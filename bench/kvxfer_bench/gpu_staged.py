@@ -14,28 +14,18 @@ are verified byte for byte.
 from __future__ import annotations
 
 import hashlib
-import multiprocessing as mp
 import os
 import statistics
 import time
 
 import numpy as np
 
+from .gpu_common import TargetProcess, choose_blocks, gpu_digest, paged_shape
+
 
 def _host_digest(pool: np.ndarray, lay: dict, ids) -> str:
     v = pool.reshape(lay["num_layers"], lay["num_kv"], lay["num_blocks"], lay["block_bytes"])
     return hashlib.sha256(np.ascontiguousarray(v[:, :, np.asarray(ids)]).tobytes()).hexdigest()
-
-
-def _gpu_digest(pool, lay: dict, ids) -> str:
-    import torch
-
-    v = pool.view(lay["num_layers"], lay["num_kv"], lay["num_blocks"], lay["block_bytes"])
-    idx = torch.as_tensor(np.asarray(ids), device=pool.device)
-    h = hashlib.sha256()
-    for layer in range(lay["num_layers"]):
-        h.update(v[layer, :, idx].contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def _target(conn, device: int, lay: dict, ids: list, chunk_layers: int) -> None:
@@ -72,7 +62,7 @@ def _target(conn, device: int, lay: dict, ids: list, chunk_layers: int) -> None:
                 reply = _host_digest(host, lay, ids)
             elif cmd == "digest_gpu":
                 torch.cuda.synchronize(device)
-                reply = _gpu_digest(gpool, lay, ids)
+                reply = gpu_digest([gpool], lay, ids)
             elif cmd == "exit":
                 conn.send(("ok", None))
                 engine.close()
@@ -91,42 +81,15 @@ def run(opts: dict, emit) -> int:
     import kvxfer.gpu_staging as st
 
     d0, d1 = opts["device"], opts["target_device"]
-    layers, kv, pool_blocks, nblocks, bb = (
-        opts["layers"],
-        opts["kv"],
-        opts["pool_blocks"],
-        opts["blocks"],
-        opts["block_bytes"],
-    )
+    layers, kv, pool_blocks, nblocks, bb = paged_shape(opts)
     chunk_layers = opts.get("chunk_layers", 4)
-    rng = np.random.default_rng(opts["seed"])
-    ids_l = rng.choice(pool_blocks, nblocks, replace=False)
-    ids_r = rng.choice(pool_blocks, nblocks, replace=False)
+    _, ids_l, ids_r = choose_blocks(opts["seed"], pool_blocks, nblocks)
     lay = {"num_layers": layers, "num_kv": kv, "num_blocks": pool_blocks, "block_bytes": bb}
     layout = kvxfer.KvLayout(**lay)
     moved = layers * kv * nblocks * bb
     nbytes = layers * kv * pool_blocks * bb
-    ctx = mp.get_context("spawn")
-    conn, theirs = ctx.Pipe()
-    proc = ctx.Process(target=_target, args=(theirs, d1, lay, ids_r.tolist(), chunk_layers), daemon=True)
-    proc.start()
-    theirs.close()  # if the target dies, the next recv raises EOFError at once
-
-    def call(cmd, **args):
-        conn.send((cmd, args))
-        if not conn.poll(600):
-            raise RuntimeError(f"target: no answer to {cmd}")
-        status, value = conn.recv()
-        if status != "ok":
-            raise RuntimeError(f"target: {cmd}: {value}")
-        return value
-
-    if not conn.poll(300):
-        raise RuntimeError("the staged target did not start")
-    status, value = conn.recv()
-    if status != "ok":
-        raise RuntimeError(f"target: {value}")
-    descriptor, host_id, staging_id = value
+    target = TargetProcess(_target, d1, lay, ids_r.tolist(), chunk_layers)
+    descriptor, host_id, staging_id = target.greeting(300, "the staged target did not start")
     engine = kvxfer.Engine(f"kvxfer-bench-staged-{os.getpid()}", backends=["tcp"], timeout=120.0)
     rc = 0
     try:
@@ -148,15 +111,11 @@ def run(opts: dict, emit) -> int:
         def gpu_round():
             round_no[0] += 1
             tag = f"r{round_no[0]}".encode()
-            conn.send(("recv", {"tag": tag}))
+            target.send("recv", tag=tag)
             st.send_staged(
                 engine, peer, gpool, layout, ids_l, staging, staging_id, tag=tag, chunk_layers=chunk_layers
             )
-            if not conn.poll(600):
-                raise RuntimeError("target: no answer to recv")
-            status, value = conn.recv()
-            if status != "ok":
-                raise RuntimeError(f"target: recv: {value}")
+            target.reply("recv")
 
         results = {}
         for name, fn in (("host", host_round), ("gpu-staged", gpu_round)):
@@ -172,9 +131,9 @@ def run(opts: dict, emit) -> int:
                     fn()
                 runs.append((time.perf_counter() - t0) / iters)
             results[name] = (moved / statistics.median(runs) / 1e9, runs, iters)
-        ok_host = _host_digest(host, lay, ids_l) == call("digest_host")
+        ok_host = _host_digest(host, lay, ids_l) == target.call("digest_host")
         torch.cuda.synchronize(d0)
-        ok_gpu = _gpu_digest(gpool, lay, ids_l) == call("digest_gpu")
+        ok_gpu = gpu_digest([gpool], lay, ids_l) == target.call("digest_gpu")
         base = results["host"][0]
         emit(
             {
@@ -211,9 +170,5 @@ def run(opts: dict, emit) -> int:
             rc = 3
     finally:
         engine.close()
-        try:
-            call("exit")
-        except Exception:  # noqa: BLE001
-            pass
-        proc.join(30)
+        target.close(timeout=600)
     return rc

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
 from kvxfer.child_env import child_env
@@ -56,7 +57,46 @@ from kvxfer.device.profiles import DeviceProfile, profile
 from kvxfer.device.sim import CLOUD_ONLY, DEVICE_ONLY, METHODS, NAIVE, PD, percentile
 from kvxfer.device.timing import refined_len
 
-DISPLAY_MARGIN = 0.005  # s
+DISPLAY_MARGIN = 0.005  # s: the pacer's margin under theta until lateness has been measured
+MARGIN_FLOOR = 0.001  # s: the measured margin never goes below this
+MARGIN_SAMPLES = 30  # lateness samples (display and sleep each) before the measured margin is used
+LATENESS_WINDOW = 400  # the most recent samples kept per kind
+LATENESS_Q = 99.9  # percentile of each kind of lateness that the margin covers (a gap of a paced
+# request is late with a chance of 1 - Q/100 per token, and a request paces tens of tokens)
+
+
+class Lateness:
+    """Online measure of how late this process wakes up, for the pacer's margin [inferred].
+
+    The displayed gap into token k is the pacer's interval plus the display thread's lateness
+    (release time minus due time); the device's first token is also late by the throttle's
+    sleep overshoot (the device finishes its absorb a little after the class's time). The
+    margin under theta is the sum of a high percentile of both, never below
+    :data:`MARGIN_FLOOR`, never above half of theta; until both kinds have
+    :data:`MARGIN_SAMPLES` samples it is the fixed :data:`DISPLAY_MARGIN`. It lives as long as
+    the device process, so each request starts from what the earlier ones measured.
+    """
+
+    def __init__(self) -> None:
+        self.display: deque[float] = deque(maxlen=LATENESS_WINDOW)
+        self.sleep: deque[float] = deque(maxlen=LATENESS_WINDOW)
+        self.lock = threading.Lock()
+
+    def add(self, kind: str, late: float) -> None:
+        with self.lock:
+            (self.display if kind == "display" else self.sleep).append(max(0.0, late))
+
+    def quantiles(self) -> tuple[float | None, float | None]:
+        with self.lock:
+            d, s = list(self.display), list(self.sleep)
+        q = lambda xs: percentile(xs, LATENESS_Q) if len(xs) >= MARGIN_SAMPLES else None  # noqa: E731
+        return q(d), q(s)
+
+    def margin(self, theta: float) -> float:
+        d, s = self.quantiles()
+        if d is None or s is None:
+            return min(DISPLAY_MARGIN, 0.1 * theta)
+        return min(max(MARGIN_FLOOR, d + s), 0.5 * theta)
 
 
 @dataclass
@@ -87,10 +127,11 @@ class Job:
 
 
 class _Throttle:
-    def __init__(self, clock) -> None:
+    def __init__(self, clock, lateness: Lateness | None = None) -> None:
         self.clock = clock
         self.vt = 0.0
         self.overrun = 0.0
+        self.lateness = lateness
 
     def run(self, cost: float, fn, *args):
         start = max(self.vt, self.clock())
@@ -102,14 +143,19 @@ class _Throttle:
             self.vt = self.clock()
         else:
             time.sleep(-late)
+            if self.lateness is not None:
+                self.lateness.add("sleep", self.clock() - self.vt)
         return out
 
 
 class _Session:
     """One request on the device (see the module docstring)."""
 
-    def __init__(self, lm: LM, prof: DeviceProfile, job: Job, chunk: int) -> None:
+    def __init__(
+        self, lm: LM, prof: DeviceProfile, job: Job, chunk: int, lateness: Lateness | None = None
+    ) -> None:
         self.lm, self.prof, self.job, self.chunk = lm, prof, job, chunk
+        self.lateness = lateness or Lateness()
         self.t0 = time.monotonic()
         self.deadline = self.t0 + job.deadline_s
         self.cv = threading.Condition()
@@ -125,19 +171,23 @@ class _Session:
         self.send_lock = threading.Lock()
         self.pending: list[dict] = []
         self.log: list[tuple[float, str, object]] = []
-        self.throttle = _Throttle(self.now)
-        # device progress, shared with the receiver for the catch-up estimate (under self.cv)
+        self.throttle = _Throttle(self.now, self.lateness)
+        # device progress, shared with the receiver for the catch-up estimate (under self.cv):
+        # ``pos`` counts the chunk in flight, ``free_at`` is when that chunk will be done
         self.pos = 0
+        self.free_at = 0.0
         self.target_len = len(job.prompt_token_ids)
         self.applied = job.method != PD or job.rho >= 1.0
         self.quota = job.n
         self.absorbed = 0
         self.more_requests = 0
+        self.est_max: float | None = None  # the latest catch-up the device ever estimated
         pace = job.method == PD
-        # the pacer aims a little under theta: the display thread wakes late by a few ms on a
-        # loaded host [inferred]
+        # the pacer aims a little under theta: the display thread wakes late, and the device's
+        # first token comes a little after the class's time; the margin is measured [inferred]
+        self.margin = self.lateness.margin(job.theta)
         self.pacer = Pacer(
-            theta=job.theta - min(DISPLAY_MARGIN, 0.1 * job.theta),
+            theta=job.theta - self.margin,
             delta_min=job.delta_min if pace else 0.0,
             handoff=max(1, job.n if job.method != CLOUD_ONLY else job.max_tokens),
         )
@@ -255,6 +305,7 @@ class _Session:
                 due = self.pacer.next_due()
                 t = self.now()
                 if due is not None and due <= t:
+                    self.lateness.add("display", t - due)
                     self.pacer.release(t)
                     self.cv.notify_all()
                     continue
@@ -279,7 +330,7 @@ class _Session:
         else:  # the refined prompt replaces the raw one; the system part's KV is kept
             new_len = len(self.refined) if self.refined else refined_len(L, j.rho, j.system_len, j.query_len)
             remaining = new_len - min(self.pos, j.system_len)
-        free = max(self.throttle.vt, self.now())
+        free = max(self.free_at, self.now())
         return free + remaining / p.prefill_tok_s + max(0, self.quota - self.absorbed) * p.c_d
 
     def _replan(self) -> int:
@@ -287,7 +338,9 @@ class _Session:
         for (0: none). Call under ``self.cv``; send the ``more`` message after releasing it."""
         if self.job.method != PD or self.pacer.handoff_fixed or self.stream_end is not None:
             return 0
-        self.pacer.update_catch(self._estimate_catch())
+        est = self._estimate_catch()
+        self.est_max = est if self.est_max is None else max(self.est_max, est)
+        self.pacer.update_catch(est)
         extra = self.pacer.shortfall(self.prof.c_d)
         if not extra:
             return 0
@@ -368,13 +421,23 @@ class _Session:
                 with self.cv:
                     self.applied, self.pos, self.target_len = True, pos, len(target)
                 self.log.append((self.now(), "refined", (len(new), lcp)))
-            # small chunks while the refined prompt may still replace the raw one
-            size = self.chunk if self.applied else max(16, self.chunk // 4)
+            # small chunks while the refined prompt may still replace the raw one, and the
+            # system part (which the refiner always keeps) first: past it, raw tokens are likely
+            # thrown away when the refined prompt arrives, so the chunks shrink to 16 tokens
+            if self.applied:
+                size = self.chunk
+            elif pos < j.system_len:
+                size = min(max(16, self.chunk // 4), j.system_len - pos)
+            else:
+                size = 16
             c = target[pos : pos + size]
-            self.throttle.run(len(c) / p.prefill_tok_s, lm.extend, st, c)
+            cost = len(c) / p.prefill_tok_s
+            with self.cv:  # the catch-up estimate counts this chunk as done at free_at
+                self.pos, self.free_at = pos + len(c), max(self.throttle.vt, self.now()) + cost
+            self.throttle.run(cost, lm.extend, st, c)
             pos += len(c)
             with self.cv:
-                self.pos = pos
+                self.pos, self.free_at = pos, self.throttle.vt
                 if pos >= len(prompt) and not self.applied:
                     self.applied = True  # the raw prompt is done first: keep it
                 extra = self._replan()
@@ -404,6 +467,8 @@ class _Session:
                         self.cv.notify_all()
                     break
             new = avail[absorbed:]
+            with self.cv:
+                self.free_at = max(self.throttle.vt, self.now()) + len(new) * p.c_d
             self.throttle.run(len(new) * p.c_d, lm.extend, st, new)
             self.log.append((self.now(), "absorb", len(new)))
             absorbed = len(avail)
@@ -467,6 +532,11 @@ class _Session:
             "link_gap_s": link_gap,
             "overrun_s": self.throttle.overrun,
             "more_requests": self.more_requests,
+            "catch_estimate_max_s": self.est_max,
+            "pacer_margin_s": self.margin,
+            "next_margin_s": self.lateness.margin(j.theta),
+            "display_late_q_s": self.lateness.quantiles()[0],
+            "sleep_late_q_s": self.lateness.quantiles()[1],
             "log": self.log,
             **info,
         }
@@ -477,9 +547,10 @@ class DeviceRuntime:
 
     def __init__(self, lm: LM, prof: DeviceProfile, chunk: int = 256) -> None:
         self.lm, self.prof, self.chunk = lm, prof, chunk
+        self.lateness = Lateness()  # measured across the requests of this runtime
 
     def run(self, job: Job) -> dict:
-        return _Session(self.lm, self.prof, job, self.chunk).run()
+        return _Session(self.lm, self.prof, job, self.chunk, self.lateness).run()
 
 
 _ERRORS = {

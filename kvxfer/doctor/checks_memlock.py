@@ -24,15 +24,17 @@ def _effective_caps() -> int:
 
 def ibverbs_pinned_overhead(ctx: Context) -> int:
     """Bytes one ibverbs backend registers for itself (native ibverbs_backend.cc): the
-    shared receive buffers (recv_buffers, default 64) and 8 notify slots (64 KiB + 8 each,
-    64-byte aligned) and the connection manager's UD buffers (96 x (40 + 1024))."""
+    shared receive buffers (recv_buffers, default 64), the first slab of 32 buffers for
+    notifications too large to go inline (64 KiB + 8 each, 64-byte aligned; more slabs of 32
+    are registered on demand, at most 16, while stopped peers hold buffers) and the
+    connection manager's UD buffers (96 x (40 + 1024))."""
     try:
         recv = min(4096, max(4, int(ctx.env_value("backend.ibverbs.recv_buffers")[1] or "64", 0)))
     except ValueError:
         recv = 64
     slot = (8 + 64 * 1024 + 63) & ~63
     ud = (40 + 1024 + 63) & ~63
-    return (recv + 8) * slot + (64 + 32) * ud
+    return (recv + 32) * slot + (64 + 32) * ud
 
 
 def check_memlock(ctx: Context) -> Check:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import platform
 import random
@@ -161,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         dev = stack.enter_context(DeviceProcess(a.model, prof))
         addr = f"127.0.0.1:{link.port}"
 
+        # the device's measured pacer margin (display and sleep lateness); the settings plan the
+        # pacing at theta minus it, as the device's pacer will
+        margin = [0.005]
+
         def run(method, ids, s, q, n=1, rho=1.0, g=None, **kw):
             j = Job(
                 f"{method}-{len(ids)}-{rng.random():.6f}",
@@ -189,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             r["cloud_tokens"] = acc.tokens if acc else 0
             r["cloud_prefill_s"] = acc.prefill_s if acc else 0.0
             r["cloud_decode_s"] = acc.decode_s if acc else 0.0
+            if r.get("next_margin_s") is not None:
+                margin[0] = r["next_margin_s"]
             return r
 
         # warm-up (not measured): the first request pays for allocator and kernel start-up
@@ -219,9 +227,13 @@ def main(argv: list[str] | None = None) -> int:
                     tau_busy=busy_tok,
                 )
             cond, pre, busy = est.conditions(a.profile, L, G, s, q)
-            st = choose(cond, pre, busy, policy, quality_curve)
-            n_naive = n_star(cond, 1.0, THETA, policy.safety)
-            _log(f"L={L}: settings {st.method} n={st.n} rho={st.rho} ({st.reason}); naive n={n_naive}")
+            pol = dataclasses.replace(policy, safety=1.0 - margin[0] / THETA)
+            st = choose(cond, pre, busy, pol, quality_curve)
+            n_naive = n_star(cond, 1.0, THETA, pol.safety)
+            _log(
+                f"L={L}: settings {st.method} n={st.n} rho={st.rho} ({st.reason}); naive n={n_naive}; "
+                f"pacer margin {margin[0] * 1e3:.1f} ms"
+            )
             per: dict[str, list[dict]] = {}
             failed: dict[str, int] = {}
             for _rep in range(repeats):
@@ -256,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
                     "tpot_p99_s": statistics.median(x["tpot_p99_s"] for x in rs),
                     "cloud_busy_s": statistics.median(x["cloud_busy_s"] for x in rs),
                     "cloud_tokens": statistics.median(x["cloud_tokens"] for x in rs),
+                    "cloud_prefill_s": statistics.median(x["cloud_prefill_s"] for x in rs),
+                    "cloud_decode_s": statistics.median(x["cloud_decode_s"] for x in rs),
                     "quality": statistics.median(x["quality"] for x in rs),
                     "answer_tokens": G,
                     "repeats": len(rs),
@@ -273,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                         agreement_curve=agreement_curve(st.rho),
                         handoff=rs[0]["handoff"],
                         more_requests=rs[0]["more_requests"],
+                        handoffs=[x["handoff"] for x in rs],
+                        pacer_margin_s=statistics.median(x["pacer_margin_s"] for x in rs),
+                        t_ready_s=statistics.median(x.get("t_ready") or 0.0 for x in rs),
                     )
                 if method == "naive-hybrid":
                     d.update(n=n_naive)
@@ -282,20 +299,30 @@ def main(argv: list[str] | None = None) -> int:
                 _log(f"L={L}: no summary, failed requests {failed}")
                 continue
             pd, do, co = med[PD], med[DEVICE_ONLY], med[CLOUD_ONLY]
-            emit(
-                {
-                    "experiment": "device",
-                    "kind": "summary",
-                    "prompt_tokens": L,
-                    "ttft_reduction_vs_device_only": 1 - pd["ttft_s"] / do["ttft_s"],
-                    "cloud_busy_ratio_cloud_only_over_pd": co["cloud_busy_s"] / pd["cloud_busy_s"]
-                    if pd["cloud_busy_s"]
-                    else None,
-                    "pd_tpot_max_s": pd["tpot_max_s"],
-                    "naive_tpot_max_s": med["naive-hybrid"]["tpot_max_s"],
-                    "decision": st.method,
-                }
-            )
+            summary = {
+                "experiment": "device",
+                "kind": "summary",
+                "prompt_tokens": L,
+                "ttft_reduction_vs_device_only": 1 - pd["ttft_s"] / do["ttft_s"],
+                "cloud_busy_ratio_cloud_only_over_pd": co["cloud_busy_s"] / pd["cloud_busy_s"]
+                if pd["cloud_busy_s"]
+                else None,
+                "pd_tpot_max_s": pd["tpot_max_s"],
+                "naive_tpot_max_s": med["naive-hybrid"]["tpot_max_s"],
+                "decision": st.method,
+            }
+            if st.method == PD:
+                # the best any pacing could do at this rho in this run: the display needs one
+                # token per theta (less the absorb cost) from the first token to T_ready
+                tau = co["cloud_decode_s"] / max(1, co["cloud_tokens"] - 1)
+                n_min = max(1, math.ceil((pd["t_ready_s"] - pd["ttft_s"]) / (THETA - prof.c_d)))
+                pd_pre = statistics.median(x["cloud_busy_s"] - x["cloud_decode_s"] for x in per[PD])
+                summary.update(
+                    n_min=n_min,
+                    cloud_tau_s=tau,
+                    busy_ratio_bound=co["cloud_busy_s"] / (pd_pre + (n_min - 1) * tau),
+                )
+            emit(summary)
             timelines[L] = per[PD][0]
 
         # link cut mid-stream: the device completes alone; the gap is reported
@@ -363,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             "kind": "run",
             "machine": machine,
             "wall_s": time.time() - t_start,
-            "command": "kvxfer experiment device " + " ".join(argv or []),
+            "command": "kvxfer experiment device " + " ".join(sys.argv[1:] if argv is None else argv),
             "cloud": a.cloud,
         }
     )

@@ -27,6 +27,10 @@ from kvxfer import errors
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu_env import GPUS, WHY  # noqa: E402
 
+ADVERSARIAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "adversarial")
+sys.path.insert(0, ADVERSARIAL)
+from notify_checks import FIT, NOTE, assert_serves_honest_peer, numbered, numbers, send_unauthenticated  # noqa: E402
+
 # backend -> (offset of the socket name in its endpoint info, handshake magic)
 PROTOCOL = {"shm": (12, 0x3153564B), "cuda_ipc": (4, 0x3143564B)}
 
@@ -56,19 +60,7 @@ def test_client_without_the_secret_cannot_connect_or_inject(backend):
         name = socket_name(eng, backend)
         # cuda_ipc's old format (instance | name | payload, no handshake) and junk.
         forged = struct.pack("<QH", 1234, 5) + b"admin" + b"bytes in place"
-        for first in (forged, b"N" + b"x" * 10, b"\0" * 64):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            s.settimeout(2)
-            try:
-                s.connect(b"\0" + name)
-                for _ in range(3):
-                    try:
-                        s.send(first)
-                    except OSError:
-                        break
-                time.sleep(0.2)
-            finally:
-                s.close()
+        send_unauthenticated(name, (forged, b"N" + b"x" * 10, b"\0" * 64))
         # The real handshake with a proof under a wrong secret: the connection is closed.
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         s.settimeout(5)
@@ -90,16 +82,7 @@ def test_client_without_the_secret_cannot_connect_or_inject(backend):
             s.close()
         time.sleep(0.2)
         assert eng.notifications() == []
-        # The engine still serves an honest peer.
-        with kvxfer.Engine("honest", backends=[backend]) as other:
-            peer = other.add_peer(eng.descriptor())
-            other.notify(peer, b"hi")
-            (note,) = eng.wait_for_notifications(1, timeout=10)
-            assert (note.peer, note.payload) == ("honest", b"hi")
-
-
-NOTE = 60 * 1024  # 64 MiB / 60 KiB = 1118 notifications fit in the engine's queue
-FIT = (64 << 20) // NOTE
+        assert_serves_honest_peer(eng, backend, timeout=10)
 
 
 def test_full_notification_queue_holds_senders_back_without_loss(backend):
@@ -112,7 +95,7 @@ def test_full_notification_queue_holds_senders_back_without_loss(backend):
         refused = 0
         for i in range(FIT + 100):
             try:
-                a.notify(peer, i.to_bytes(4, "little") + bytes(NOTE - 4), timeout=0.5)
+                a.notify(peer, numbered(i), timeout=0.5)
                 sent.append(i)
             except errors.TimeoutError:
                 refused += 1
@@ -123,7 +106,7 @@ def test_full_notification_queue_holds_senders_back_without_loss(backend):
         got = []
         stop = time.monotonic() + 30
         while len(got) < len(sent) and time.monotonic() < stop:
-            got += [int.from_bytes(n.payload[:4], "little") for n in b.notifications()]
+            got += numbers(b.notifications())
             time.sleep(0.01)
         # Nothing sent was lost, none twice; a timed-out notify() may still have gone out.
         assert set(sent) <= set(got) and len(got) == len(set(got))
@@ -131,7 +114,6 @@ def test_full_notification_queue_holds_senders_back_without_loss(backend):
 
 # --- a stopped peer holds nothing that serves another peer -------------------------------
 
-ADVERSARIAL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "adversarial")
 LATE_BOUND = 0.25  # seconds after the deadline (tests/adversarial/test_hung_peers.py's bound)
 
 
@@ -143,7 +125,6 @@ class _TargetProcess:
         import multiprocessing as mp
 
         if backend == "shm":
-            sys.path.insert(0, ADVERSARIAL)
             from target_process import Target
 
             self.target = Target(name, "shm")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import numpy as np
@@ -18,6 +19,10 @@ import rdma_helpers as h
 
 import kvxfer._native as native
 from kvxfer import Op, TransferState, errors
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "adversarial"))
+from notify_checks import NOTE, assert_full_queue_holds_posts_back_without_loss  # noqa: E402
+from target_process import stop_process  # noqa: E402
 
 pytestmark = pytest.mark.rdma
 h.require_rdma()
@@ -162,76 +167,14 @@ def test_stale_descriptor_after_deregister_never_lands():
     b.close()
 
 
-NOTE = 60 * 1024  # bytes per notification: 64 MiB / 60 KiB = 1118 fit in the engine's queue
-FIT = (64 << 20) // NOTE
-
-
 def test_full_notification_queue_holds_senders_back_without_loss():
     a = h.make_engine("sender")
     b = h.make_engine("slow-reader")
     try:
-        src = np.full(4096, 7, np.uint8)
-        dst = np.zeros(4096, np.uint8)
-        ra, rb = a.register(src), b.register(dst)
-        peer = a.add_peer(b.descriptor())
-        ext = [[0, 64]]
-        transfers = []
-        for i in range(FIT + 200):
-            transfers.append(
-                a.post(
-                    Op.WRITE,
-                    peer,
-                    ra,
-                    rb.id,
-                    local_extents=ext,
-                    remote_extents=ext,
-                    notify=i.to_bytes(4, "little") + bytes(NOTE - 4),
-                    timeout=20.0,
-                )
-            )
-        stop = time.monotonic() + 120
-        while any(t.poll() == TransferState.PENDING for t in transfers) and time.monotonic() < stop:
-            time.sleep(0.05)
-        states = [t.poll() for t in transfers]
-        assert TransferState.PENDING not in states
-        done = [i for i, s in enumerate(states) if s == TransferState.DONE]
-        assert len(done) < len(transfers), "the receiver's queue bound never held a sender back"
-        maybe = set()  # timed out while committing: the notification may have gone out
-        for i, t in enumerate(transfers):
-            if t.poll() == TransferState.FAILED:
-                with pytest.raises(errors.TimeoutError) as e:
-                    t.wait()
-                if "may have received" in str(e.value):
-                    maybe.add(i)
-        # Everything a DONE transfer sent arrives once the reader takes its queue, in order.
-        got = []
-        stop = time.monotonic() + 60
-        while not set(done) <= set(got) and time.monotonic() < stop:
-            got += [int.from_bytes(n.payload[:4], "little") for n in b.notifications()]
-            time.sleep(0.05)
-        assert set(done) <= set(got) <= set(done) | maybe
-        assert len(got) == len(set(got))  # none twice
+        assert_full_queue_holds_posts_back_without_loss(a, b, timeout=20.0, settle=120, drain=60, poll=0.05)
     finally:
         a.close()
         b.close()
-
-
-def _stop(pid: int) -> None:
-    """SIGSTOP `pid` and wait until every thread of it is stopped."""
-    os.kill(pid, signal.SIGSTOP)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        states = []
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                    states.append(f.read().rsplit(")", 1)[1].split()[0])
-            except FileNotFoundError:
-                continue
-        if states and all(s in ("T", "t") for s in states):
-            return
-        time.sleep(0.01)
-    raise TimeoutError(f"process {pid} did not stop")
 
 
 def test_stopped_peer_ends_by_its_deadline_and_holds_no_healthy_peer():
@@ -246,7 +189,7 @@ def test_stopped_peer_ends_by_its_deadline_and_holds_no_healthy_peer():
         src = h.random_bytes(4096, 62)
         ra = a.register(src)
         ps, ph = a.add_peer(stopped.descriptor), a.add_peer(healthy.descriptor)
-        _stop(stopped.pid)
+        stop_process(stopped.pid, within=30)
         ext = [[0, 64]]
         deadline_s = 8.0
         t0 = time.monotonic()
@@ -288,3 +231,77 @@ def test_stopped_peer_ends_by_its_deadline_and_holds_no_healthy_peer():
         a.close()
         healthy.quit()
         stopped.quit()
+
+
+def test_several_stopped_peers_leave_notification_buffers_for_a_healthy_one():
+    """Five SIGSTOPped targets each hold their share of the initiator's buffers for large
+    notifications (SENDs waiting in RNR); together they hold more than one slab. More buffers
+    are registered on demand, so a healthy peer's large notifications still go out at once."""
+    lay = (1, 1, 16, 4096)
+    stopped = [h.Target(f"ib-stopped-{i}", lay) for i in range(5)]
+    healthy = h.Target("ib-healthy", lay)
+    a = h.make_engine("ib-initiator")
+    try:
+        src = h.random_bytes(4096, 63)
+        ra = a.register(src)
+        peers = [a.add_peer(t.descriptor) for t in stopped]
+        ph = a.add_peer(healthy.descriptor)
+        for t in stopped:
+            stop_process(t.pid, within=30)
+        ext = [[0, 64]]
+        deadline_s = 15.0
+        t0 = time.monotonic()
+        to_stopped = [
+            a.post(
+                Op.WRITE,
+                p,
+                ra,
+                t.region_id,
+                local_extents=ext,
+                remote_extents=ext,
+                notify=bytes(NOTE),
+                timeout=deadline_s,
+            )
+            for p, t in zip(peers, stopped, strict=True)
+            for _ in range(80)
+        ]
+        # Each stopped peer's receive buffers take its first 64 notifications; the rest wait in
+        # RNR and hold the initiator's buffers. Only then does the healthy peer post.
+        settle = time.monotonic() + deadline_s / 2
+        while sum(t.poll() == TransferState.DONE for t in to_stopped) < 5 * 64 and time.monotonic() < settle:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        to_healthy = [
+            a.post(
+                Op.WRITE,
+                ph,
+                ra,
+                healthy.region_id,
+                local_extents=ext,
+                remote_extents=ext,
+                notify=i.to_bytes(4, "little") + bytes(NOTE - 4),
+            )
+            for i in range(20)
+        ]
+        for t in to_healthy:
+            t.wait(h.TIMEOUT)
+        healthy_s = time.monotonic() - t0
+        assert healthy_s < deadline_s, f"a healthy peer waited {healthy_s:.1f} s behind stopped ones"
+        stop = time.monotonic() + 90
+        while any(t.poll() == TransferState.PENDING for t in to_stopped) and time.monotonic() < stop:
+            time.sleep(0.05)
+        states = [t.poll() for t in to_stopped]
+        print(
+            f"healthy {healthy_s:.2f} s; failed per stopped peer:",
+            [sum(s == TransferState.FAILED for s in states[i * 80 : (i + 1) * 80]) for i in range(5)],
+        )
+        assert TransferState.PENDING not in states
+        assert TransferState.FAILED in states, "the stopped peers' receive buffers never ran out"
+    finally:
+        for t in stopped:
+            os.kill(t.pid, signal.SIGCONT)
+        a.close()
+        healthy.quit()
+        for t in stopped:
+            t.quit()

@@ -55,6 +55,9 @@ def test_experiment_emits_the_issue_fields(capsys, tmp_path):
     # a 1536-token prompt at 1000 tokens/s: device-only waits ~1.5 s, the cloud answers first
     assert methods["pd-device"]["ttft_s"] < methods["device-only"]["ttft_s"]
     kinds = {r.get("kind"): r for r in rows}
+    summary = kinds["summary"]
+    if summary["decision"] == "pd-device":  # the bound on the busy ratio at the chosen rho
+        assert summary["n_min"] >= 1 and summary["busy_ratio_bound"] > 0 and summary["cloud_tau_s"] > 0
     drop = kinds["link-drop"]
     assert drop["stream_end"] == "link_down" and drop["answer_equals_cloud_only"] and drop["link_gap_s"] > 0
     assert kinds["settings-regret"]["requests"] == 30

@@ -110,6 +110,31 @@ def test_link_drop_stretches_then_reports_the_gap():
     assert p.handoff_gap() > 0.05  # the gap the drop caused is visible, not hidden
 
 
+def test_margin_is_the_measured_lateness_with_a_floor_and_a_cap():
+    from kvxfer.device.device import DISPLAY_MARGIN, MARGIN_FLOOR, MARGIN_SAMPLES, Lateness
+
+    m = Lateness()
+    assert m.margin(0.05) == DISPLAY_MARGIN  # nothing measured yet: the fixed margin
+    for i in range(MARGIN_SAMPLES):
+        m.add("display", 0.0002 if i else 0.003)  # one late wake-up of 3 ms
+    assert m.margin(0.05) == DISPLAY_MARGIN  # sleep overshoot not measured yet
+    for _ in range(MARGIN_SAMPLES * 3):
+        m.add("display", 0.0002)
+        m.add("sleep", 0.0001)
+    d, s = m.quantiles()
+    assert 0.0002 <= d <= 0.003 and s == pytest.approx(0.0001)
+    assert m.margin(0.05) == max(MARGIN_FLOOR, d + s)  # small lateness: the floor
+    for _ in range(400):
+        m.add("display", 0.004)
+        m.add("sleep", 0.001)
+    assert m.margin(0.05) == pytest.approx(0.005)  # the p99 of each kind, summed
+    for _ in range(400):
+        m.add("display", 0.2)
+    assert m.margin(0.05) == 0.025  # never more than half of theta
+    m.add("display", -1.0)  # early (cannot happen) counts as on time
+    assert min(m.display) == 0.0
+
+
 def test_bad_inputs_are_typed_errors():
     with pytest.raises(BadSettingsError):
         Pacer(theta=0.0, delta_min=0.0, handoff=3)

@@ -97,6 +97,16 @@ def test_rho_below_1_is_cloud_tokens_then_the_devices_continuation(device, cloud
     assert r["tokens"][h:] == cont  # then the device's continuation from token h+1
 
 
+def test_catch_up_estimate_counts_the_chunk_in_flight(device, cloud, prompt):
+    """Cloud tokens arrive while the device prefills a chunk: the estimate counts that chunk once
+    (before the fix it counted it twice, so the device asked for more cloud tokens than it
+    needed: one 256-token chunk, 0.17 s on this class, too late). An estimate may fall short
+    of the real catch-up on a loaded host (the device then asks for more), never overshoot."""
+    r = device.run(job("pd-device", prompt, cloud.port, rho=0.5, n=8))
+    assert r["catch_estimate_max_s"] is not None
+    assert r["catch_estimate_max_s"] <= r["t_catch"] + 0.03
+
+
 def test_baselines_give_the_same_tokens(device, cloud, prompt, reference):
     for method in ("device-only", "cloud-only", "naive-hybrid"):
         r = device.run(job(method, prompt, cloud.port))

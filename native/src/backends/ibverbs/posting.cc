@@ -142,27 +142,41 @@ bool Shared::postFrom(Connection& conn, Work& w) {
 
 bool Shared::postNotify(Connection& conn, Work& w) {
     if (send_in_flight_ >= send_budget_) return false;
-    if (w.notify_slot < 0) {
-        // One peer holds at most a quarter of the slots: SENDs to a stopped peer wait in RNR
-        // until their transfers' deadlines, and must not starve the other peers' notifications.
-        if (free_notify_.empty() || conn.notify_held >= std::max<uint32_t>(1, t_.notify_slots / 4))
-            return false;
-        w.notify_slot = free_notify_.back();
-        free_notify_.pop_back();
-        ++conn.notify_held;
-        const Bytes& p = w.notifyPayload();
-        uint8_t* buf = notify_slab_->slot(static_cast<size_t>(w.notify_slot));
-        writeNotifyHeader(buf, static_cast<uint32_t>(p.size()));
-        if (!p.empty()) std::memcpy(buf + NotifyHeader::kBytes, p.data(), p.size());
-    }
+    const Bytes& p = w.notifyPayload();
+    const uint32_t len = static_cast<uint32_t>(NotifyHeader::kBytes + p.size());
     Slot* s = pickSlot(conn, true);
     if (s == nullptr) return false;
-    const uint32_t len = static_cast<uint32_t>(NotifyHeader::kBytes + w.notifyPayload().size());
+    // A notification that fits inline is copied into the work request by the post itself and
+    // holds no buffer afterwards, so it never waits for (or takes) a shared slot: a stopped
+    // peer's RNR-waiting SENDs cannot starve anyone's small notifications.
+    const bool inline_data = len <= s->qp->maxInline();
+    uint8_t inline_buf[NotifyHeader::kBytes + 256];
+    uint8_t* buf = nullptr;
+    uint32_t lkey = 0;
+    if (inline_data && len <= sizeof(inline_buf)) {
+        buf = inline_buf;
+        writeNotifyHeader(buf, static_cast<uint32_t>(p.size()));
+        if (!p.empty()) std::memcpy(buf + NotifyHeader::kBytes, p.data(), p.size());
+    } else {
+        if (w.notify_slot < 0) {
+            // One peer holds at most a quarter of the slots: SENDs to a stopped peer wait in RNR
+            // until their transfers' deadlines, and must not starve the other peers' notifications.
+            if (conn.notify_held >= std::max<uint32_t>(1, t_.notify_slots / 4)) return false;
+            if (free_notify_.empty() && !growNotifySlots().isOk()) return false;
+            w.notify_slot = free_notify_.back();
+            free_notify_.pop_back();
+            ++conn.notify_held;
+            uint8_t* slot = notifyBuffer(w.notify_slot);
+            writeNotifyHeader(slot, static_cast<uint32_t>(p.size()));
+            if (!p.empty()) std::memcpy(slot + NotifyHeader::kBytes, p.data(), p.size());
+        }
+        buf = notifyBuffer(w.notify_slot);
+        lkey = notifyLkey(w.notify_slot);
+    }
     PostList list;
     const uint64_t seq = s->window.nextSeq();
-    list.addSend(makeWrId(WrKind::kRcSend, seq),
-                 reinterpret_cast<uint64_t>(notify_slab_->slot(static_cast<size_t>(w.notify_slot))), len,
-                 notify_slab_->lkey(), true, len <= s->qp->maxInline());
+    list.addSend(makeWrId(WrKind::kRcSend, seq), reinterpret_cast<uint64_t>(buf), len, lkey, true,
+                 inline_data);
     ibv_send_wr* bad = nullptr;
     Status st = s->qp->post(list.link(), &bad);
     if (!st.isOk()) {
@@ -176,6 +190,21 @@ bool Shared::postNotify(Connection& conn, Work& w) {
     send_in_flight_ += 1;
     w.phase = Work::Phase::kNotifyPosted;
     return true;
+}
+
+// Registers one more slab of notification buffers (the progress thread, when every buffer is
+// held: typically by SENDs waiting in RNR for stopped peers). Fails at the cap or when the
+// registration fails; a notification then waits for a buffer to come back.
+Status Shared::growNotifySlots() {
+    if (notify_slabs_.size() >= kMaxNotifySlabs) {
+        return Status::outOfRange("every ibverbs notification buffer is in use");
+    }
+    auto slab = RegisteredSlab::create(device_, t_.notify_slots, kNotifyBufferBytes, IBV_ACCESS_LOCAL_WRITE);
+    if (!slab.isOk()) return slab.status();
+    const int first = static_cast<int>(notify_slabs_.size() * t_.notify_slots);
+    notify_slabs_.push_back(std::move(slab).value());
+    for (uint32_t i = 0; i < t_.notify_slots; ++i) free_notify_.push_back(first + static_cast<int>(i));
+    return Status::ok();
 }
 
 }  // namespace kvxfer::ib

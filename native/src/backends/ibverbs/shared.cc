@@ -55,8 +55,7 @@ Status Shared::init() {
     KVXFER_ASSIGN_OR_RETURN(srq_, SharedReceiveQueue::create(device_, t_.recv_buffers));
     KVXFER_ASSIGN_OR_RETURN(recv_slab_, RegisteredSlab::create(device_, t_.recv_buffers, kNotifyBufferBytes,
                                                                IBV_ACCESS_LOCAL_WRITE));
-    KVXFER_ASSIGN_OR_RETURN(notify_slab_, RegisteredSlab::create(device_, t_.notify_slots, kNotifyBufferBytes,
-                                                                 IBV_ACCESS_LOCAL_WRITE));
+    KVXFER_RETURN_IF_ERROR(growNotifySlots());
     KVXFER_ASSIGN_OR_RETURN(ud_slab_,
                             RegisteredSlab::create(device_, kUdRecvDepth + kUdSendSlots,
                                                    kGrhBytes + CmMessage::kMaxBytes, IBV_ACCESS_LOCAL_WRITE));
@@ -64,7 +63,6 @@ Status Shared::init() {
                             QueuePair::createUd(device_, cq_->cq(), kUdSendSlots, kUdRecvDepth, qkey_));
     for (uint32_t i = 0; i < t_.recv_buffers; ++i) KVXFER_RETURN_IF_ERROR(postSrqBuffer(i));
     for (uint32_t i = 0; i < kUdRecvDepth; ++i) KVXFER_RETURN_IF_ERROR(postUdBuffer(i));
-    for (uint32_t i = 0; i < t_.notify_slots; ++i) free_notify_.push_back(static_cast<int>(i));
     for (uint32_t i = 0; i < kUdSendSlots; ++i) free_ud_send_.push_back(static_cast<int>(kUdRecvDepth + i));
     KVXFER_RETURN_IF_ERROR(cq_->arm());
     return Status::ok();

@@ -61,7 +61,8 @@ struct Tunables {
     uint32_t signal_interval = 32;
     uint32_t chain_max = 32;  // WRs per post list (and per QP turn when spreading a job)
     uint32_t recv_buffers = 64;
-    uint32_t notify_slots = 32;  // shared by all peers; one peer holds at most a quarter
+    uint32_t notify_slots = 32;  // per slab, shared by all peers; one peer holds at most a quarter of
+                                 // one slab; more slabs are registered on demand (kMaxNotifySlabs)
     uint32_t cq_entries = 16384;
     uint64_t max_wr_bytes = 1 << 20;
     RcTiming timing;
@@ -433,7 +434,17 @@ private:
     std::unique_ptr<CompletionQueue> cq_;
     std::unique_ptr<SharedReceiveQueue> srq_;
     std::unique_ptr<RegisteredSlab> recv_slab_;
-    std::unique_ptr<RegisteredSlab> notify_slab_;
+    // Buffers of notifications too large to go inline; slot i lives in slab i / notify_slots.
+    std::vector<std::unique_ptr<RegisteredSlab>> notify_slabs_;
+    static constexpr size_t kMaxNotifySlabs = 16;
+    Status growNotifySlots();
+    uint8_t* notifyBuffer(int slot) const {
+        return notify_slabs_[static_cast<size_t>(slot) / t_.notify_slots]->slot(static_cast<size_t>(slot) %
+                                                                                t_.notify_slots);
+    }
+    uint32_t notifyLkey(int slot) const {
+        return notify_slabs_[static_cast<size_t>(slot) / t_.notify_slots]->lkey();
+    }
     std::unique_ptr<RegisteredSlab> ud_slab_;
     std::unique_ptr<QueuePair> ud_qp_;
     int wake_fd_ = -1;
