@@ -683,7 +683,9 @@ void listenLoop(const std::shared_ptr<Shared>& sh) {
     std::vector<uint8_t> buf(kQuickBufferBytes);  // the quick path's input buffer
     epoll_event events[64];
     for (;;) {
-        const int n = ::epoll_wait(sh->epoll_fd.fd, events, 64, 1000);
+        // No timeout: the stop writes wake_fd (level-triggered, never drained), and a finite
+        // one arms and cancels a kernel timer on every wait, i.e. on every small request.
+        const int n = ::epoll_wait(sh->epoll_fd.fd, events, 64, -1);
         if (sh->stopping.load()) return;
         for (int i = 0; i < n; ++i) {
             const int fd = events[i].data.fd;
