@@ -361,21 +361,17 @@ class Engine:
         """One extent: ``nbytes`` at ``local_offset`` of ``local`` to or from
         ``remote_offset`` of the peer's region. The same transfer as ``post`` with one
         extent on each side, without array conversions: the small-request path."""
-        return Transfer(
-            _native.post_extent(
-                self._native,
-                op,
-                peer,
-                local,
-                _region_id(remote_region),
-                local_offset,
-                remote_offset,
-                nbytes,
-                _payload(notify),
-                timeout,
-            ),
-            self,
+        # The common argument types are checked inline (a call less each, per request).
+        if type(remote_region) is not int or not 0 <= remote_region < 2**32:
+            remote_region = _region_id(remote_region)
+        if type(notify) is not bytes:
+            notify = _payload(notify)
+        t = _new_transfer(Transfer)
+        t._t = _native.post_extent(
+            self._native, op, peer, local, remote_region, local_offset, remote_offset, nbytes, notify, timeout
         )
+        t._engine = self
+        return t
 
     def post_parts(
         self,
@@ -497,6 +493,9 @@ class Engine:
 
     def __repr__(self) -> str:
         return f"<kvxfer.Engine {self.name!r} backends={self.backends}>"
+
+
+_new_transfer = object.__new__  # Transfer without its __init__ call: post_extent sets both slots
 
 
 def _region_id(remote_region: Any) -> int:

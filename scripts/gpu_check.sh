@@ -2,7 +2,7 @@
 # One command for a GPU machine: print the machine, build kvxfer's Python module if the
 # one at hand does not import, run tests/gpu, run the GPU benchmarks, and write every
 # output under $OUT (default ./gpu-out). Usage:
-#   bash scripts/gpu_check.sh [all|build|test|sweep|bench|tcp|equivalence|quick]
+#   bash scripts/gpu_check.sh [all|build|test|sweep|bench|tcp|equivalence|forwarding|quick]
 # The build prefers CMake; where there is no cmake/pybind11 it compiles the sources with
 # one g++ command per file (pybind11 headers from PYBIND11_INCLUDE or build/pybind11-include).
 # BUILD_TYPE (default Release) and CXXFLAGS_EXTRA (e.g. -g) shape the build. Where the machine
@@ -115,6 +115,23 @@ equivalence() {
   tail -5 "$OUT/equivalence.txt"; cat "$OUT/equivalence.jsonl"
 }
 
+forwarding() {
+  # Issue 11, forwarding in real mode on the 32-core machine: the tiny model's workers compute
+  # on the CPU, one torch thread each (docs/pd-serve-forwarding.md says why not on the GPUs).
+  # A compute profile taken here first sizes the decodes by Eq. 1; the tiny model on cuda:0
+  # is profiled too, for the record. FWD_ARGS adds to or overrides the experiment's flags.
+  log "forwarding, real mode (profile here, decodes by Eq. 1)"
+  local f="$OUT/forwarding-real"
+  $PY -m kvxfer.serve.profile --model tiny --context 1024 --out "$OUT/tiny-profile.json" 2> "$f.txt"
+  $PY -m kvxfer.serve.profile --model tiny --device cuda:0 --prompt-lens 128 512 2048 --batches 1 4 16 \
+    --context 1024 --out "$OUT/tiny-profile-cuda0.json" 2>> "$f.txt"
+  $PY -m kvxfer.cli experiment forwarding --json --mode real --model tiny --profile "$OUT/tiny-profile.json" \
+    --prefills 6 --decodes 0 --b-d 16 --scale 0.25 --output-tokens 256 --duration 15 \
+    --budget-s "${FWD_BUDGET_S:-400}" --plot "$f.png" ${FWD_ARGS:-} > "$f.jsonl" 2>> "$f.txt"
+  echo "rc=$?" >> "$f.txt"
+  tail -40 "$f.txt"; cat "$f.jsonl"
+}
+
 case "$what" in
   all) machine; build && tests; sweep; bench ;;
   sweep) build && sweep ;;
@@ -123,6 +140,7 @@ case "$what" in
   bench) build && bench ;;
   tcp) build && bench_tcp ;;
   equivalence) build && equivalence ;;
+  forwarding) machine; build && forwarding ;;
   quick) machine; build && tests ;;
-  *) echo "usage: $0 [all|build|test|sweep|bench|tcp|equivalence|quick]"; exit 2 ;;
+  *) echo "usage: $0 [all|build|test|sweep|bench|tcp|equivalence|forwarding|quick]"; exit 2 ;;
 esac

@@ -8,11 +8,13 @@
 // Baselines of the same bytes, one request at a time (backend names):
 //   socket-pingpong: a plain TCP ping-pong over 127.0.0.1 between two threads: a 32-byte
 //                    header + the bytes one way, a 32-byte answer back (TCP_NODELAY);
+//   epoll-pingpong:  the same, the server waiting in epoll_wait then reading (an event loop);
 //   wake-pingpong:   an eventfd ping-pong between two threads plus a memcpy of the bytes.
 // Prints one JSON line.
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <time.h>
@@ -68,7 +70,7 @@ double baseline(const std::string& kind, uint64_t bytes, int iters, std::vector<
     std::vector<uint8_t> src(bytes + 32, 1), dst(bytes + 32, 0);
     const int warm = std::min(iters, 1000);
     Clock::time_point t0;
-    if (kind == "socket-pingpong") {
+    if (kind == "socket-pingpong" || kind == "epoll-pingpong") {
         const int ls = ::socket(AF_INET, SOCK_STREAM, 0);
         sockaddr_in addr{};
         addr.sin_family = AF_INET;
@@ -84,8 +86,30 @@ double baseline(const std::string& kind, uint64_t bytes, int iters, std::vector<
             const int one = 1;
             ::setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
             uint8_t ack[32] = {};
-            while (full(recvIo, c, dst.data(), bytes + 32)) {
-                if (!full(sendIo, c, ack, sizeof(ack))) break;
+            if (kind == "epoll-pingpong") {
+                // The server waits in epoll_wait, then reads what is there: an event loop's
+                // wake-up (kvxfer's tcp listener serves small frames this way).
+                const int ep = ::epoll_create1(0);
+                epoll_event ev{};
+                ev.events = EPOLLIN;
+                ev.data.fd = c;
+                ::epoll_ctl(ep, EPOLL_CTL_ADD, c, &ev);
+                size_t have = 0;
+                for (;;) {
+                    epoll_event got[8];
+                    if (::epoll_wait(ep, got, 8, -1) < 1) break;
+                    const ssize_t k = ::recv(c, dst.data() + have, bytes + 32 - have, MSG_DONTWAIT);
+                    if (k <= 0) break;
+                    have += static_cast<size_t>(k);
+                    if (have < bytes + 32) continue;
+                    have = 0;
+                    if (!full(sendIo, c, ack, sizeof(ack))) break;
+                }
+                ::close(ep);
+            } else {
+                while (full(recvIo, c, dst.data(), bytes + 32)) {
+                    if (!full(sendIo, c, ack, sizeof(ack))) break;
+                }
             }
             ::close(c);
         });
@@ -147,7 +171,7 @@ int main(int argc, char** argv) {
     const uint64_t bytes = argc > 2 ? std::stoull(argv[2]) : 4096;
     const int iters = argc > 3 ? std::stoi(argv[3]) : 20000;
     const int depth = argc > 4 ? std::max(1, std::stoi(argv[4])) : 1;
-    if (backend == "socket-pingpong" || backend == "wake-pingpong") {
+    if (backend == "socket-pingpong" || backend == "epoll-pingpong" || backend == "wake-pingpong") {
         std::vector<double> lat;
         const double secs = baseline(backend, bytes, iters, lat);
         std::printf(

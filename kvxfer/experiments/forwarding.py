@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import statistics
 import sys
@@ -100,6 +101,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
         help="measured requests per point at least, A search included (100; --quick 0)",
     )
     p.add_argument("--max-point-s", type=float, default=900.0, help="a point ends after this in any case")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=0.0,
+        help="stop starting points once this many seconds of the run are spent (0: no limit); "
+        "the rows measured so far are already on stdout",
+    )
     p.add_argument("--cal-samples", type=int, help="calibration requests per prompt length (5; --quick 3)")
     p.add_argument(
         "--time-scale",
@@ -110,6 +118,12 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--a", type=int, default=0, help="use this A instead of searching for it")
     p.add_argument("--loads", help="loads to run (1,2,3,4,5; --quick 1,4)")
     p.add_argument("--backend", choices=("shm", "tcp"), default="shm")
+    p.add_argument(
+        "--gateways",
+        type=int,
+        default=1,
+        help="gateways per policy, each with its own load generator process (users split evenly)",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     preset = QUICK if args.quick else FULL
@@ -192,13 +206,17 @@ async def _point(
     duration: float,
     min_requests: int = 0,
     max_s: float = 900.0,
-) -> dict:
-    """``users`` closed-loop users: started evenly over ``ramp`` s, measured after it
-    (requests started during the ramp are left out) for ``duration`` s and until at least
-    ``min_requests`` measured requests have ended (at most ``max_s``): a success rate of
-    100% or 99% over a few dozen requests says little."""
+    user_ids: list[int] | None = None,
+    start_at: float = 0.0,
+) -> list[Any]:
+    """``users`` closed-loop users (or the share ``user_ids`` of them): started evenly over
+    ``ramp`` s, then run for ``duration`` s and until at least ``min_requests`` requests that
+    started after the ramp have ended (at most ``max_s``). ``start_at``: wall-clock time to
+    begin (several load generator processes start together). Returns the loadgen results."""
     from kvxfer.serve import loadgen
 
+    if start_at:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
     t0 = time.monotonic()
 
     def enough(res: list) -> bool:
@@ -206,15 +224,82 @@ async def _point(
             return False
         return sum(1 for r in res if r.start_s >= ramp) >= min_requests
 
-    res = await loadgen.closed_loop(
+    return await loadgen.closed_loop(
         url, workload, users, ttft_slo_s=slo, duration_s=ramp + max(duration, max_s), ramp_s=ramp,
-        until=enough,
+        until=enough, user_ids=user_ids,
     )  # fmt: skip
-    wall = max(r.start_s for r in res) - ramp if res else duration
-    return loadgen.summarize([r for r in res if r.start_s >= ramp], wall_s=max(duration, wall))
 
 
-def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+def _point_part(url: str, workload: Any, users: int, slo: Any, ramp: float, duration: float,
+                min_requests: int, max_s: float, user_ids: list[int],
+                start_at: float) -> list[dict[str, Any]]:  # fmt: skip
+    """One load generator process's share of a point (run in a pool process)."""
+    from dataclasses import asdict
+
+    res = asyncio.run(
+        _point(url, workload, users, slo, ramp, duration, min_requests, max_s, user_ids, start_at)
+    )
+    return [asdict(r) for r in res]
+
+
+class _Loadgens:
+    """Where a point's users run: in this process (one gateway per policy), or, with
+    ``--gateways K`` > 1, in K load generator processes, user u in process u % K talking to
+    gateway u % K [inferred: one Python process parsing every streamed token through the
+    ``openai`` client became the bottleneck of the real-mode run on 32 cores]."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.started = 0.0  # wall clock at which the last point's users began
+        self.pool: Any = None
+        if k > 1:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(k, mp_context=multiprocessing.get_context("spawn"))
+
+    def point(
+        self, urls: list[str], workload: Any, users: int, slo: Any, ramp: float, duration: float,
+        min_requests: int, max_s: float,
+    ) -> dict:  # fmt: skip
+        from kvxfer.serve import loadgen
+
+        if self.pool is None:
+            self.started = time.time()
+            res = asyncio.run(_point(urls[0], workload, users, slo, ramp, duration, min_requests, max_s))
+        else:
+            start_at = self.started = time.time() + 2.0
+            futs = [
+                self.pool.submit(_point_part, urls[i], workload, users, slo, ramp, duration,
+                                 -(-min_requests // self.k), max_s, list(range(i, users, self.k)), start_at)
+                for i in range(min(self.k, users))
+            ]  # fmt: skip
+            res = [loadgen.Result(**d) for f in futs for d in f.result()]
+        wall = max(r.start_s for r in res) - ramp if res else duration
+        return loadgen.summarize([r for r in res if r.start_s >= ramp], wall_s=max(duration, wall))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+class SloRule:
+    """A request's TTFT SLO by its prompt class (picklable: it travels to load generator
+    processes): see :func:`slo_of`."""
+
+    def __init__(
+        self, alone: dict[int, float], long_n: int, short_n: int, slack: float, floor: float
+    ) -> None:
+        self.alone, self.long_n, self.short_n, self.slack, self.floor = alone, long_n, short_n, slack, floor
+
+    def __call__(self, req: Any) -> float:
+        n = self.long_n if req.prompt_tokens >= self.long_n else self.short_n
+        return slo_of(self.alone, n, self.slack, self.alone[self.long_n], self.floor)
+
+
+def run(args: argparse.Namespace, emit: Any = None) -> list[dict[str, Any]]:
+    """Measures every (load, policy) point; ``emit(row)`` is called as each row is ready
+    (the JSON lines go out as they come, so a run stopped later keeps them)."""
     from kvxfer.serve.deployment import start_local
     from kvxfer.serve.gateway import GatewayProcess
     from kvxfer.serve.machine import machine
@@ -262,16 +347,19 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         seed=args.seed,
         **opts,
     ) as dep:
-        gws = {pol: GatewayProcess(dep.prefill_urls, policy=pol, ttft_slo_s=300.0, tokenizer=tok,
-                                   log_path=str(dep.log_dir / f"gateway-{pol}.log"))
+        gws = {pol: [GatewayProcess(dep.prefill_urls, policy=pol, ttft_slo_s=300.0, tokenizer=tok,
+                                    log_path=str(dep.log_dir / f"gateway-{pol}-{i}.log"))
+                     for i in range(args.gateways)]
                for pol in ("reject-retry", "local-queue")}  # fmt: skip
         log(f"worker and gateway logs in {dep.log_dir}")
+        lg = _Loadgens(args.gateways)
         try:
-            for g in gws.values():
+            for g in (g for gs in gws.values() for g in gs):
                 g.start()
+            urls = {pol: [g.url for g in gs] for pol, gs in gws.items()}
             alone, decode_s, noise = asyncio.run(
                 _calibrate(
-                    gws["reject-retry"].url, workload, [long_n, short_n], args.output_tokens, args.cal_samples
+                    urls["reject-retry"][0], workload, [long_n, short_n], args.output_tokens, args.cal_samples
                 )  # fmt: skip
             )
             t_long = alone[long_n]
@@ -280,9 +368,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             ramp = 0.25 * alone[long_n] + 0.75 * alone[short_n] + decode_s
             duration = max(args.duration, 2 * ramp)
 
-            def slo(req: Any) -> float:
-                n = long_n if req.prompt_tokens >= long_n else short_n
-                return slo_of(alone, n, args.slack, t_long, floor)
+            slo = SloRule(alone, long_n, short_n, args.slack, floor)
 
             log(f"timing noise alone (slowest - median of {args.cal_samples}): {noise * 1e3:.1f} ms; "
                 f"SLO floor {floor * 1e3:.1f} ms")  # fmt: skip
@@ -295,15 +381,23 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 f"one user's cycle alone {ramp:.2f} s: users ramp up over it, then {duration:.0f} s "
                 "measured per point"
             )
-            a = args.a or find_a(gws["local-queue"].url, workload, slo, ramp, duration, args)
-            log(f"A = {a} users")
+            budget = Budget(args.budget_s, t_start)
+            a_capped = False
+            if args.a:
+                a = args.a
+            else:
+                a, a_capped = find_a(urls["local-queue"], workload, slo, ramp, duration, args, budget, lg)
+            capped = " (search stopped by --budget-s: A is a lower bound)" if a_capped else ""
+            log(f"A = {a} users{capped}")
             slos = {str(n): slo_of(alone, n, args.slack, t_long, floor) for n in (long_n, short_n)}
             common = {
                 "A": a,
+                "a_search_capped": a_capped,
                 "mode": args.mode,
                 "model": args.model,
                 "machine": machine(),
                 "prefills": args.prefills,
+                "gateways": args.gateways,
                 "b_p": args.b_p,
                 "decodes": args.decodes,
                 "prompt_tokens": [long_n, short_n],
@@ -319,11 +413,12 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             for load in loads:
                 users = max(1, round(load * a))
                 for pol in ("local-queue", "reject-retry"):
-                    wall0 = time.time()
-                    st = asyncio.run(
-                        _point(gws[pol].url, workload, users, slo, ramp, duration, args.min_requests,
-                               args.max_point_s)
-                    )  # fmt: skip
+                    if not budget.allows():
+                        log(f"--budget-s {args.budget_s:g} spent: load {load:g} {pol} not measured")
+                        continue
+                    budget.start_point()
+                    st = lg.point(urls[pol], workload, users, slo, ramp, duration, args.min_requests,
+                                  args.max_point_s)  # fmt: skip
                     row = {
                         "experiment": "forwarding",
                         "policy": pol,
@@ -336,10 +431,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "requests": st["requests"],
                         "errors": st["errors"],
                         "throughput_rps": st.get("throughput_rps"),
-                        "where": where_time_goes(gws[pol].url, wall0 + ramp, long_n),
+                        "load_average_1m": round(os.getloadavg()[0], 2),  # the machine's, after the point
+                        "where": where_time_goes(urls[pol], lg.started + ramp, long_n),
                         **common,
                     }
                     rows.append(row)
+                    budget.end_point()
+                    if emit is not None:
+                        emit(row)
                     log(f"{pol:>12} load {load:g} ({users} users): success {_f(st['success_rate'])}, "
                         f"TTFT p50 {_f(st['ttft_p50_s'])} p99 {_f(st['ttft_p99_s'])} s, retries p99 "
                         f"{_f(st['retries_p99'])}, {st['requests']} requests, "
@@ -350,7 +449,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                             f"{_f(w['serve_p50_s'])} s; failed: wait {_f(w['failed_wait_p50_s'])} s, "
                             f"serve {_f(w['failed_serve_p50_s'])} s")  # fmt: skip
         finally:
-            for g in gws.values():
+            lg.close()
+            for g in (g for gs in gws.values() for g in gs):
                 g.stop()
             if scaled_dir is not None:
                 scaled_dir.cleanup()
@@ -358,17 +458,42 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def find_a(url: str, workload: Any, slo: Any, ramp: float, duration: float, args: argparse.Namespace) -> int:
-    """The most closed-loop users at which local-queue meets every request's SLO.
+class Budget:
+    """``--budget-s``: a point starts only if the run's time so far plus the longest point
+    measured so far fits in the budget (0: no limit). The A search may use half of it."""
+
+    def __init__(self, budget_s: float, t0: float) -> None:
+        self.budget_s, self.t0, self.longest, self._p0 = budget_s, t0, 0.0, 0.0
+
+    def allows(self, share: float = 1.0) -> bool:
+        if self.budget_s <= 0:
+            return True
+        return time.monotonic() - self.t0 + self.longest <= share * self.budget_s
+
+    def start_point(self) -> None:
+        self._p0 = time.monotonic()
+
+    def end_point(self) -> None:
+        self.longest = max(self.longest, time.monotonic() - self._p0)
+
+
+def find_a(
+    urls: list[str], workload: Any, slo: Any, ramp: float, duration: float, args: argparse.Namespace,
+    budget: Budget | None = None, lg: _Loadgens | None = None,
+) -> tuple[int, bool]:  # fmt: skip
+    """The most closed-loop users at which local-queue meets every request's SLO, and whether
+    the budget stopped the search upwards (then A is a lower bound).
 
     The search starts at prefills x b_p users: up to that many, ranking by fewest open streams
     always finds a prefill with a free slot (at most users - 1 streams are open elsewhere), so
     nothing queues; it goes up from there while every request succeeds (down if one fails)."""
+    budget = budget or Budget(0.0, time.monotonic())
+    lg = lg or _Loadgens(1)
 
     def ok(users: int) -> bool:
-        st = asyncio.run(
-            _point(url, workload, users, slo, ramp, duration, args.min_requests, args.max_point_s)
-        )
+        budget.start_point()
+        st = lg.point(urls, workload, users, slo, ramp, duration, args.min_requests, args.max_point_s)
+        budget.end_point()
         log(
             f"A search: local-queue, {users} users: success {_f(st['success_rate'])} "
             f"({st['requests']} requests, errors {st['errors']})"
@@ -377,17 +502,21 @@ def find_a(url: str, workload: Any, slo: Any, ramp: float, duration: float, args
 
     users = min(args.prefills * args.b_p, args.max_a)
     if ok(users):
-        while users < args.max_a and ok(users + 1):
+        while users < args.max_a:
+            if not budget.allows(0.5):
+                return users, True
+            if not ok(users + 1):
+                break
             users += 1
-        return users
+        return users, False
     while users > 1:
         users -= 1
         if ok(users):
-            return users
+            return users, False
     raise RuntimeError("local-queue misses the SLO even with one user: raise --slack or --slo-floor")
 
 
-def where_time_goes(url: str, since: float, long_n: int) -> dict[str, Any]:
+def where_time_goes(urls: list[str], since: float, long_n: int) -> dict[str, Any]:
     """From the gateway's own records of the requests that arrived after ``since`` (wall
     clock): per prompt class (``long``/``short``), how many there were and failed, and the
     medians of the two parts of their TTFT: ``wait`` (arrival -> a prefill accepted: gateway
@@ -396,8 +525,12 @@ def where_time_goes(url: str, since: float, long_n: int) -> dict[str, Any]:
     accepted before the deadline; ``late``: admitted, first token after the deadline)."""
     import urllib.request
 
-    with urllib.request.urlopen(url.rstrip("/") + "/v1/kvxfer/requests", timeout=30) as resp:
-        recs = [r for r in json.loads(resp.read()) if r["arrival"] >= since and r["outcome"] != "running"]
+    recs = []
+    for url in urls:  # every gateway of the policy
+        with urllib.request.urlopen(url.rstrip("/") + "/v1/kvxfer/requests", timeout=30) as resp:
+            recs += [
+                r for r in json.loads(resp.read()) if r["arrival"] >= since and r["outcome"] != "running"
+            ]
 
     def med(xs: list[float]) -> float | None:
         return round(statistics.median(xs), 4) if xs else None
@@ -480,7 +613,9 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     by = {(r["policy"], r["load"]): r["success_rate"] for r in rows}
     loads = sorted({r["load"] for r in rows})
     gap = {
-        str(x): by[("reject-retry", x)] - by[("local-queue", x)] for x in loads if ("local-queue", x) in by
+        str(x): by[("reject-retry", x)] - by[("local-queue", x)]
+        for x in loads
+        if ("local-queue", x) in by and ("reject-retry", x) in by
     }
     return {
         "experiment": "forwarding",
@@ -515,11 +650,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(list(sys.argv[1:] if argv is None else argv))
     # SIGTERM unwinds like Ctrl-C, so the workers and gateways are stopped on the way out
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    rows = run(args)
+    rows = run(args, emit=(lambda r: print(json.dumps(r), flush=True)) if args.json else None)
     if args.json:
-        for r in rows:
-            print(json.dumps(r))
-        print(json.dumps(summary(rows)))
+        print(json.dumps(summary(rows)), flush=True)
     else:
         head = ("policy", "load", "users", "success", "ttft p50", "ttft p99", "retries p99")
         print("{:>13} {:>5} {:>5} {:>8} {:>9} {:>9} {:>11}".format(*head))

@@ -35,14 +35,16 @@ token, ``data: [DONE]`` at the end; an error mid-stream is ``data: {"error": {..
 the header ``X-TTFT-SLO`` (default: the gateway's).
 
 ``GET /v1/kvxfer/requests`` returns the per-request records (:class:`RequestRecord`).
+
+The forwarding itself (ranking, retries on 429, the earliest-deadline gate, early
+intervention) is :class:`kvxfer.serve.forwarder.Forwarder`; this module parses requests,
+keeps the records and relays the accepted stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import json
 import logging
 import time
@@ -57,6 +59,7 @@ from aiohttp import web
 
 from kvxfer.serve import protocol
 from kvxfer.serve.errors import GatewayError
+from kvxfer.serve.forwarder import Forwarder, Terminal
 from kvxfer.serve.policy import ForwardingPolicy
 from kvxfer.serve.tokenizers import ByteTokenizer, Tokenizer, load_tokenizer
 
@@ -121,109 +124,6 @@ class RequestRecord:
         return None if self.first_token is None else self.first_token - self.arrival
 
 
-class PrefillTimes:
-    """What this gateway has seen a prefill take (accept to first token), per scenario and
-    prompt-length bucket (powers of two): an exponentially weighted mean, trusted after
-    ``min_samples`` observations. Early intervention [paper] uses it to end a request whose
-    remaining time is shorter than its prefill would take, instead of spending a prefill slot
-    on a certain timeout [inferred: the paper does not say how it decides]."""
-
-    def __init__(self, alpha: float = 0.2, min_samples: int = 3) -> None:
-        self.alpha, self.min_samples = alpha, min_samples
-        self._mean: dict[tuple[str, int], float] = {}
-        self._n: dict[tuple[str, int], int] = {}
-
-    @staticmethod
-    def _key(scenario: str, tokens: int) -> tuple[str, int]:
-        return scenario, max(1, int(tokens)).bit_length()
-
-    def observe(self, rec: RequestRecord) -> None:
-        if rec.accept is None or rec.first_token is None:
-            return
-        k = self._key(rec.scenario, rec.prompt_tokens)
-        x = rec.first_token - rec.accept
-        self._n[k] = self._n.get(k, 0) + 1
-        self._mean[k] = x if k not in self._mean else (1 - self.alpha) * self._mean[k] + self.alpha * x
-
-    def estimate(self, scenario: str, tokens: int) -> float | None:
-        k = self._key(scenario, tokens)
-        return self._mean[k] if self._n.get(k, 0) >= self.min_samples else None
-
-
-class _DeadlineGate:
-    """One holder at a time; the waiters get their turn earliest deadline first (arrival order
-    among equal deadlines); ``enter`` gives up after ``timeout``."""
-
-    def __init__(self) -> None:
-        self.held = False
-        self.waiters: list[tuple[float, int, asyncio.Future]] = []  # a heap
-        self._seq = itertools.count()
-
-    async def enter(self, deadline: float, timeout: float) -> bool:
-        if not self.held and not self.waiters:
-            self.held = True
-            return True
-        return await self._wait(deadline, timeout)
-
-    async def yield_to_earlier(self, deadline: float, timeout: float) -> bool:
-        """The holder steps aside if a waiter has an earlier deadline, and waits its turn again."""
-        while self.waiters and self.waiters[0][2].done():
-            heapq.heappop(self.waiters)
-        if not self.waiters or self.waiters[0][0] >= deadline:
-            return True
-        self.leave()
-        return await self._wait(deadline, timeout)
-
-    async def _wait(self, deadline: float, timeout: float) -> bool:
-        if timeout <= 0:
-            if not self.held:  # nobody to hand over to us: take it back
-                self.held = True
-                return True
-            return False
-        fut = asyncio.get_running_loop().create_future()
-        heapq.heappush(self.waiters, (deadline, next(self._seq), fut))
-        if not self.held:  # the gate is free (we just stepped aside and nobody took it)
-            self.held = True
-            self.leave()
-        try:
-            await asyncio.wait_for(asyncio.shield(fut), timeout)
-            return True
-        except BaseException as e:
-            if fut.done():  # handed to us as we gave up: pass it on
-                self.leave()
-            else:
-                fut.cancel()  # stays in the heap; leave() skips it
-            if isinstance(e, asyncio.TimeoutError):
-                return False
-            raise
-
-    def leave(self) -> None:
-        while self.waiters:
-            _, _, fut = heapq.heappop(self.waiters)
-            if not fut.done():
-                fut.set_result(None)  # stays held: handed over
-                return
-        self.held = False
-
-
-class _Rejected(Exception):
-    pass
-
-
-class _Unavailable(Exception):
-    pass
-
-
-class _Terminal(Exception):
-    """The request ends with this error code (no further candidate will help)."""
-
-    def __init__(self, code: str, message: str, http_status: int = 502) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.http_status = http_status
-
-
 # --------------------------------------------------------------------------------------------
 # The gateway
 
@@ -249,8 +149,8 @@ class Gateway:
         self.records: deque[RequestRecord] = deque(maxlen=config.records_kept)
         self._sticky = self.forwarding.sticky  # scenario -> the prefill that accepted last
         self._down_until = self.forwarding.down_until
-        self._gates: dict[str, _DeadlineGate] = {}
-        self.prefill_times = PrefillTimes()
+        self.forwarder = Forwarder(config, self.forwarding)
+        self.prefill_times = self.forwarder.prefill_times
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self.url: str | None = None
@@ -269,11 +169,13 @@ class Gateway:
             connector=aiohttp.TCPConnector(limit=0, force_close=False),
             timeout=aiohttp.ClientTimeout(total=None),
         )
+        self.forwarder.session = self._session
 
     async def _on_cleanup(self, _app: web.Application) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+            self.forwarder.session = None
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Serve on ``host:port`` (0 = any free port); returns the base URL."""
@@ -308,137 +210,10 @@ class Gateway:
     def _rr(self, it: Iterator[int]) -> None:
         self.forwarding.rr = it
 
-    # ranking -----------------------------------------------------------------------------
+    # ranking and forwarding: kvxfer.serve.forwarder ----------------------------------------
     def candidates(self, scenario: str) -> list[str]:
         """Prefills for ``scenario`` in the order this gateway would try them now."""
-        pool = self.config.routes.get(scenario) or self.config.routes.get("*")
-        if not pool:
-            raise _Terminal("no_route", f"no prefill serves scenario {scenario!r}", 404)
-        return self.forwarding.rank([u.rstrip("/") for u in pool], scenario, time.monotonic())
-
-    # forwarding --------------------------------------------------------------------------
-    async def _try(
-        self, url: str, req: protocol.PrefillRequest, rec: RequestRecord
-    ) -> aiohttp.ClientResponse:
-        """POST the request to one prefill. On success the stream counts in ``open_streams[url]``
-        (from the moment it was sent: a request queued in a local-queue prefill counts too)."""
-        assert self._session is not None
-        remaining = req.deadline - time.time()
-        if remaining <= 0:
-            raise _Terminal("deadline", "TTFT deadline passed before any prefill accepted", 504)
-        # A local-queue prefill answers only once a slot is free: wait for its headers no longer
-        # than the deadline (plus the idle allowance when the gateway does not enforce it).
-        wait = (
-            remaining
-            if self.config.enforce_first_token_deadline
-            else remaining + self.config.stream_idle_timeout_s
-        )
-        headers = {"X-Kvxfer-Policy": self.config.policy}
-        rec.attempts += 1
-        self.open_streams[url] += 1
-        ok = False
-        try:
-            try:
-                resp = await asyncio.wait_for(
-                    self._session.post(url + "/v1/prefill", json=req.to_json(), headers=headers), wait
-                )
-            except asyncio.TimeoutError as e:
-                raise _Terminal(
-                    "deadline", f"TTFT deadline passed while waiting for prefill {url}", 504
-                ) from e
-            except (aiohttp.ClientConnectionError, OSError) as e:
-                self.forwarding.unreachable(url, time.monotonic())
-                raise _Unavailable(str(e)) from e
-            if resp.status == 429:
-                resp.release()
-                raise _Rejected()
-            if resp.status != 200:
-                text = (await resp.text())[:300]
-                resp.release()
-                if resp.status == 400:
-                    raise _Terminal("bad_request", f"prefill {url} refused the request: {text}", 400)
-                raise _Unavailable(f"prefill {url} answered {resp.status}: {text}")
-            ok = True
-            return resp
-        finally:
-            if not ok:
-                self.open_streams[url] -= 1
-
-    async def _forward(self, req: protocol.PrefillRequest, rec: RequestRecord) -> aiohttp.ClientResponse:
-        """Find a prefill that accepts, or raise :class:`_Terminal` at the deadline.
-
-        Reject-retry: the requests of one scenario take turns, earliest deadline first (a gate),
-        so one request at a time probes the prefills and the others wait at the gateway [paper:
-        requests sit at the gateway]; without the gate, every waiting request would poll every
-        prefill, and in arrival order a short prompt with a tight SLO would wait behind a long
-        one [inferred]. Local-queue needs no gate: the prefill queues the request."""
-        if self.config.policy != "reject-retry":
-            return await self._forward_loop(req, rec)
-        gate = self._gates.setdefault(rec.scenario, _DeadlineGate())
-        need = (
-            self.prefill_times.estimate(rec.scenario, rec.prompt_tokens) if self.config.early_drop else None
-        )
-        if not await gate.enter(req.deadline, req.deadline - time.time() - (need or 0.0)):
-            raise _Terminal(
-                "deadline", "TTFT deadline passed while waiting at the gateway for a prefill", 504
-            )
-        held = [True]
-        try:
-            return await self._forward_loop(req, rec, gate, held)
-        finally:
-            if held[0]:
-                gate.leave()
-
-    async def _forward_loop(
-        self,
-        req: protocol.PrefillRequest,
-        rec: RequestRecord,
-        gate: _DeadlineGate | None = None,
-        held: list[bool] | None = None,
-    ) -> aiohttp.ClientResponse:
-        rounds = 0
-        drop = self.config.early_drop and self.config.policy == "reject-retry"
-        while True:
-            tried = False
-            for url in self.candidates(rec.scenario):
-                if time.time() >= req.deadline:
-                    break
-                if drop:
-                    need = self.prefill_times.estimate(rec.scenario, rec.prompt_tokens)
-                    if need is not None and time.time() + need > req.deadline:
-                        raise _Terminal(
-                            "deadline",
-                            f"TTFT deadline cannot be met: {req.deadline - time.time():.3f} s left, a "
-                            f"prefill of {rec.prompt_tokens} tokens takes about {need:.3f} s here",
-                            504,
-                        )
-                tried = True
-                try:
-                    resp = await self._try(url, req, rec)
-                except _Rejected:
-                    rec.retries += 1
-                    self.forwarding.rejected(rec.scenario, url)
-                    continue
-                except _Unavailable as e:
-                    rec.message = str(e)
-                    continue
-                self.forwarding.accepted(rec.scenario, url)
-                rec.prefill = url
-                rec.accept = time.time()
-                return resp
-            remaining = req.deadline - time.time()
-            if remaining <= 0 or not tried:
-                why = "every prefill rejected" if rec.retries else "no prefill reachable"
-                raise _Terminal(
-                    "deadline", f"TTFT deadline passed at the gateway: {why} ({rec.attempts} attempts)", 504
-                )
-            rounds += 1
-            await asyncio.sleep(min(self.forwarding.pause(rounds), remaining))
-            if gate is not None and held is not None:
-                held[0] = False  # while stepping aside, we do not hold the gate
-                if not await gate.yield_to_earlier(req.deadline, req.deadline - time.time()):
-                    raise _Terminal("deadline", "TTFT deadline passed while waiting at the gateway", 504)
-                held[0] = True
+        return self.forwarder.candidates(scenario)
 
     async def _events(self, resp: aiohttp.ClientResponse, rec: RequestRecord):
         """Yield NDJSON events of an accepted stream, enforcing the first-token deadline."""
@@ -454,11 +229,11 @@ class Gateway:
             try:
                 line = await asyncio.wait_for(resp.content.readline(), timeout)
             except asyncio.TimeoutError as e:
-                raise _Terminal(code, msg, 504) from e
+                raise Terminal(code, msg, 504) from e
             except (aiohttp.ClientError, OSError) as e:
-                raise _Terminal("upstream_failed", f"prefill stream broke: {e!r}") from e
+                raise Terminal("upstream_failed", f"prefill stream broke: {e!r}") from e
             if not line:
-                raise _Terminal("upstream_failed", "prefill stream ended without a done or error event")
+                raise Terminal("upstream_failed", "prefill stream ended without a done or error event")
             buf += line
             if not buf.endswith(b"\n") and not resp.content.at_eof():
                 continue
@@ -469,7 +244,7 @@ class Gateway:
                 event = json.loads(text)
                 protocol.check_version(event)
             except (ValueError, protocol.ProtocolError) as e:
-                raise _Terminal("upstream_failed", f"bad event from prefill: {e}") from e
+                raise Terminal("upstream_failed", f"bad event from prefill: {e}") from e
             yield event
 
     # HTTP handlers -----------------------------------------------------------------------
@@ -548,14 +323,14 @@ class Gateway:
         fmt = _ChunkFormat(rid, self.config.model, chat, rec)
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         try:
-            upstream = await self._forward(preq, rec)
-        except _Terminal as t:
+            upstream = await self.forwarder.forward(preq, rec)
+        except Terminal as t:
             return await self._fail_early(request, rec, t, stream, fmt)
         except Exception as e:  # a bug here must still end the request with a typed error, logged
             log.exception("gateway: forwarding %s failed", rid)
-            t = _Terminal("internal", f"gateway error: {type(e).__name__}: {e}", 500)
+            t = Terminal("internal", f"gateway error: {type(e).__name__}: {e}", 500)
             return await self._fail_early(request, rec, t, stream, fmt)
-        try:  # _try counted the stream in open_streams[rec.prefill]
+        try:  # the forwarder counted the stream in open_streams[rec.prefill]
             if stream:
                 return await self._stream(request, upstream, rec, fmt, include_usage)
             return await self._collect(upstream, rec, fmt)
@@ -568,7 +343,7 @@ class Gateway:
                 rec.outcome = "client_gone"
 
     async def _fail_early(
-        self, request: web.Request, rec: RequestRecord, t: _Terminal, stream: bool, fmt: _ChunkFormat
+        self, request: web.Request, rec: RequestRecord, t: Terminal, stream: bool, fmt: _ChunkFormat
     ) -> web.StreamResponse:
         rec.outcome, rec.message, rec.finish = t.code, t.message, time.time()
         if not stream:
@@ -610,8 +385,8 @@ class Gateway:
                     await resp.write(b"data: [DONE]\n\n")
                     return resp
                 elif kind == "error":
-                    raise _Terminal(str(ev.get("code", "internal")), str(ev.get("message", "")))
-        except _Terminal as t:
+                    raise Terminal(str(ev.get("code", "internal")), str(ev.get("message", "")))
+        except Terminal as t:
             rec.outcome, rec.message, rec.finish = t.code, t.message, time.time()
             with contextlib.suppress(ConnectionError):
                 await resp.write(_sse(fmt.error(t.code, t.message)))
@@ -648,15 +423,15 @@ class Gateway:
                         fmt.whole("".join(text), rec.outcome), headers=_meta_headers(rec)
                     )
                 elif kind == "error":
-                    raise _Terminal(str(ev.get("code", "internal")), str(ev.get("message", "")))
-        except _Terminal as t:
+                    raise Terminal(str(ev.get("code", "internal")), str(ev.get("message", "")))
+        except Terminal as t:
             rec.outcome, rec.message, rec.finish = t.code, t.message, time.time()
             return _error_response(t.http_status, t.code, t.message, fmt.meta())
         except Exception as e:  # a malformed event or a bug: a typed error, logged
             log.exception("gateway: collecting %s failed", rec.request_id)
             rec.outcome, rec.message, rec.finish = "internal", f"{type(e).__name__}: {e}", time.time()
             return _error_response(500, "internal", f"gateway error: {rec.message}", fmt.meta())
-        raise AssertionError("unreachable: _events ends with done, error or _Terminal")
+        raise AssertionError("unreachable: _events ends with done, error or Terminal")
 
 
 # --------------------------------------------------------------------------------------------

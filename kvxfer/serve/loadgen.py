@@ -155,6 +155,7 @@ async def closed_loop(
     think_time_s: float = 0.0,
     ramp_s: float = 0.0,
     until: Callable[[list[Result]], bool] | None = None,
+    user_ids: Sequence[int] | None = None,
 ) -> list[Result]:
     """``users`` closed-loop users for ``duration_s`` seconds (or ``max_requests`` in total, or
     until ``until(results so far)`` is true: checked before each new request).
@@ -162,7 +163,9 @@ async def closed_loop(
     ``ramp_s`` staggers the users' first requests evenly over that many seconds (user ``u``
     starts at ``u * ramp_s / users``): all of them at once is a burst that no steady state
     has, and which can tip a loaded system into timeouts it then never leaves. Results keep
-    their ``start_s``; leave out those before the ramp's end to measure the steady state."""
+    their ``start_s``; leave out those before the ramp's end to measure the steady state.
+    ``user_ids``: run only these of the ``users`` users (a share, when several load generator
+    processes split one population; the ramp still spaces them as in the whole)."""
     if users < 1 or duration_s <= 0:
         raise ValueError(f"users must be >= 1 and duration_s > 0, got {users}, {duration_s}")
     client = _client(base_url, request_timeout_s)
@@ -188,7 +191,7 @@ async def closed_loop(
                 await asyncio.sleep(think_time_s)
 
     try:
-        await asyncio.gather(*(user(u) for u in range(users)))
+        await asyncio.gather(*(user(u) for u in (range(users) if user_ids is None else user_ids)))
     finally:
         await client.close()
     return results

@@ -86,8 +86,9 @@ def load_profile(name_or_path: str) -> Profile:
 
 
 def measure(
-    model_name: str, prompt_lens: list[int], batches: list[int], context: int, repeats: int
-) -> Profile:
+    model_name: str, prompt_lens: list[int], batches: list[int], context: int, repeats: int,
+    device: str = "cpu",
+) -> Profile:  # fmt: skip
     import torch
 
     from kvxfer.models import PagedKVPool, Sequence
@@ -96,7 +97,7 @@ def measure(
     from .runtime import load_model
 
     load_before = os.getloadavg()[0]
-    _, model = load_model(model_name)
+    _, model = load_model(model_name, device=device)
     cfg = model.config
     vocab = cfg.vocab_size
     prefill = []
@@ -112,7 +113,8 @@ def measure(
         print(f"prefill {n:>5} tokens: {prefill[-1][1] * 1e3:8.1f} ms", file=sys.stderr)
     decode = []
     for b in batches:
-        pool = PagedKVPool(cfg, num_blocks=b * (-(-(context + 64) // 16)), block_tokens=16, dtype=model.dtype)
+        pool = PagedKVPool(cfg, num_blocks=b * (-(-(context + 64) // 16)), block_tokens=16, dtype=model.dtype,
+                           device=device)  # fmt: skip
         res = model.prefill([(i * 31 + 7) % vocab for i in range(context)], pad_to=16)
         seqs = []
         for j in range(b):
@@ -137,6 +139,7 @@ def measure(
         decode=decode,
         meta={
             "torch_threads": torch.get_num_threads(),
+            "device": device,
             "decode_context": context,
             "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
@@ -154,11 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="torch device of the model and KV (cpu, cuda:0, ...)")
     a = p.parse_args(argv)
     import torch
 
     torch.set_num_threads(a.threads)
-    prof = measure(a.model, a.prompt_lens, a.batches, a.context, a.repeats)
+    prof = measure(a.model, a.prompt_lens, a.batches, a.context, a.repeats, a.device)
     out = Path(a.out) if a.out else PROFILES / f"{a.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(prof.to_json(), indent=1) + "\n")

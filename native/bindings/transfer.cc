@@ -288,15 +288,20 @@ void registerTransfer(py::module_& m) {
                 const auto ms = toMillis(timeout, "wait timeout");
                 // Finished already (the inline path): answer without releasing the GIL. (The
                 // job's own state: wait() below lets the backend drive it, without the GIL.)
-                TransferState s = t.job()->state();
-                if (s == TransferState::kPending) {
+                TransferState s;
+                if (t.job()->terminal()) {
+                    s = t.job()->state();
+                } else {
                     py::gil_scoped_release nogil;
-                    const auto now = Clock::now();
-                    // In milliseconds: comparing in nanoseconds would overflow for ~300 years.
-                    const auto room =
-                        std::chrono::duration_cast<std::chrono::milliseconds>(Clock::time_point::max() - now);
-                    const auto until = !timeout || ms >= room ? Clock::time_point::max() : now + ms;
-                    s = t.wait(until);
+                    auto until = Clock::time_point::max();  // no clock read without a timeout
+                    if (timeout) {
+                        const auto now = Clock::now();
+                        // In milliseconds: comparing in nanoseconds would overflow for ~300 years.
+                        const auto room = std::chrono::duration_cast<std::chrono::milliseconds>(
+                            Clock::time_point::max() - now);
+                        if (ms < room) until = now + ms;
+                    }
+                    s = t.wait(until);  // applies the deadline (a pending job past it fails here)
                 }
                 if (s == TransferState::kFailed) throw StatusError(t.status());
                 if (s == TransferState::kPending) {

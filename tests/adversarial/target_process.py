@@ -126,10 +126,11 @@ class Target:
         time.sleep(0)
 
 
-def stop_process(pid: int) -> None:
-    """SIGSTOP `pid` and wait until every thread of it is stopped (delivery is asynchronous)."""
+def stop_process(pid: int, within: float = 5.0) -> None:
+    """SIGSTOP `pid` and wait until every thread of it is stopped (delivery is asynchronous);
+    TimeoutError after `within` seconds."""
     os.kill(pid, 19)  # SIGSTOP
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         states = []
         for tid in os.listdir(f"/proc/{pid}/task"):

@@ -22,6 +22,7 @@ from kvxfer import Op, TransferState, errors
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "adversarial"))
 from notify_checks import NOTE, assert_full_queue_holds_posts_back_without_loss  # noqa: E402
+from target_process import stop_process  # noqa: E402
 
 pytestmark = pytest.mark.rdma
 h.require_rdma()
@@ -176,24 +177,6 @@ def test_full_notification_queue_holds_senders_back_without_loss():
         b.close()
 
 
-def _stop(pid: int) -> None:
-    """SIGSTOP `pid` and wait until every thread of it is stopped."""
-    os.kill(pid, signal.SIGSTOP)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        states = []
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{tid}/stat") as f:
-                    states.append(f.read().rsplit(")", 1)[1].split()[0])
-            except FileNotFoundError:
-                continue
-        if states and all(s in ("T", "t") for s in states):
-            return
-        time.sleep(0.01)
-    raise TimeoutError(f"process {pid} did not stop")
-
-
 def test_stopped_peer_ends_by_its_deadline_and_holds_no_healthy_peer():
     """A SIGSTOPped target takes no notifications: once its 64 receive buffers are used, the
     SENDs to it wait (RNR) and those transfers end TimeoutError at their deadlines, while a
@@ -206,7 +189,7 @@ def test_stopped_peer_ends_by_its_deadline_and_holds_no_healthy_peer():
         src = h.random_bytes(4096, 62)
         ra = a.register(src)
         ps, ph = a.add_peer(stopped.descriptor), a.add_peer(healthy.descriptor)
-        _stop(stopped.pid)
+        stop_process(stopped.pid, within=30)
         ext = [[0, 64]]
         deadline_s = 8.0
         t0 = time.monotonic()
@@ -264,7 +247,7 @@ def test_several_stopped_peers_leave_notification_buffers_for_a_healthy_one():
         peers = [a.add_peer(t.descriptor) for t in stopped]
         ph = a.add_peer(healthy.descriptor)
         for t in stopped:
-            _stop(t.pid)
+            stop_process(t.pid, within=30)
         ext = [[0, 64]]
         deadline_s = 15.0
         t0 = time.monotonic()

@@ -240,6 +240,11 @@ public:
 
     // --- core side ---
     TransferState state();  // applies the deadline lazily
+    // DONE or FAILED already: one atomic load, no clock, no deadline check.
+    bool terminal() const {
+        const uint8_t s = state_.load(std::memory_order_acquire);
+        return s == kOk || s == kFail;
+    }
     // state() for the application (Transfer::state): first lets Progress take one look.
     // Not for backend or core threads (it may finish other jobs of the connection).
     TransferState poll();

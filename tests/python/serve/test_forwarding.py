@@ -41,6 +41,39 @@ def test_forwarding_json_lines(capsys):
     assert summary["summary"] is True and set(summary["success_gap"]) == {"1.0", "2.0"}
 
 
+def test_forwarding_several_gateways_emits_rows_as_measured(capsys):
+    """--gateways 2: two gateways per policy, each with its own load generator process (users
+    split between them); the gateway-side records of both are merged into ``where``."""
+    rows = []
+    argv = ["--json", "--model", "tiny", "--prefills", "2", "--decodes", "1", "--a", "4", "--loads", "1"]
+    argv += ["--duration", "2", "--output-tokens", "8", "--scale", "0.0625", "--slo-floor", "1.0"]
+    argv += ["--min-requests", "10", "--time-scale", "1", "--gateways", "2"]
+    args = forwarding.parse(argv)
+    out = forwarding.run(args, emit=rows.append)
+    assert out == rows and [r["policy"] for r in rows] == ["local-queue", "reject-retry"]
+    for r in rows:
+        assert r["gateways"] == 2 and r["users"] == 4 and r["requests"] >= 10
+        seen = sum(w["requests"] for w in r["where"].values())
+        # both gateways' records (the gateways' and the clients' clocks differ by the requests
+        # sent near the ramp's end and by the load generator processes' start)
+        assert r["requests"] <= seen <= 1.2 * r["requests"] + r["users"], (seen, r["requests"])
+    assert rows[1]["success_rate"] == 1.0  # reject-retry, a second of slack, 4 users on 2 prefills
+
+
+def test_budget_stops_points_that_would_not_fit():
+    b = forwarding.Budget(10.0, t0=100.0)
+    assert forwarding.Budget(0.0, t0=0.0).allows()  # 0: no limit
+    import time as _t
+
+    now = _t.monotonic()
+    b.t0 = now - 4.0  # 4 s spent
+    assert b.allows()  # no point measured yet
+    b.longest = 5.0
+    assert b.allows() and not b.allows(share=0.5)  # 4 + 5 <= 10, > 5
+    b.longest = 7.0
+    assert not b.allows()
+
+
 def test_eq1_decodes_and_scaled_profile(tmp_path):
     """Decode workers by Eq. 1 from the profile; a scaled profile multiplies every time."""
     import math

@@ -2,7 +2,7 @@
 // processes' registered buffers, by one of two mechanisms chosen per remote region:
 // - the peer's region lies in a kvxfer HostBuffer (memfd): the initiator takes a copy
 //   of the peer's memfd with pidfd_getfd, maps it, and copies in user space
-//   (util/fast_copy.h: streaming stores for runs of 32 KiB and more). The fast path.
+//   (util/fast_copy.h: streaming stores for runs of 4 KiB and more). The fast path.
 // - any other memory (a numpy array, a torch tensor): Linux cross-memory attach
 //   (process_vm_writev / process_vm_readv), 1024 (local, remote) iovec pairs per system
 //   call. Slower for large runs (the kernel copy has no non-temporal stores) but it

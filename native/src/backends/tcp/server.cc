@@ -438,7 +438,8 @@ private:
         size_t have = 0;  // bytes in buf from its start, not yet served
         for (int rounds = 0; rounds < kQuickRounds;) {
             if (sh_.stopping.load() || fence_->superseded.load()) return Quick::kClose;
-            const ssize_t k = ::recv(fd_, buf + have, cap - have, MSG_DONTWAIT);
+            const size_t want = rounds == 0 ? std::min(cap - have, kQuickFirstReadBytes) : cap - have;
+            const ssize_t k = ::recv(fd_, buf + have, want, MSG_DONTWAIT);
             if (k == 0) return Quick::kClose;
             if (k < 0) {
                 if (errno == EINTR) continue;
@@ -449,7 +450,7 @@ private:
                 return Quick::kPark;
             }
             ++rounds;
-            const bool filled = static_cast<size_t>(k) == cap - have;
+            const bool filled = static_cast<size_t>(k) == want;
             have += static_cast<size_t>(k);
             size_t off = 0;
             for (;;) {
@@ -683,7 +684,9 @@ void listenLoop(const std::shared_ptr<Shared>& sh) {
     std::vector<uint8_t> buf(kQuickBufferBytes);  // the quick path's input buffer
     epoll_event events[64];
     for (;;) {
-        const int n = ::epoll_wait(sh->epoll_fd.fd, events, 64, 1000);
+        // No timeout: the stop writes wake_fd (level-triggered, never drained), and a finite
+        // one arms and cancels a kernel timer on every wait, i.e. on every small request.
+        const int n = ::epoll_wait(sh->epoll_fd.fd, events, 64, -1);
         if (sh->stopping.load()) return;
         for (int i = 0; i < n; ++i) {
             const int fd = events[i].data.fd;

@@ -50,6 +50,10 @@ constexpr size_t kScratchBytes = 256 * 1024;
 // listener thread.
 constexpr size_t kQuickBufferBytes = 256 * 1024;
 constexpr int kQuickRounds = 16;  // reads per readiness before the connection parks again
+// The first read of a readiness takes at most this much: a default inline request (64 KiB
+// + its headers) fits, and a large frame, which a worker serves, leaves at most this much
+// read ahead for it to copy out of the quick path's buffer (was the whole 256 KiB).
+constexpr size_t kQuickFirstReadBytes = 68 * 1024;
 
 // ---- small helpers (socket_util.cc) -----------------------------------------------------
 
