@@ -520,6 +520,7 @@ class _Session:
             "sources": "".join("c" if s.source == "cloud" else "d" for s in shown),
             "shown_s": [s.shown for s in shown],
             "arrived_s": [s.arrived for s in shown],
+            "due_s": [s.due for s in shown],
             "ttft_s": shown[0].shown if shown else None,
             "tpot_max_s": max(gaps, default=0.0),
             "tpot_p99_s": percentile(gaps, 99),

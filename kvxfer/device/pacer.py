@@ -35,6 +35,7 @@ class ShownToken:
     source: str  # CLOUD | DEVICE
     arrived: float
     shown: float
+    due: float  # when the pacer planned to show it (``shown`` minus the display's lateness)
 
 
 def cloud_must_finish(tau_d: float, theta: float) -> bool:
@@ -140,7 +141,7 @@ class Pacer:
                 return out
             k = len(self.shown)
             token_id, source, arrived = self._buf.pop(k)
-            shown = ShownToken(k, token_id, source, arrived, float(now))
+            shown = ShownToken(k, token_id, source, arrived, float(now), float(due))
             self.shown.append(shown)
             out.append(shown)
 

@@ -74,7 +74,14 @@ def test_rho1_shows_the_cloud_only_answer_token_for_token(device, cloud, prompt,
     h = r["handoff"]
     assert r["tokens"] == reference  # nothing lost, repeated or reordered at the handoff
     assert 1 <= h < G and r["sources"] == "c" * h + "d" * (G - h)
-    assert r["tpot_max_s"] <= THETA + 0.01  # 10 ms of slack for the loaded 2-core host
+    # The pacer planned no gap over theta, handoff included, for a token that was there in
+    # time. (The displayed gaps add the display thread's lateness, which depends on the
+    # machine's load: the experiment measures those, `tpot_max_s`.)
+    shown, due, arrived = r["shown_s"], r["due_s"], r["arrived_s"]
+    for k in range(1, len(shown)):
+        if arrived[k] <= shown[k - 1] + THETA:
+            assert due[k] - shown[k - 1] <= THETA + 1e-9, (k, due[k] - shown[k - 1])
+    assert r["tpot_max_s"] < 1.0  # no stall, whatever the load
     # the cloud tokens were absorbed in batches, not one decode step each
     batches = [b for _, kind, b in r["log"] if kind == "absorb"]
     assert sum(batches) == h and max(batches) > 1
