@@ -177,80 +177,27 @@ def test_full_notification_queue_holds_senders_back_without_loss():
         b.close()
 
 
-def test_stopped_peer_ends_by_its_deadline_and_holds_no_healthy_peer():
-    """A SIGSTOPped target takes no notifications: once its 64 receive buffers are used, the
-    SENDs to it wait (RNR) and those transfers end TimeoutError at their deadlines, while a
-    healthy peer of the same initiator is served at once. (TCG: generous bounds.)"""
+def _stopped_peers_and_a_healthy_one(
+    n_stopped: int, per_stopped: int, deadline_s: float, healthy_note, settle: bool
+) -> tuple[float, float, list]:
+    """SIGSTOPs ``n_stopped`` targets, posts ``per_stopped`` WRITEs with 60 KiB notifications
+    to each (deadline ``deadline_s``), then 20 WRITEs with ``healthy_note(i)`` to a healthy
+    target. With ``settle``, the healthy peer posts only once every stopped peer's 64 receive
+    buffers are used (its further SENDs wait in RNR, holding the initiator's buffers). Returns
+    the healthy peer's time (from the first post), the stopped transfers' lateness after their
+    deadline and their end states; every one of them ended, the stopped ones TimeoutError."""
     lay = (1, 1, 16, 4096)
-    stopped = h.Target("ib-stopped", lay)
+    stopped = [h.Target(f"ib-stopped-{i}", lay) for i in range(n_stopped)]
     healthy = h.Target("ib-healthy", lay)
     a = h.make_engine("ib-initiator")
     try:
-        src = h.random_bytes(4096, 62)
-        ra = a.register(src)
-        ps, ph = a.add_peer(stopped.descriptor), a.add_peer(healthy.descriptor)
-        stop_process(stopped.pid, within=30)
-        ext = [[0, 64]]
-        deadline_s = 8.0
-        t0 = time.monotonic()
-        to_stopped = [
-            a.post(
-                Op.WRITE,
-                ps,
-                ra,
-                stopped.region_id,
-                local_extents=ext,
-                remote_extents=ext,
-                notify=bytes(NOTE),
-                timeout=deadline_s,
-            )
-            for _ in range(100)
-        ]
-        to_healthy = [
-            a.post(Op.WRITE, ph, ra, healthy.region_id, local_extents=ext, remote_extents=ext, notify=b"h")
-            for _ in range(20)
-        ]
-        for t in to_healthy:
-            t.wait(h.TIMEOUT)
-        healthy_s = time.monotonic() - t0
-        assert healthy_s < deadline_s, f"a healthy peer waited {healthy_s:.1f} s behind a stopped one"
-        stop = time.monotonic() + 60
-        while any(t.poll() == TransferState.PENDING for t in to_stopped) and time.monotonic() < stop:
-            time.sleep(0.01)
-        late = time.monotonic() - t0 - deadline_s
-        states = [t.poll() for t in to_stopped]
-        assert TransferState.PENDING not in states
-        assert TransferState.FAILED in states, "the stopped peer's receive buffers never ran out"
-        assert late < 2.0, f"the stopped peer's transfers ended {late:.2f} s after their deadline"
-        for t in to_stopped:
-            if t.poll() == TransferState.FAILED:
-                with pytest.raises(errors.TimeoutError):
-                    t.wait()
-    finally:
-        os.kill(stopped.pid, signal.SIGCONT)
-        a.close()
-        healthy.quit()
-        stopped.quit()
-
-
-def test_several_stopped_peers_leave_notification_buffers_for_a_healthy_one():
-    """Five SIGSTOPped targets each hold their share of the initiator's buffers for large
-    notifications (SENDs waiting in RNR); together they hold more than one slab. More buffers
-    are registered on demand, so a healthy peer's large notifications still go out at once."""
-    lay = (1, 1, 16, 4096)
-    stopped = [h.Target(f"ib-stopped-{i}", lay) for i in range(5)]
-    healthy = h.Target("ib-healthy", lay)
-    a = h.make_engine("ib-initiator")
-    try:
-        src = h.random_bytes(4096, 63)
-        ra = a.register(src)
+        ra = a.register(h.random_bytes(4096, 62))
         peers = [a.add_peer(t.descriptor) for t in stopped]
         ph = a.add_peer(healthy.descriptor)
         for t in stopped:
             stop_process(t.pid, within=30)
         ext = [[0, 64]]
-        deadline_s = 15.0
-        t0 = time.monotonic()
+        t_post = time.monotonic()
         to_stopped = [
             a.post(
                 Op.WRITE,
@@ -263,15 +210,16 @@ def test_several_stopped_peers_leave_notification_buffers_for_a_healthy_one():
                 timeout=deadline_s,
             )
             for p, t in zip(peers, stopped, strict=True)
-            for _ in range(80)
+            for _ in range(per_stopped)
         ]
-        # Each stopped peer's receive buffers take its first 64 notifications; the rest wait in
-        # RNR and hold the initiator's buffers. Only then does the healthy peer post.
-        settle = time.monotonic() + deadline_s / 2
-        while sum(t.poll() == TransferState.DONE for t in to_stopped) < 5 * 64 and time.monotonic() < settle:
-            time.sleep(0.05)
-        time.sleep(0.5)
-        t0 = time.monotonic()
+        if settle:
+            until = time.monotonic() + deadline_s / 2
+            while (
+                sum(t.poll() == TransferState.DONE for t in to_stopped) < n_stopped * 64
+                and time.monotonic() < until
+            ):
+                time.sleep(0.05)
+            time.sleep(0.5)
         to_healthy = [
             a.post(
                 Op.WRITE,
@@ -280,24 +228,24 @@ def test_several_stopped_peers_leave_notification_buffers_for_a_healthy_one():
                 healthy.region_id,
                 local_extents=ext,
                 remote_extents=ext,
-                notify=i.to_bytes(4, "little") + bytes(NOTE - 4),
+                notify=healthy_note(i),
             )
             for i in range(20)
         ]
         for t in to_healthy:
             t.wait(h.TIMEOUT)
-        healthy_s = time.monotonic() - t0
-        assert healthy_s < deadline_s, f"a healthy peer waited {healthy_s:.1f} s behind stopped ones"
+        healthy_s = time.monotonic() - t_post  # starved, it would end at the stopped peers' deadline
         stop = time.monotonic() + 90
         while any(t.poll() == TransferState.PENDING for t in to_stopped) and time.monotonic() < stop:
-            time.sleep(0.05)
+            time.sleep(0.01)
+        late = time.monotonic() - t_post - deadline_s
         states = [t.poll() for t in to_stopped]
-        print(
-            f"healthy {healthy_s:.2f} s; failed per stopped peer:",
-            [sum(s == TransferState.FAILED for s in states[i * 80 : (i + 1) * 80]) for i in range(5)],
-        )
         assert TransferState.PENDING not in states
-        assert TransferState.FAILED in states, "the stopped peers' receive buffers never ran out"
+        for t in to_stopped:
+            if t.poll() == TransferState.FAILED:
+                with pytest.raises(errors.TimeoutError):
+                    t.wait()
+        return healthy_s, late, states
     finally:
         for t in stopped:
             os.kill(t.pid, signal.SIGCONT)
@@ -305,3 +253,26 @@ def test_several_stopped_peers_leave_notification_buffers_for_a_healthy_one():
         healthy.quit()
         for t in stopped:
             t.quit()
+
+
+def test_stopped_peer_ends_by_its_deadline_and_holds_no_healthy_peer():
+    """A SIGSTOPped target takes no notifications: once its 64 receive buffers are used, the
+    SENDs to it wait (RNR) and those transfers end TimeoutError at their deadlines, while a
+    healthy peer of the same initiator is served at once. (TCG: generous bounds.)"""
+    deadline_s = 8.0
+    healthy_s, late, states = _stopped_peers_and_a_healthy_one(1, 100, deadline_s, lambda i: b"h", False)
+    assert healthy_s < deadline_s, f"a healthy peer waited {healthy_s:.1f} s behind a stopped one"
+    assert TransferState.FAILED in states, "the stopped peer's receive buffers never ran out"
+    assert late < 2.0, f"the stopped peer's transfers ended {late:.2f} s after their deadline"
+
+
+def test_several_stopped_peers_leave_notification_buffers_for_a_healthy_one():
+    """Five SIGSTOPped targets each hold their share of the initiator's buffers for large
+    notifications (SENDs waiting in RNR); together they hold more than one slab. More buffers
+    are registered on demand, so a healthy peer's large notifications still go out at once."""
+    deadline_s = 15.0
+    healthy_s, _, states = _stopped_peers_and_a_healthy_one(
+        5, 80, deadline_s, lambda i: i.to_bytes(4, "little") + bytes(NOTE - 4), True
+    )
+    assert healthy_s < deadline_s, f"a healthy peer waited {healthy_s:.1f} s behind stopped ones"
+    assert TransferState.FAILED in states, "the stopped peers' receive buffers never ran out"
