@@ -151,28 +151,24 @@ bool Shared::postNotify(Connection& conn, Work& w) {
     // peer's RNR-waiting SENDs cannot starve anyone's small notifications.
     const bool inline_data = len <= s->qp->maxInline();
     uint8_t inline_buf[NotifyHeader::kBytes + 256];
-    uint8_t* buf = nullptr;
+    uint8_t* buf = inline_buf;
     uint32_t lkey = 0;
-    if (inline_data && len <= sizeof(inline_buf)) {
-        buf = inline_buf;
-        writeNotifyHeader(buf, static_cast<uint32_t>(p.size()));
-        if (!p.empty()) std::memcpy(buf + NotifyHeader::kBytes, p.data(), p.size());
-    } else {
+    if (!inline_data || len > sizeof(inline_buf)) {
         if (w.notify_slot < 0) {
-            // One peer holds at most a quarter of the slots: SENDs to a stopped peer wait in RNR
+            // One peer holds at most a quarter of a slab: SENDs to a stopped peer wait in RNR
             // until their transfers' deadlines, and must not starve the other peers' notifications.
             if (conn.notify_held >= std::max<uint32_t>(1, t_.notify_slots / 4)) return false;
             if (free_notify_.empty() && !growNotifySlots().isOk()) return false;
             w.notify_slot = free_notify_.back();
             free_notify_.pop_back();
             ++conn.notify_held;
-            uint8_t* slot = notifyBuffer(w.notify_slot);
-            writeNotifyHeader(slot, static_cast<uint32_t>(p.size()));
-            if (!p.empty()) std::memcpy(slot + NotifyHeader::kBytes, p.data(), p.size());
         }
         buf = notifyBuffer(w.notify_slot);
         lkey = notifyLkey(w.notify_slot);
     }
+    // (Re)written on every post: a re-post after a flush sends the same bytes.
+    writeNotifyHeader(buf, static_cast<uint32_t>(p.size()));
+    if (!p.empty()) std::memcpy(buf + NotifyHeader::kBytes, p.data(), p.size());
     PostList list;
     const uint64_t seq = s->window.nextSeq();
     list.addSend(makeWrId(WrKind::kRcSend, seq), reinterpret_cast<uint64_t>(buf), len, lkey, true,
