@@ -23,6 +23,8 @@ Op = _native.Op
 class Transfer:
     """One posted transfer. Ends DONE or FAILED by its deadline, whoever watches it."""
 
+    # Engine.post_extent (the small-request path) builds a Transfer without calling
+    # __init__ and sets these slots itself: a slot added here must be set there too.
     __slots__ = ("_t", "_engine", "__weakref__")
 
     def __init__(self, native: Any, engine: Engine) -> None:
