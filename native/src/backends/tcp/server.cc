@@ -643,13 +643,12 @@ void onReadable(const std::shared_ptr<Shared>& sh, int fd, std::vector<uint8_t>&
     // The pool grows only with connections that are busy at the same time, never with
     // connected ones.
     if (sh->idle_workers == 0 && sh->workers.size() < kMaxWorkers) {
-        sh->workers.emplace_back([sh] { workerLoop(sh); });
+        sh->workers.push_back(ThreadGroup::startChild([sh] { workerLoop(sh); }));
     }
     sh->cv.notify_one();
 }
 
-}  // namespace
-
+// After the listener's loop: wakes and joins the workers, closes every connection.
 void stopServing(Shared& sh) {
     std::vector<std::thread> workers;
     {
@@ -674,6 +673,8 @@ void stopServing(Shared& sh) {
     for (auto& [fd, c] : conns) ::shutdown(fd, SHUT_RDWR);
 }
 
+}  // namespace
+
 void listenLoop(const std::shared_ptr<Shared>& sh) {
     for (int fd : {sh->listen_fd.fd, sh->wake_fd.fd}) {
         epoll_event ev{};
@@ -687,7 +688,10 @@ void listenLoop(const std::shared_ptr<Shared>& sh) {
         // No timeout: the stop writes wake_fd (level-triggered, never drained), and a finite
         // one arms and cancels a kernel timer on every wait, i.e. on every small request.
         const int n = ::epoll_wait(sh->epoll_fd.fd, events, 64, -1);
-        if (sh->stopping.load()) return;
+        if (sh->stopping.load()) {
+            stopServing(*sh);
+            return;
+        }
         for (int i = 0; i < n; ++i) {
             const int fd = events[i].data.fd;
             if (fd == sh->wake_fd.fd) continue;

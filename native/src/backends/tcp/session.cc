@@ -89,22 +89,21 @@ void releaseStreaming(PeerConn& c, const std::shared_ptr<Session>& s, uint64_t i
     finishAll(finish);
 }
 
-// The connection's threads are told to stop and detached, never joined. The destructor
-// may run under the Python GIL (the user dropped the last Peer) while one of these
-// threads is still releasing its last reference to a finished job, whose Region may in
-// turn release a Python buffer and wait for the GIL: a join would deadlock. The threads
-// hold the PeerConn (never the backend) and exit within one poll slice.
-TcpPeer::~TcpPeer() {
-    std::vector<std::thread> receivers;
+void stopConnection(PeerConn& c) {
     {
-        std::lock_guard<std::mutex> lock(conn->mutex);
-        conn->stopping.store(true);
-        if (conn->session) ::shutdown(conn->session->fd.fd, SHUT_RDWR);
-        receivers.swap(conn->receivers);
+        std::lock_guard<std::mutex> lock(c.mutex);
+        c.stopping.store(true);
+        if (c.session) ::shutdown(c.session->fd.fd, SHUT_RDWR);
     }
-    conn->cv.notify_all();
-    if (conn->sender.joinable()) conn->sender.detach();
-    for (auto& r : receivers) r.detach();
+    c.cv.notify_all();
 }
+
+// The connection's threads are told to stop, not joined here: the destructor may run
+// under the Python GIL (the user dropped the last Peer) while one of these threads is
+// still releasing its last reference to a finished job, whose Region may in turn release
+// a Python buffer and wait for the GIL: a join would deadlock. The threads hold the
+// PeerConn (never the backend), exit within one poll slice, and are joined by the
+// engine's ThreadGroup (Engine::close()).
+TcpPeer::~TcpPeer() { stopConnection(*conn); }
 
 }  // namespace kvxfer::tcp
