@@ -76,6 +76,8 @@ protected:
             if (b.name == GetParam() && !b.available)
                 GTEST_SKIP() << GetParam() << " unavailable: " << b.reason;
         }
+        // A sanitizer's runtime starts a thread of its own with the first thread: not ours.
+        std::thread([] {}).join();
         baseline_ = threadCount();
         ids_.resize(kBlocks);
         for (uint64_t i = 0; i < kBlocks; ++i) ids_[i] = static_cast<int64_t>(i);

@@ -2,6 +2,8 @@
 // of a connection (who finishes it), killing a session, and the teardown of a connection
 // when its TcpPeer goes.
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "backends/tcp/tcp_internal.h"
 
@@ -16,11 +18,15 @@ namespace {
 
 // Aborts a connection with a RST: what is still queued in our send buffer is dropped
 // instead of reaching the peer after we gave up on it (connect(AF_UNSPEC) disconnects a
-// TCP socket without closing the descriptor other threads may be using).
+// TCP socket without closing the descriptor other threads may be using). Another thread
+// may be inside send or recv on it (close() stops a connection while a caller sends
+// inline); the kernel serialises both on the socket. The raw syscall keeps ThreadSanitizer
+// out of it: its connect() interceptor models the descriptor as created anew, which a
+// concurrent send then reports as a race, while the descriptor stays the same.
 void resetConnection(int fd) {
     sockaddr sa{};
     sa.sa_family = AF_UNSPEC;
-    ::connect(fd, &sa, sizeof(sa));
+    (void)::syscall(SYS_connect, fd, &sa, sizeof(sa));
     ::shutdown(fd, SHUT_RDWR);
 }
 
