@@ -93,16 +93,6 @@ void ThreadGroup::close() {
     closed_ = true;
 }
 
-bool ThreadGroup::closed() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return closed_;
-}
-
-size_t ThreadGroup::size() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return threads_.size();
-}
-
 void ThreadGroup::reapFinished() {
     std::vector<std::shared_ptr<Entry>> finished;
     {

@@ -7,11 +7,12 @@
 //   does not run the function), so no thread starts behind a closing engine's back.
 // - A thread that returns by itself (a finished tcp session) is joined by the next
 //   spawn() or joinAll(): nothing is detached, and finished threads do not pile up.
-// - joinAll() joins every thread of the group except the calling one, which stays in the
-//   group for a later joinAll() from another thread. Callers are serialised, so when it
-//   returns on a thread outside the group, no thread of the group runs any more.
-// - onGroupThread(group) / onAnyGroupThread() tell whether the calling thread is one of a
-//   group's (a thread-local mark), so the engine can avoid joining itself.
+// - joinAll() on a thread outside the group joins every thread of the group (callers are
+//   serialised): when it returns, none runs any more. On a thread of the group it joins
+//   only those that have returned: a thread cannot join itself, and another may be
+//   joining it; the caller stays in the group for a later joinAll() from outside.
+// - onGroupThread() / onAnyGroupThread() tell whether the calling thread is one of this
+//   group's / of any group's (a thread-local mark), so the engine can avoid joining itself.
 // - destroyOffGroupThreads() runs a destruction (the engine's) on a thread that belongs to
 //   no group: at once when the caller is such a thread, else on a short-lived process-wide
 //   reaper thread, which ends when it has nothing left to do and is joined by the next
@@ -35,10 +36,7 @@ public:
 
     bool spawn(std::function<void()> fn);
     void close();  // refuse new threads from now on
-    bool closed() const;
     void joinAll();
-    // Threads of the group now started and not joined yet (the caller's own included).
-    size_t size() const;
 
     bool onGroupThread() const;
     static bool onAnyGroupThread();
