@@ -122,8 +122,10 @@ py_deps() {
   $PY -c "import openai, aiohttp" 2>/dev/null && return 0
   [ -n "${WHEELS:-}" ] || { echo "openai/aiohttp missing and no WHEELS folder"; return 1; }
   local site=${TMPDIR:-/tmp}/kvxfer-pydeps
-  $PY -m pip install -q --no-index --find-links "$WHEELS" --target "$site" openai aiohttp >>"$OUT/steps.log" 2>&1 || return 1
   export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  $PY -c "import openai, aiohttp" 2>/dev/null ||
+    $PY -m pip install -q --no-index --find-links "$WHEELS" --target "$site" openai aiohttp >>"$OUT/steps.log" 2>&1 ||
+    return 1
   $PY -c "import openai, aiohttp; print('openai', openai.__version__, 'aiohttp', aiohttp.__version__)"
 }
 
