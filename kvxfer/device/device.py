@@ -60,9 +60,9 @@ from kvxfer.device.timing import refined_len
 DISPLAY_MARGIN = 0.005  # s: the pacer's margin under theta until lateness has been measured
 MARGIN_FLOOR = 0.001  # s: the measured margin never goes below this
 MARGIN_SAMPLES = 30  # lateness samples (display and sleep each) before the measured margin is used
-LATENESS_WINDOW = 2000  # the most recent samples kept per kind (a few requests' worth: one late
-# wake-up among them moves a p99.9 only past the 1000th sample, so the margin the settings read
-# before a request is the one the pacer uses in it)
+LATENESS_WINDOW = 2000  # the most recent samples kept per kind (a few requests' worth). Their
+# p99.9 is about the third largest, so one or two late wake-ups do not move it, and the margin
+# the settings read before a request stays the one the pacer uses in it
 LATENESS_Q = 99.9  # percentile of each kind of lateness that the margin covers (a gap of a paced
 # request is late with a chance of 1 - Q/100 per token, and a request paces tens of tokens)
 CALIBRATION_WAIT = 0.002  # s: the short waits that seed the lateness at runtime start
@@ -210,10 +210,10 @@ class _Session:
         self.est_max: float | None = None  # the latest catch-up the device ever estimated
         pace = job.method == PD
         # the pacer aims a little under theta: the display thread wakes late, and the device's
-        # first token comes a little after the class's time; the margin is measured [inferred]
-        # [inferred]; never below what the settings planned with, so their n covers the pacing,
-        # and never below what is measured now, so a lateness that grew since is still covered
-        # (the pacer then asks for more tokens)
+        # first token comes a little after the class's time; the margin is measured [inferred].
+        # It is never below what the settings planned with, so their n covers the pacing, and
+        # never below what is measured now, so a lateness that grew since is still covered (the
+        # pacer then asks for more tokens)
         self.measured_margin = self.lateness.margin(job.theta)
         self.margin = max(self.measured_margin, job.margin_s or 0.0)
         self.pacer = Pacer(
