@@ -115,21 +115,41 @@ equivalence() {
   tail -5 "$OUT/equivalence.txt"; cat "$OUT/equivalence.jsonl"
 }
 
+py_deps() {
+  # The serving layer's client-side packages (openai, aiohttp) where the machine lacks them:
+  # pip installs them from the wheels in $WHEELS (a folder that travelled with the tree) into
+  # a scratch folder put first on PYTHONPATH.
+  $PY -c "import openai, aiohttp" 2>/dev/null && return 0
+  [ -n "${WHEELS:-}" ] || { echo "openai/aiohttp missing and no WHEELS folder"; return 1; }
+  local site=${TMPDIR:-/tmp}/kvxfer-pydeps
+  export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  $PY -c "import openai, aiohttp" 2>/dev/null ||
+    $PY -m pip install -q --no-index --find-links "$WHEELS" --target "$site" openai aiohttp >>"$OUT/steps.log" 2>&1 ||
+    return 1
+  $PY -c "import openai, aiohttp; print('openai', openai.__version__, 'aiohttp', aiohttp.__version__)"
+}
+
 forwarding() {
-  # Issue 11, forwarding in real mode on the 32-core machine: the tiny model's workers compute
-  # on the CPU, one torch thread each (docs/pd-serve-forwarding.md says why not on the GPUs).
-  # A compute profile taken here first sizes the decodes by Eq. 1; the tiny model on cuda:0
-  # is profiled too, for the record. FWD_ARGS adds to or overrides the experiment's flags.
-  log "forwarding, real mode (profile here, decodes by Eq. 1)"
-  local f="$OUT/forwarding-real"
-  $PY -m kvxfer.serve.profile --model tiny --context 1024 --out "$OUT/tiny-profile.json" 2> "$f.txt"
-  $PY -m kvxfer.serve.profile --model tiny --device cuda:0 --prompt-lens 128 512 2048 --batches 1 4 16 \
-    --context 1024 --out "$OUT/tiny-profile-cuda0.json" 2>> "$f.txt"
-  $PY -m kvxfer.cli experiment forwarding --json --mode real --model tiny --profile "$OUT/tiny-profile.json" \
-    --prefills 6 --decodes 0 --b-d 16 --scale 0.25 --output-tokens 256 --duration 15 \
-    --budget-s "${FWD_BUDGET_S:-400}" --plot "$f.png" ${FWD_ARGS:-} > "$f.jsonl" 2>> "$f.txt"
-  echo "rc=$?" >> "$f.txt"
-  tail -40 "$f.txt"; cat "$f.jsonl"
+  # Issue 11, forwarding in real mode on the 32-core machine: the workers run the seeded
+  # "medium" model (about 25M parameters) on the CPU, one torch thread each, so that a prefill
+  # takes hundreds of milliseconds (docs/pd-serve-forwarding.md says why not the tiny model,
+  # and why not the GPUs). A compute profile taken here first sizes the decodes by Eq. 1.
+  # FWD_RUNS runs (seeds 0, 1, ...); FWD_ARGS adds to or overrides the experiment's flags.
+  log "forwarding, real mode, medium model (profile here, decodes by Eq. 1)"
+  py_deps || return 1
+  local f="$OUT/forwarding-real" plot=() seed
+  $PY -m kvxfer.serve.profile --model medium --prompt-lens 16 64 128 256 512 1024 --batches 1 2 4 8 \
+    --context 512 --out "$OUT/medium-profile.json" 2> "$f.txt"
+  for seed in $(seq 0 $(( ${FWD_RUNS:-1} - 1 ))); do
+    plot=(); $PY -c "import matplotlib" 2>/dev/null && plot=(--plot "$f-$seed.png")
+    log "forwarding run, seed $seed"
+    $PY -m kvxfer.cli experiment forwarding --json --mode real --model medium --profile "$OUT/medium-profile.json" \
+      --prefills 4 --decodes 0 --b-d 4 --scale 0.0625 --output-tokens 48 --duration 8 --seed "$seed" \
+      --budget-s "${FWD_BUDGET_S:-400}" "${plot[@]}" ${FWD_ARGS:-} > "$f-$seed.jsonl" 2>> "$f.txt"
+    echo "rc=$? (seed $seed)" >> "$f.txt"
+    cat "$f-$seed.jsonl"
+  done
+  tail -60 "$f.txt"
 }
 
 case "$what" in

@@ -78,7 +78,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="JSON lines on stdout (else a table)")
     p.add_argument("--plot", metavar="FILE", help="write the success-rate curves to FILE (png/svg/pdf)")
     p.add_argument("--mode", choices=("profiled", "real"), default="profiled")
-    p.add_argument("--model", choices=("smollm2", "tiny"), help="default: smollm2 (--quick: tiny)")
+    p.add_argument(
+        "--model",
+        choices=("smollm2", "tiny", "medium"),
+        help="default: smollm2 (--quick: tiny); tiny and medium have seeded random weights",
+    )
     p.add_argument("--profile", default="", help="profiled mode: profile JSON (default: the model's)")
     p.add_argument("--prefills", type=int, help="prefill workers (default 4; --quick 4)")
     p.add_argument(
@@ -152,7 +156,7 @@ def tokenizer_spec(model: str, mode: str) -> tuple[str, str, int]:
 
     Profiled workers need no weights: the gateways then use the byte tokenizer over the model's
     vocabulary, which gives exact prompt lengths; real SmolLM2 needs its own tokenizer."""
-    if model == "tiny":
+    if model in ("tiny", "medium"):
         from kvxfer.serve.runtime import TINY_VOCAB
 
         return f"bytes:{TINY_VOCAB}", "char", TINY_VOCAB

@@ -14,7 +14,7 @@ See docs/models.md. Needs torch (``pip install kvxfer[serve]``).
 
 from __future__ import annotations
 
-from .config import ModelConfig, tiny_config
+from .config import ModelConfig, medium_config, tiny_config
 from .errors import (
     BufferTooSmallError,
     ContextLengthError,
@@ -51,6 +51,7 @@ __all__ = [
     "Sequence",
     "WeightsError",
     "load_smollm2",
+    "medium_config",
     "random_state_dict",
     "tiny_config",
 ]

@@ -152,9 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kvxfer.models.bench", description=__doc__.splitlines()[0])
     ap.add_argument(
         "--model",
-        choices=["smollm2", "smollm2-shape", "tiny"],
+        choices=["smollm2", "smollm2-shape", "tiny", "medium"],
         default="smollm2",
-        help="smollm2-shape: SmolLM2's shape with random weights (no weight files needed)",
+        help="smollm2-shape: SmolLM2's shape with random weights (no weight files needed); "
+        "medium: medium_config() (random weights)",
     )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -180,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         from .smollm2 import smollm2_config
 
         model = Model(smollm2_config(), device=args.device, dtype=dtype)
+    elif args.model == "medium":
+        from .config import medium_config
+
+        model = Model(medium_config(), device=args.device, dtype=dtype)
     else:
         from .config import tiny_config
 

@@ -1,4 +1,5 @@
-"""Llama-family decoder configuration, and seeded tiny configurations for fast tests."""
+"""Llama-family decoder configuration, seeded tiny configurations for fast tests, and a seeded
+"medium" one for load experiments that need compute of a real size."""
 
 from __future__ import annotations
 
@@ -134,6 +135,32 @@ def tiny_config(seed: int = 0, num_layers: int = 2, **overrides: Any) -> ModelCo
         "rms_norm_eps": 1e-5,
         "tie_word_embeddings": False,
         "name": f"tiny-llama-s{seed}",
+        "seed": seed,
+    }
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def medium_config(seed: int = 0, **overrides: Any) -> ModelConfig:
+    """A fixed Llama shape of about 25M parameters (8 layers, hidden 512, GQA 8/2 heads of 64),
+    with seeded random weights, for load experiments that need a model that really computes
+    but fits many one-thread workers on one host: on one CPU thread a 512-token prefill takes a
+    few hundred milliseconds and a 128-token one about a quarter of that (docs/models.md has
+    the figures). Vocabulary 512 (the byte tokenizer's); outputs mean nothing.
+    """
+    fields: dict[str, Any] = {
+        "vocab_size": 512,
+        "hidden_size": 512,
+        "intermediate_size": 1536,
+        "num_layers": 8,
+        "num_heads": 8,
+        "num_kv_heads": 2,
+        "head_dim": 64,
+        "max_position_embeddings": 4096,
+        "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "name": f"medium-llama-s{seed}",
         "seed": seed,
     }
     fields.update(overrides)

@@ -31,7 +31,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--decode", type=int, default=1, help="decode workers (default 1)")
     p.add_argument("--aggregated", type=int, default=0, help="aggregated workers (baseline a)")
     p.add_argument("--backend", choices=BACKENDS, default="shm")
-    p.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    p.add_argument("--model", choices=["tiny", "medium", "smollm2"], default="tiny")
     p.add_argument("--mode", choices=COMPUTE_MODES, default="real")
     p.add_argument("--policy", choices=POLICIES, default="reject-retry")
     p.add_argument("--transfer-mode", choices=MODES, default="block-free")

@@ -14,6 +14,8 @@ ROLES = ("prefill", "decode", "aggregated", "gateway", "standby")  # standby: no
 COMPUTE_MODES = ("real", "profiled")
 POLICIES = ("reject-retry", "local-queue")
 BACKENDS = ("shm", "tcp", "cuda_ipc")
+# tiny and medium: seeded random weights (kvxfer.serve.runtime.RANDOM_MODELS); smollm2: real weights
+MODELS = ("tiny", "medium", "smollm2")
 
 
 @dataclass
@@ -30,7 +32,7 @@ class WorkerConfig:
     host: str = "127.0.0.1"
     port: int = 0
     backend: str = "shm"
-    model: str = "tiny"  # "tiny" (seeded random, tiny_config(seed)) or "smollm2"
+    model: str = "tiny"  # "tiny" / "medium" (seeded random: tiny_config, medium_config) or "smollm2"
     seed: int = 0
     mode: str = "real"  # "real" | "profiled"
     profile: str = ""  # profiled mode: path of a profile JSON ("" = the model's default)
@@ -54,7 +56,7 @@ class WorkerConfig:
     prefill_urls: list[str] = dataclasses.field(default_factory=list)
     routes: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     ttft_slo_s: float = 5.0
-    tokenizer: str = ""  # "" = the model's ("bytes:512" for tiny, "smollm2")
+    tokenizer: str = ""  # "" = the model's ("bytes:512" for tiny and medium, "smollm2")
     # control plane (kvxfer.serve.control): "" = peers exchanged by start_local over HTTP
     registry: str = ""  # "sqlite:PATH" | "etcd://HOST:PORT": join a group through the registry
     scenario: str = "*"  # the group's scenario ("*": requests of every scenario without a group)
@@ -71,7 +73,7 @@ class WorkerConfig:
                 self.transfer_mode in TRANSFER_MODES,
                 f"transfer_mode {self.transfer_mode!r} not in {TRANSFER_MODES}",
             ),
-            (self.model in ("tiny", "smollm2"), f"model {self.model!r} not in ('tiny', 'smollm2')"),
+            (self.model in MODELS, f"model {self.model!r} not in {MODELS}"),
             (self.b_p >= 1 and self.b_d >= 1 and self.pending >= 0, "b_p, b_d must be >= 1, pending >= 0"),
             (self.max_prompt_tokens >= 1 and self.block_tokens >= 1, "max_prompt_tokens, block_tokens >= 1"),
         ]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import MODELS
 from .errors import ProfileError
 
 PROFILES = Path(__file__).with_name("profiles")
@@ -150,7 +151,7 @@ def measure(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m kvxfer.serve.profile", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", choices=["tiny", "smollm2"])
+    p.add_argument("--model", default="smollm2", choices=list(MODELS))
     p.add_argument("--out", help="default: kvxfer/serve/profiles/<model>.json")
     p.add_argument("--prompt-lens", type=int, nargs="+", default=[16, 128, 512, 1024, 2048])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])

@@ -32,12 +32,25 @@ def tiny_model_config(seed: int = 0):
     return tiny_config(seed=seed, vocab_size=TINY_VOCAB, max_position_embeddings=4096)
 
 
+def medium_model_config(seed: int = 0):
+    from kvxfer.models import medium_config
+
+    return medium_config(seed=seed, vocab_size=TINY_VOCAB)
+
+
+# The models a worker runs: two with seeded random weights (the byte tokenizer's vocabulary),
+# "tiny" for tests and "medium" for load experiments whose compute must take real time, and
+# SmolLM2 with its real weights.
+RANDOM_MODELS = {"tiny": tiny_model_config, "medium": medium_model_config}
+
+
 def load_model(model: str, seed: int = 0, device: str = "cpu"):
-    """``(tokenizer_or_None, Model)`` for ``"tiny"`` (seeded random weights) or ``"smollm2"``."""
+    """``(tokenizer_or_None, Model)`` for ``"tiny"`` or ``"medium"`` (seeded random weights) or
+    ``"smollm2"``."""
     from kvxfer.models import Model, load_smollm2
 
-    if model == "tiny":
-        return None, Model(tiny_model_config(seed), device=device)
+    if model in RANDOM_MODELS:
+        return None, Model(RANDOM_MODELS[model](seed), device=device)
     tok, m = load_smollm2(device=device)
     return tok, m
 
@@ -151,8 +164,8 @@ def make_compute(cfg: WorkerConfig) -> tuple[Any, Compute]:
         tok, model = load_model(cfg.model, cfg.seed, cfg.device)
         return tok, Compute(model, model.config, model.dtype)
     prof = load_profile(cfg.profile or cfg.model)
-    if cfg.model == "tiny":
-        mcfg = tiny_model_config(cfg.seed)
+    if cfg.model in RANDOM_MODELS:
+        mcfg = RANDOM_MODELS[cfg.model](cfg.seed)
     else:
         from kvxfer.models import ModelConfig
 

@@ -1,4 +1,5 @@
-"""Our runtime vs transformers' LlamaForCausalLM on tiny random configurations, token for token."""
+"""Our runtime vs transformers' LlamaForCausalLM on seeded random configurations (tiny ones and
+the "medium" one), token for token."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from models_testlib import DEVICE, hf_greedy, hf_llama, one_thread  # noqa: F401 (autouse fixture)
 
-from kvxfer.models import Model, random_state_dict, tiny_config
+from kvxfer.models import Model, medium_config, random_state_dict, tiny_config
 
 CONFIGS = [
     tiny_config(seed=0),
@@ -15,6 +16,7 @@ CONFIGS = [
     tiny_config(
         seed=3, num_heads=4, num_kv_heads=1, head_dim=16, hidden_size=48
     ),  # GQA 4:1, head_dim*H != hidden
+    medium_config(),  # the load experiments' model (8 layers, hidden 512, GQA 8:2)
 ]
 
 

@@ -48,8 +48,9 @@ def test_profile_interpolates_and_extrapolates(tmp_path):
         load_profile(str(path))
 
 
-def test_committed_profiles_name_their_machine():
-    prof = load_profile("tiny")
+@pytest.mark.parametrize("name", ["tiny", "medium"])
+def test_committed_profiles_name_their_machine(name):
+    prof = load_profile(name)
     assert prof.machine and prof.meta["command"].startswith("python -m kvxfer.serve.profile")
     assert all(s > 0 for _, s in prof.prefill + prof.decode)
 
@@ -81,3 +82,38 @@ def test_a_worker_that_cannot_start_fails_the_deployment_with_its_reason(tmp_pat
 
     with pytest.raises(WorkerStartError, match="no compute profile"):
         start_local(1, 1, model="tiny", mode="profiled", profile=str(tmp_path / "none.json"), gateway=False)
+
+
+def test_medium_model_is_one_fixed_shape_in_real_and_profiled_workers(tmp_path):
+    """``model="medium"``: a real-mode worker builds the seeded medium model (byte tokenizer's
+    vocabulary), a profiled one the same shape from its profile, and the forwarding experiment
+    talks to it with the byte tokenizer; an unknown model name is refused by name."""
+    from kvxfer.experiments import forwarding
+    from kvxfer.models import medium_config
+    from kvxfer.serve.runtime import RANDOM_MODELS, make_compute
+
+    cfg = RANDOM_MODELS["medium"](0)
+    assert cfg == medium_config(seed=0, vocab_size=512)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (
+        8,
+        512,
+        8,
+        2,
+        64,
+    )
+    params = cfg.num_layers * (
+        cfg.hidden_size * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+        + 3 * cfg.hidden_size * cfg.intermediate_size
+    )
+    assert 20e6 < params < 30e6
+    tok, real = make_compute(WorkerConfig(model="medium", mode="real", seed=3))
+    assert tok is None and real.mode == "real" and real.model.config == RANDOM_MODELS["medium"](3)
+    assert real.model.prefill([1, 2, 3]).num_tokens == 3
+    prof = load_profile("medium")
+    assert prof.config["hidden_size"] == 512 and prof.prefill_s(512) > 2 * prof.prefill_s(128)
+    _, profiled = make_compute(WorkerConfig(model="medium", mode="profiled"))
+    assert profiled.mode == "profiled" and profiled.geometry == real.geometry
+    assert forwarding.tokenizer_spec("medium", "real") == ("bytes:512", "char", 512)
+    assert forwarding.parse(["--model", "medium", "--mode", "real"]).model == "medium"
+    with pytest.raises(ConfigError, match="'large'"):
+        WorkerConfig(model="large")

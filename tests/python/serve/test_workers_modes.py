@@ -104,3 +104,30 @@ def test_aggregated_worker_serves_the_same_endpoint_and_rejects_when_full(tiny_m
         assert r.error is None, r.error
         assert r.tokens == tiny_model.generate(ids, 400)
     assert st["role"] == "aggregated" and st["busy"] == 0 and st["rejected"] >= 1
+
+
+def test_medium_model_workers_give_its_greedy_tokens():
+    """Real mode with the "medium" model (the load experiments' one): prefill and decode
+    processes each build it from the seed, the KV crosses over shm, and the tokens are the
+    model's own greedy continuation."""
+    import torch
+
+    from kvxfer.models import Model
+    from kvxfer.serve.runtime import medium_model_config
+
+    torch.set_num_threads(1)
+    model = Model(medium_model_config(0))
+    rng = random.Random(13)
+    prompts = [[rng.randrange(512) for _ in range(n)] for n in (9, 40)]
+    with start_local(1, 1, backend="shm", model="medium", gateway=False, b_p=2, b_d=2) as dep:
+
+        async def go():
+            async with aiohttp.ClientSession() as s:
+                return await asyncio.gather(*(client.prefill(s, dep.prefill_urls[0], p, 5) for p in prompts))
+
+        results = run(go())
+        st = dep.status("decode-0")
+    for ids, r in zip(prompts, results, strict=True):
+        assert r.error is None, r.error
+        assert r.tokens == model.generate(ids, 5)
+    assert st["kvxfer"]["transfers_done"] >= len(prompts)

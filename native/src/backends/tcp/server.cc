@@ -445,8 +445,7 @@ private:
                 if (errno == EINTR) continue;
                 if (errno != EAGAIN && errno != EWOULDBLOCK) return Quick::kClose;
                 if (have > 0) return handOff(buf, have);  // a frame is still arriving
-                // Nothing more: park. (Polling here for the peer's next request for 20-60 us
-                // was measured slower on the shared 2-core VM: docs/benchmarks.md.)
+                // Nothing more: park (the listener's spin, if on, polls for the next one).
                 return Quick::kPark;
             }
             ++rounds;
@@ -684,19 +683,36 @@ void listenLoop(const std::shared_ptr<Shared>& sh) {
     }
     std::vector<uint8_t> buf(kQuickBufferBytes);  // the quick path's input buffer
     epoll_event events[64];
+    AdaptiveSpin spin;
+    spin.setBudget(sh->spin_us);
+    bool served = false;  // the last wake-up served a connection: the next frame may be near
     for (;;) {
+        int n = 0;
+        // After serving, poll the set without sleeping for up to the spin budget (spin.h).
+        // The stop ends it within one poll (`stopping`, and wake_fd is in the set).
+        if (const auto budget = served ? spin.next() : Clock::duration::zero(); budget.count() > 0) {
+            const auto end = Clock::now() + budget;
+            for (;;) {
+                n = ::epoll_wait(sh->epoll_fd.fd, events, 64, 0);
+                if (n != 0 || sh->stopping.load(std::memory_order_relaxed) || Clock::now() >= end) break;
+                spinPause();
+            }
+            spin.result(n > 0);
+        }
         // No timeout: the stop writes wake_fd (level-triggered, never drained), and a finite
         // one arms and cancels a kernel timer on every wait, i.e. on every small request.
-        const int n = ::epoll_wait(sh->epoll_fd.fd, events, 64, -1);
+        if (n <= 0 && !sh->stopping.load()) n = ::epoll_wait(sh->epoll_fd.fd, events, 64, -1);
         if (sh->stopping.load()) {
             stopServing(*sh);
             return;
         }
+        served = false;
         for (int i = 0; i < n; ++i) {
             const int fd = events[i].data.fd;
             if (fd == sh->wake_fd.fd) continue;
             if (fd != sh->listen_fd.fd) {
                 onReadable(sh, fd, buf);
+                served = true;
                 continue;
             }
             for (;;) {

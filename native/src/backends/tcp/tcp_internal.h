@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "backends/tcp/region_table.h"
+#include "backends/tcp/spin.h"
 #include "backends/tcp/tcp_wire.h"
 #include "kvxfer/backend.h"
 #include "util/auth.h"
@@ -114,6 +115,7 @@ struct Shared {
     std::atomic<bool> stopping{false};
     Fd listen_fd;
     Fd wake_fd;
+    uint32_t spin_us = 0;  // TcpConfig::spin_us: the listener's busy-poll after a readiness (spin.h)
 
     // Initiator side: every connection this backend made, stopped by shutdown().
     std::mutex peer_conns_mutex;
@@ -241,6 +243,10 @@ struct PeerConn {
     // A thread is writing to the socket: the sender thread (around each item) or a posting
     // thread on the inline path (sendInline). The sender waits while it is set.
     bool writing = false;
+    // The waiting caller's busy-poll for its inline job's ACK (TcpConfig::spin_us, spin.h).
+    // Budget set before the connection is shared; then used only by the thread that leads
+    // the read side as Reader::kCaller (taking that role under `mutex` orders the uses).
+    AdaptiveSpin caller_spin;
 
     // The sender and each session's receiver are threads of this group (the engine's,
     // which joins them); they hold the PeerConn, never the backend.
