@@ -693,7 +693,7 @@ void listenLoop(const std::shared_ptr<Shared>& sh) {
     epoll_event events[64];
     AdaptiveSpin spin;
     spin.setBudget(sh->spin_us);
-    bool served = false;  // the last wake-up served a connection: the next frame may be near
+    bool served = false;  // the last wake-up served small frames itself: the next may be near
     // The parked connection the listener served last: its spin reads that one directly (one
     // recv per look instead of epoll_wait + recv) and the whole set every 4th look. Only the
     // listener serves or closes a parked connection, so it stays valid while parked.
@@ -710,7 +710,8 @@ void listenLoop(const std::shared_ptr<Shared>& sh) {
                     const Quick q = serveReadable(sh, hot, buf);
                     if (q != Quick::kIdle) {
                         hit = true;
-                        if (q != Quick::kPark) hot.reset();
+                        served = q == Quick::kPark;
+                        if (!served) hot.reset();
                         break;
                     }
                 } else {
@@ -721,7 +722,7 @@ void listenLoop(const std::shared_ptr<Shared>& sh) {
                 spinPause();
             }
             spin.result(hit || n > 0);
-            if (hit) continue;  // served: spin again
+            if (hit) continue;  // served here: spin again
         }
         // No timeout: the stop writes wake_fd (level-triggered, never drained), and a finite
         // one arms and cancels a kernel timer on every wait, i.e. on every small request.
@@ -734,9 +735,13 @@ void listenLoop(const std::shared_ptr<Shared>& sh) {
             if (fd == sh->wake_fd.fd) continue;
             if (fd != sh->listen_fd.fd) {
                 if (auto c = connectionOf(*sh, fd)) {
+                    // Spin only after serving frames here (small requests): a connection
+                    // handed to a worker (bulk, READ) brings its next frames to the worker.
                     const Quick q = serveReadable(sh, c, buf);
-                    if (q == Quick::kPark || q == Quick::kIdle) hot = std::move(c);
-                    served = true;
+                    if (q == Quick::kPark) {
+                        hot = std::move(c);
+                        served = true;
+                    }
                 }
                 continue;
             }
