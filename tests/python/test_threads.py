@@ -1,10 +1,10 @@
 """No kvxfer thread outlives its engine. Each CPU backend's engines start native threads
 (deadline timer, copy pool, listener, notifier, senders...); close() joins them all before
 it returns (the application may still hold every object), and they are joined once the
-application has let go of an engine it never closed, also when the last
-reference goes while a transfer is still in flight (then the engine is destroyed on one of
-its own threads), so that none runs on while the process exits (OpenSSL's exit cleanup
-freed its locks under such a thread: commit 371f301).
+application has let go of an engine it never closed, also when the last reference goes
+while a transfer is still in flight (then on one of the engine's own threads, and the
+engine is destroyed on another), so that none runs on while the process exits (OpenSSL's
+exit cleanup freed its locks under such a thread: commit 371f301).
 
 Threads are counted in /proc/self/task, less the Python threads (threading.enumerate)."""
 
