@@ -68,6 +68,7 @@ class ShmConfig:
 class TcpConfig:
     listen: str
     inline_max_bytes: int
+    spin_us: int
     def __init__(self) -> None: ...
 
 class IbverbsConfig:

@@ -39,6 +39,8 @@ class TcpConfig:
     # "" = every interface, an ephemeral port.
     listen: str = ""
     inline_max_bytes: int = 64 * 1024  # transfers up to this size run on the posting thread
+    # busy-poll (us) before sleeping for the next frame (listener, ACK wait); 0 = off
+    spin_us: int = 50
 
 
 @dataclass

@@ -131,6 +131,26 @@ class _Target:
             self.proc.kill()
 
 
+def _cpu_s(target_pid: int) -> float:
+    """CPU seconds used so far by this process and the target process (user + system, every
+    thread): a busy-poll trades CPU for latency, so each run reports what it used."""
+    try:
+        with open(f"/proc/{target_pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        target = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, IndexError, ValueError):
+        target = 0.0
+    return time.process_time() + target
+
+
+def _timed(target_pid: int, requests: int, fn, *args) -> dict:
+    """fn(*args) (a run's dict) plus cpu_us_per_req: both processes' CPU per request."""
+    c0 = _cpu_s(target_pid)
+    out = fn(*args)
+    out["cpu_us_per_req"] = (_cpu_s(target_pid) - c0) / requests * 1e6
+    return out
+
+
 def _run_kvxfer(eng, peer, region, remote, src, nbytes: int, depth: int, requests: int) -> dict:
     import kvxfer
 
@@ -251,13 +271,19 @@ def run(
         slot_base: list[dict] = []  # tcp: the ping-pong over kvxfer's slots
         for r in range(repeat):
             log(f"latency: run {r + 1}/{repeat}")
+            pid = target.proc.pid
             if backend == "tcp":
-                base.append(_run_tcp_baseline(target.info["tcp_port"], nbytes, requests))
-                slot_base.append(_run_tcp_baseline(target.info["tcp_port"], nbytes, requests, src))
+                port = target.info["tcp_port"]
+                base.append(_timed(pid, requests, _run_tcp_baseline, port, nbytes, requests))
+                slot_base.append(_timed(pid, requests, _run_tcp_baseline, port, nbytes, requests, src))
             else:
-                base.append(_run_wake_baseline(target.info["wake"], src, nbytes, requests))
+                base.append(
+                    _timed(pid, requests, _run_wake_baseline, target.info["wake"], src, nbytes, requests)
+                )
             for d in depths:
-                runs[d].append(_run_kvxfer(eng, peer, region, remote, src, nbytes, d, requests))
+                runs[d].append(
+                    _timed(pid, requests, _run_kvxfer, eng, peer, region, remote, src, nbytes, d, requests)
+                )
         # Byte-exact check: read every slot back.
         back = np.zeros_like(src)
         rback = eng.register(back)
@@ -286,6 +312,8 @@ def run(
                 "baseline_p50_us": round(med(base, "p50_us"), 2),
                 "baseline_p99_us": round(med(base, "p99_us"), 2),
                 "ratio_to_baseline": round(med(runs[d], "req_per_s") / med(base, "req_per_s"), 3),
+                "cpu_us_per_req": round(med(runs[d], "cpu_us_per_req"), 2),
+                "baseline_cpu_us_per_req": round(med(base, "cpu_us_per_req"), 2),
                 "verified": verified,
                 "machine": mach,
             }
@@ -295,6 +323,7 @@ def run(
                 rec["slot_baseline_p50_us"] = round(med(slot_base, "p50_us"), 2)
                 slot_rate = med(slot_base, "req_per_s")
                 rec["ratio_to_slot_baseline"] = round(med(runs[d], "req_per_s") / slot_rate, 3)
+                rec["slot_baseline_cpu_us_per_req"] = round(med(slot_base, "cpu_us_per_req"), 2)
             emit(rec)
         return 0 if verified else 3
     finally:

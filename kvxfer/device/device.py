@@ -60,9 +60,14 @@ from kvxfer.device.timing import refined_len
 DISPLAY_MARGIN = 0.005  # s: the pacer's margin under theta until lateness has been measured
 MARGIN_FLOOR = 0.001  # s: the measured margin never goes below this
 MARGIN_SAMPLES = 30  # lateness samples (display and sleep each) before the measured margin is used
-LATENESS_WINDOW = 400  # the most recent samples kept per kind
+LATENESS_WINDOW = 2000  # the most recent samples kept per kind (a few requests' worth). Their
+# p99.9 is about the third largest, so one or two late wake-ups do not move it, and the margin
+# the settings read before a request stays the one the pacer uses in it
 LATENESS_Q = 99.9  # percentile of each kind of lateness that the margin covers (a gap of a paced
 # request is late with a chance of 1 - Q/100 per token, and a request paces tens of tokens)
+CALIBRATION_WAIT = 0.002  # s: the short waits that seed the lateness at runtime start
+SWITCH_INTERVAL = 0.0005  # s: the device process's GIL switch interval (Python's default is 5 ms:
+# the display thread could wait that long for the compute thread to let go)
 
 
 class Lateness:
@@ -73,8 +78,10 @@ class Lateness:
     sleep overshoot (the device finishes its absorb a little after the class's time). The
     margin under theta is the sum of a high percentile of both, never below
     :data:`MARGIN_FLOOR`, never above half of theta; until both kinds have
-    :data:`MARGIN_SAMPLES` samples it is the fixed :data:`DISPLAY_MARGIN`. It lives as long as
-    the device process, so each request starts from what the earlier ones measured.
+    :data:`MARGIN_SAMPLES` samples it is the fixed :data:`DISPLAY_MARGIN`; :meth:`calibrate`
+    measures that many at once. It lives as long as the device process, so each request starts
+    from what the earlier ones measured, and the settings read the same figure before they plan
+    (:meth:`DeviceProcess.margin`).
     """
 
     def __init__(self) -> None:
@@ -98,6 +105,20 @@ class Lateness:
             return min(DISPLAY_MARGIN, 0.1 * theta)
         return min(max(MARGIN_FLOOR, d + s), 0.5 * theta)
 
+    def calibrate(self, samples: int = MARGIN_SAMPLES, wait: float = CALIBRATION_WAIT) -> None:
+        """Seed both kinds with ``samples`` short waits each, as the pacer's threads wait: a timed
+        wait on a condition (the display) and a sleep (the throttle). Before this the margin is
+        the fixed default, which the settings would plan with although the pacer would not."""
+        cv = threading.Condition()
+        for _ in range(samples):
+            with cv:
+                due = time.monotonic() + wait
+                cv.wait(wait)
+                self.add("display", time.monotonic() - due)
+            due = time.monotonic() + wait
+            time.sleep(wait)
+            self.add("sleep", time.monotonic() - due)
+
 
 @dataclass
 class Job:
@@ -113,6 +134,9 @@ class Job:
     delta_min: float = 0.01
     stop_token_ids: list[int] = field(default_factory=list)
     cloud: str | None = None  # "host:port" of the cloud helper (through the link proxy)
+    # the pacer margin the settings planned n with (None: not planned); the pacer runs at theta
+    # minus the larger of this and what the device measures at the request's start
+    margin_s: float | None = None
     deadline_s: float = 120.0
 
     def check(self) -> None:
@@ -124,6 +148,8 @@ class Job:
             raise BadSettingsError(f"method {self.method} needs the cloud address")
         if not 0 < self.rho <= 1 or self.n < 1:
             raise BadSettingsError(f"bad settings n={self.n}, rho={self.rho}")
+        if self.margin_s is not None and not 0 <= self.margin_s <= 0.5 * self.theta:
+            raise BadSettingsError(f"margin_s={self.margin_s} is outside [0, theta/2 = {0.5 * self.theta}]")
 
 
 class _Throttle:
@@ -184,8 +210,12 @@ class _Session:
         self.est_max: float | None = None  # the latest catch-up the device ever estimated
         pace = job.method == PD
         # the pacer aims a little under theta: the display thread wakes late, and the device's
-        # first token comes a little after the class's time; the margin is measured [inferred]
-        self.margin = self.lateness.margin(job.theta)
+        # first token comes a little after the class's time; the margin is measured [inferred].
+        # It is never below what the settings planned with, so their n covers the pacing, and
+        # never below what is measured now, so a lateness that grew since is still covered (the
+        # pacer then asks for more tokens)
+        self.measured_margin = self.lateness.margin(job.theta)
+        self.margin = max(self.measured_margin, job.margin_s or 0.0)
         self.pacer = Pacer(
             theta=job.theta - self.margin,
             delta_min=job.delta_min if pace else 0.0,
@@ -535,6 +565,8 @@ class _Session:
             "more_requests": self.more_requests,
             "catch_estimate_max_s": self.est_max,
             "pacer_margin_s": self.margin,
+            "planned_margin_s": j.margin_s,
+            "measured_margin_s": self.measured_margin,
             "next_margin_s": self.lateness.margin(j.theta),
             "display_late_q_s": self.lateness.quantiles()[0],
             "sleep_late_q_s": self.lateness.quantiles()[1],
@@ -549,6 +581,7 @@ class DeviceRuntime:
     def __init__(self, lm: LM, prof: DeviceProfile, chunk: int = 256) -> None:
         self.lm, self.prof, self.chunk = lm, prof, chunk
         self.lateness = Lateness()  # measured across the requests of this runtime
+        self.lateness.calibrate()
 
     def run(self, job: Job) -> dict:
         return _Session(self.lm, self.prof, job, self.chunk, self.lateness).run()
@@ -597,6 +630,16 @@ class DeviceProcess:
         except json.JSONDecodeError as e:
             raise DeviceError(f"device process wrote something that is not JSON: {box[0][:200]!r}") from e
 
+    def margin(self, theta: float, timeout: float = 10.0) -> float:
+        """The pacer margin the runtime would use for a request starting now (seconds): what the
+        settings plan n with, then pass on as :attr:`Job.margin_s`."""
+        self.proc.stdin.write(json.dumps({"query": "margin", "theta": theta}) + "\n")
+        self.proc.stdin.flush()
+        out = self._read(timeout)
+        if "margin_s" not in out:
+            raise DeviceError(f"device process answered the margin query with {out}")
+        return float(out["margin_s"])
+
     def run(self, job: Job) -> dict:
         self.proc.stdin.write(json.dumps(asdict(job)) + "\n")
         self.proc.stdin.flush()
@@ -636,6 +679,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    sys.setswitchinterval(SWITCH_INTERVAL)
     prof = DeviceProfile.from_json(json.loads(a.profile_json)) if a.profile_json else profile(a.profile)
     lm = load_lm(a.model)
     rt = DeviceRuntime(lm, prof, a.chunk)
@@ -644,11 +688,17 @@ def main(argv: list[str] | None = None) -> int:
         if not line.strip():
             continue
         try:
-            job = Job(**json.loads(line))
+            msg = json.loads(line)
+            if msg.get("query") == "margin":
+                theta = float(msg["theta"])
+                out = {"margin_s": rt.lateness.margin(theta), "quantiles_s": rt.lateness.quantiles()}
+                print(json.dumps(out), flush=True)
+                continue
+            job = Job(**msg)
             out = rt.run(job)
         except DeviceError as e:
             out = {"error": type(e).__name__, "message": str(e)}
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
             out = {"error": "BadSettingsError", "message": f"bad job: {e!r}"}
         print(json.dumps(out), flush=True)
     return 0

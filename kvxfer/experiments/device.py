@@ -163,10 +163,6 @@ def main(argv: list[str] | None = None) -> int:
         dev = stack.enter_context(DeviceProcess(a.model, prof))
         addr = f"127.0.0.1:{link.port}"
 
-        # the device's measured pacer margin (display and sleep lateness); the settings plan the
-        # pacing at theta minus it, as the device's pacer will
-        margin = [0.005]
-
         def run(method, ids, s, q, n=1, rho=1.0, g=None, **kw):
             j = Job(
                 f"{method}-{len(ids)}-{rng.random():.6f}",
@@ -195,8 +191,6 @@ def main(argv: list[str] | None = None) -> int:
             r["cloud_tokens"] = acc.tokens if acc else 0
             r["cloud_prefill_s"] = acc.prefill_s if acc else 0.0
             r["cloud_decode_s"] = acc.decode_s if acc else 0.0
-            if r.get("next_margin_s") is not None:
-                margin[0] = r["next_margin_s"]
             return r
 
         # warm-up (not measured): the first request pays for allocator and kernel start-up
@@ -227,12 +221,15 @@ def main(argv: list[str] | None = None) -> int:
                     tau_busy=busy_tok,
                 )
             cond, pre, busy = est.conditions(a.profile, L, G, s, q)
-            pol = dataclasses.replace(policy, safety=1.0 - margin[0] / THETA)
+            # the device's pacer margin now (display and sleep lateness, measured in the device
+            # process); the settings plan n at theta minus it, and the job pins it for the pacer
+            margin = dev.margin(THETA)
+            pol = dataclasses.replace(policy, safety=1.0 - margin / THETA)
             st = choose(cond, pre, busy, pol, quality_curve)
             n_naive = n_star(cond, 1.0, THETA, pol.safety)
             _log(
                 f"L={L}: settings {st.method} n={st.n} rho={st.rho} ({st.reason}); naive n={n_naive}; "
-                f"pacer margin {margin[0] * 1e3:.1f} ms"
+                f"pacer margin {margin * 1e3:.1f} ms"
             )
             per: dict[str, list[dict]] = {}
             failed: dict[str, int] = {}
@@ -240,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 for method in ("device-only", "cloud-only", "naive-hybrid", "pd-device"):
                     if method == PD:
                         m = st.method if st.method != PD else PD
-                        r = run(m, ids, s, q, n=st.n or 1, rho=st.rho)
+                        r = run(m, ids, s, q, n=st.n or 1, rho=st.rho, margin_s=margin)
                     elif method == "naive-hybrid":
                         r = run(method, ids, s, q, n=max(1, n_naive))
                     else:
@@ -289,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                         more_requests=rs[0]["more_requests"],
                         handoffs=[x["handoff"] for x in rs],
                         pacer_margin_s=statistics.median(x["pacer_margin_s"] for x in rs),
+                        planned_margin_s=margin,
                         t_ready_s=statistics.median(x.get("t_ready") or 0.0 for x in rs),
                     )
                 if method == "naive-hybrid":

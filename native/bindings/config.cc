@@ -22,7 +22,8 @@ void registerConfig(py::module_& m) {
     py::class_<TcpConfig>(m, "TcpConfig")
         .def(py::init<>())
         .def_readwrite("listen", &TcpConfig::listen)
-        .def_readwrite("inline_max_bytes", &TcpConfig::inline_max_bytes);
+        .def_readwrite("inline_max_bytes", &TcpConfig::inline_max_bytes)
+        .def_readwrite("spin_us", &TcpConfig::spin_us);
     py::class_<IbverbsConfig>(m, "IbverbsConfig")
         .def(py::init<>())
         .def_readwrite("device", &IbverbsConfig::device)

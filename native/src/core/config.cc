@@ -74,6 +74,13 @@ const std::vector<Var>& vars() {
          [](EngineConfig& c, const std::string& s) {
              return parseU64(s, 0, 16ull << 20, &c.backend.tcp.inline_max_bytes);
          }},
+        {"KVXFER_TCP_SPIN_US", "backend.tcp.spin_us",
+         [](EngineConfig& c, const std::string& s) {
+             uint64_t v = 0;
+             if (!parseU64(s, 0, 1000000, &v)) return false;
+             c.backend.tcp.spin_us = static_cast<uint32_t>(v);
+             return true;
+         }},
         {"KVXFER_IBVERBS_DEVICE", "backend.ibverbs.device",
          [](EngineConfig& c, const std::string& s) {
              c.backend.ibverbs.device = s;

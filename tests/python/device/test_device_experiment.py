@@ -54,6 +54,9 @@ def test_experiment_emits_the_issue_fields(capsys, tmp_path):
     assert methods["cloud-only"]["cloud_tokens"] == 24 and methods["device-only"]["cloud_busy_s"] == 0
     # a 1536-token prompt at 1000 tokens/s: device-only waits ~1.5 s, the cloud answers first
     assert methods["pd-device"]["ttft_s"] < methods["device-only"]["ttft_s"]
+    # the settings planned n with the margin the device's pacer uses (measured from its start)
+    pd = methods["pd-device"]
+    assert 0.001 <= pd["planned_margin_s"] <= pd["pacer_margin_s"] + 1e-12
     kinds = {r.get("kind"): r for r in rows}
     summary = kinds["summary"]
     if summary["decision"] == "pd-device":  # the bound on the busy ratio at the chosen rho

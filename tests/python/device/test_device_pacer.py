@@ -135,6 +135,35 @@ def test_margin_is_the_measured_lateness_with_a_floor_and_a_cap():
     assert min(m.display) == 0.0
 
 
+def test_margin_ignores_one_late_wake_up_in_a_window_yet_covers_a_late_tail():
+    """One late wake-up (a GIL hand-over, a page fault) must not move the margin the settings
+    read before a request away from the one the pacer uses a few hundred samples later; a tail
+    of late wake-ups (over 1 in 1000) must still widen it."""
+    from kvxfer.device.device import MARGIN_FLOOR, Lateness
+
+    m = Lateness()
+    for _ in range(1998):
+        m.add("display", 0.0002)
+        m.add("sleep", 0.0001)
+    m.add("display", 0.006)
+    m.add("display", 0.006)
+    assert m.margin(0.05) == MARGIN_FLOOR  # two late ones in the last 2000: still the bulk's p99.9
+    for _ in range(10):
+        m.add("display", 0.006)
+    assert m.margin(0.05) == pytest.approx(0.006 + 0.0001)  # 12 in 2000: the tail counts
+
+
+def test_calibration_measures_both_kinds_of_lateness():
+    from kvxfer.device.device import MARGIN_FLOOR, MARGIN_SAMPLES, Lateness
+
+    m = Lateness()
+    m.calibrate()
+    assert len(m.display) == len(m.sleep) == MARGIN_SAMPLES
+    d, s = m.quantiles()
+    assert d is not None and s is not None and d >= 0 and s >= 0
+    assert m.margin(0.05) == min(max(MARGIN_FLOOR, d + s), 0.025)
+
+
 def test_bad_inputs_are_typed_errors():
     with pytest.raises(BadSettingsError):
         Pacer(theta=0.0, delta_min=0.0, handoff=3)

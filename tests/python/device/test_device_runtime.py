@@ -152,6 +152,29 @@ def test_bad_job_is_a_typed_error(device, cloud, prompt):
         device.run(job("warp-drive", prompt, cloud.port))
     with pytest.raises(BadSettingsError):
         device.run(job("pd-device", prompt, cloud.port, rho=0.0))
+    with pytest.raises(BadSettingsError, match="margin_s"):
+        device.run(job("pd-device", prompt, cloud.port, margin_s=0.5 * THETA + 0.001))
+
+
+def test_pacer_runs_with_the_margin_the_settings_planned(device, cloud, prompt, reference):
+    """The settings read the runtime's margin before a request (a measured one from the start:
+    the runtime calibrates its lateness) and pin it in the job; the pacer then aims theta minus
+    that margin (or minus a larger one measured since), so the planned n covers its pacing."""
+    from kvxfer.device.device import DISPLAY_MARGIN, MARGIN_FLOOR
+
+    m = device.margin(THETA)
+    assert MARGIN_FLOOR <= m <= 0.5 * THETA and m != DISPLAY_MARGIN  # measured, not the default
+    planned = 0.02  # above what an idle or a loaded host measures, so it is the one used
+    r = device.run(job("pd-device", prompt, cloud.port, margin_s=planned))
+    assert r["tokens"] == reference
+    assert r["planned_margin_s"] == planned
+    assert r["pacer_margin_s"] == max(planned, r["measured_margin_s"])
+    shown, due, arrived = r["shown_s"], r["due_s"], r["arrived_s"]
+    aim = THETA - r["pacer_margin_s"]
+    assert aim <= THETA - planned
+    for k in range(1, len(shown)):
+        if arrived[k] <= shown[k - 1] + aim:
+            assert due[k] - shown[k - 1] <= aim + 1e-9, (k, due[k] - shown[k - 1])
 
 
 def test_device_process_that_fails_to_start_leaves_no_process_or_pipes():

@@ -321,10 +321,37 @@ public:
         Status st;
         auto check = [](bool) { return Status::ok(); };  // frames we parse need no socket reads
         // Until the job ends (its ACK, its deadline, or a cancel seen within one slice).
+        bool spun = false;
         while (job.state() == TransferState::kPending) {
+            const auto now = Clock::now();
+            // First a bounded busy-poll (spin.h): non-blocking reads until the ACK comes, the
+            // spin budget or `until` ends, or the job or connection ends.
+            if (!spun && until > now) {
+                spun = true;
+                if (const auto budget = c.caller_spin.next(); budget.count() > 0) {
+                    const auto end = std::min(until, now + budget);
+                    size_t got = 0;
+                    for (;;) {
+                        st = readInto(c, *s, false, &got);
+                        if (!st.isOk() || got > 0 || job.terminal() ||
+                            c.stopping.load(std::memory_order_relaxed) ||
+                            s->dead.load(std::memory_order_relaxed) || Clock::now() >= end)
+                            break;
+                        spinPause();
+                    }
+                    c.caller_spin.result(got > 0);
+                    if (!st.isOk()) break;
+                    if (got > 0) {
+                        bool handover = false;
+                        st = parseFrames(c, s, false, check, &handover);
+                        if (!st.isOk() || handover) break;
+                        if (s->rx_len == s->rx.size()) break;
+                    }
+                    continue;
+                }
+            }
             // One recv that sleeps in the kernel until the peer answers (at most one slice,
             // SO_RCVTIMEO) when `until` is that far; else a look, then poll() to `until`.
-            const auto now = Clock::now();
             const auto left = std::chrono::ceil<std::chrono::milliseconds>(until - now).count();
             const bool block = left >= kPollSliceMs;
             size_t got = 0;

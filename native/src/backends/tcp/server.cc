@@ -424,7 +424,8 @@ public:
     // included (no hand-off, no blocking call), then parks the connection.
     // kToWorker: a frame is incomplete or large, another frame type, the handshake, or a
     // reply that did not fit in the socket; the bytes read stay pending for the worker.
-    enum class Quick : uint8_t { kPark, kClose, kToWorker };
+    // kIdle: nothing to read (parked as it was).
+    enum class Quick : uint8_t { kPark, kIdle, kClose, kToWorker };
     Quick serveQuick(uint8_t* buf, size_t cap) {
         if (!fence_ || pendingBytes() > 0 || replyPending()) return Quick::kToWorker;
         quick_ = true;
@@ -445,9 +446,8 @@ private:
                 if (errno == EINTR) continue;
                 if (errno != EAGAIN && errno != EWOULDBLOCK) return Quick::kClose;
                 if (have > 0) return handOff(buf, have);  // a frame is still arriving
-                // Nothing more: park. (Polling here for the peer's next request for 20-60 us
-                // was measured slower on the shared 2-core VM: docs/benchmarks.md.)
-                return Quick::kPark;
+                // Nothing more: park (the listener's spin, if on, polls for the next one).
+                return rounds == 0 ? Quick::kIdle : Quick::kPark;
             }
             ++rounds;
             const bool filled = static_cast<size_t>(k) == want;
@@ -617,28 +617,28 @@ void onAccept(const std::shared_ptr<Shared>& sh, int c) {
     sh->conns.emplace(c, std::move(conn));
 }
 
-// A parked connection became readable (listener thread): small frames are served here, at
-// once; the rest goes to the worker pool.
-void onReadable(const std::shared_ptr<Shared>& sh, int fd, std::vector<uint8_t>& buf) {
-    std::shared_ptr<InboundConnection> c;
-    {
-        std::lock_guard<std::mutex> lock(sh->mutex);
-        auto it = sh->conns.find(fd);
-        if (it == sh->conns.end()) return;
-        c = it->second;
-    }
-    switch (c->serveQuick(buf.data(), buf.size())) {
-        case InboundConnection::Quick::kPark:
-            return;  // still in the epoll set
-        case InboundConnection::Quick::kClose:
+using Quick = InboundConnection::Quick;
+
+// A parked connection that is (or may be) readable, on the listener thread: small frames
+// are served here, at once; the rest goes to the worker pool. kPark / kIdle: it stays
+// parked (in the epoll set), served only by the listener.
+Quick serveReadable(const std::shared_ptr<Shared>& sh, std::shared_ptr<InboundConnection> c,
+                    std::vector<uint8_t>& buf) {
+    const int fd = c->fd();
+    const Quick q = c->serveQuick(buf.data(), buf.size());
+    switch (q) {
+        case Quick::kPark:
+        case Quick::kIdle:
+            return q;  // still in the epoll set
+        case Quick::kClose:
             dropConnection(*sh, fd);
-            return;
-        case InboundConnection::Quick::kToWorker:
+            return q;
+        case Quick::kToWorker:
             unpark(*sh, fd);
             break;
     }
     std::lock_guard<std::mutex> lock(sh->mutex);
-    if (sh->stopping.load()) return;  // stopServing finishes its reply
+    if (sh->stopping.load()) return q;  // stopServing finishes its reply
     sh->ready.push_back(std::move(c));
     // The pool grows only with connections that are busy at the same time, never with
     // connected ones.
@@ -646,6 +646,14 @@ void onReadable(const std::shared_ptr<Shared>& sh, int fd, std::vector<uint8_t>&
         sh->workers.emplace_back([sh] { workerLoop(sh); });
     }
     sh->cv.notify_one();
+    return q;
+}
+
+// The connection epoll reported readable, if it is still one: serveReadable.
+std::shared_ptr<InboundConnection> connectionOf(Shared& sh, int fd) {
+    std::lock_guard<std::mutex> lock(sh.mutex);
+    auto it = sh.conns.find(fd);
+    return it == sh.conns.end() ? nullptr : it->second;
 }
 
 }  // namespace
@@ -683,16 +691,58 @@ void listenLoop(const std::shared_ptr<Shared>& sh) {
     }
     std::vector<uint8_t> buf(kQuickBufferBytes);  // the quick path's input buffer
     epoll_event events[64];
+    AdaptiveSpin spin;
+    spin.setBudget(sh->spin_us);
+    bool served = false;  // the last wake-up served small frames itself: the next may be near
+    // The parked connection the listener served last: its spin reads that one directly (one
+    // recv per look instead of epoll_wait + recv) and the whole set every 4th look. Only the
+    // listener serves or closes a parked connection, so it stays valid while parked.
+    std::shared_ptr<InboundConnection> hot;
     for (;;) {
+        int n = 0;
+        // After serving, poll without sleeping for up to the spin budget (spin.h). The stop
+        // ends it within one look (`stopping`; wake_fd is in the set).
+        if (const auto budget = served ? spin.next() : Clock::duration::zero(); budget.count() > 0) {
+            const auto end = Clock::now() + budget;
+            bool hit = false;
+            for (uint32_t look = 1;; ++look) {
+                if (hot && look % 4 != 0) {
+                    const Quick q = serveReadable(sh, hot, buf);
+                    if (q != Quick::kIdle) {
+                        hit = true;
+                        served = q == Quick::kPark;
+                        if (!served) hot.reset();
+                        break;
+                    }
+                } else {
+                    n = ::epoll_wait(sh->epoll_fd.fd, events, 64, 0);
+                    if (n != 0) break;
+                }
+                if (sh->stopping.load(std::memory_order_relaxed) || Clock::now() >= end) break;
+                spinPause();
+            }
+            spin.result(hit || n > 0);
+            if (hit) continue;  // served here: spin again
+        }
         // No timeout: the stop writes wake_fd (level-triggered, never drained), and a finite
         // one arms and cancels a kernel timer on every wait, i.e. on every small request.
-        const int n = ::epoll_wait(sh->epoll_fd.fd, events, 64, -1);
+        if (n <= 0 && !sh->stopping.load()) n = ::epoll_wait(sh->epoll_fd.fd, events, 64, -1);
         if (sh->stopping.load()) return;
+        served = false;
+        hot.reset();
         for (int i = 0; i < n; ++i) {
             const int fd = events[i].data.fd;
             if (fd == sh->wake_fd.fd) continue;
             if (fd != sh->listen_fd.fd) {
-                onReadable(sh, fd, buf);
+                if (auto c = connectionOf(*sh, fd)) {
+                    // Spin only after serving frames here (small requests): a connection
+                    // handed to a worker (bulk, READ) brings its next frames to the worker.
+                    const Quick q = serveReadable(sh, c, buf);
+                    if (q == Quick::kPark) {
+                        hot = std::move(c);
+                        served = true;
+                    }
+                }
                 continue;
             }
             for (;;) {

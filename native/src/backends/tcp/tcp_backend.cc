@@ -97,11 +97,16 @@ public:
             }
             bind = *parsed;
         }
+        if (ctx.config->tcp.spin_us > AdaptiveSpin::kMaxUs) {
+            return Status::invalidArgument("tcp spin_us " + std::to_string(ctx.config->tcp.spin_us) +
+                                           " is above the limit of 1000000 (1 s)");
+        }
         auto sh = std::make_shared<Shared>();
         sh->sink = ctx.sink;
         sh->name = ctx.engine_name;
         sh->instance = ctx.instance_id;
         sh->secret = ctx.secret;
+        sh->spin_us = ctx.config->tcp.spin_us;
         sh->listen_fd = Fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
         if (sh->listen_fd.fd < 0) return Status::systemErrno("tcp: socket", errno);
         const int one = 1;
@@ -180,6 +185,7 @@ public:
         c->self_name = self_name_;
         c->self_instance = self_instance_;
         c->peer_secret = identity.secret;
+        c->caller_spin.setBudget(shared_->spin_us);
         while (c->link == 0) {
             KVXFER_RETURN_IF_ERROR(auth::randomBytes(reinterpret_cast<uint8_t*>(&c->link), sizeof(c->link)));
         }

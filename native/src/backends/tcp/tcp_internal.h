@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "backends/tcp/region_table.h"
+#include "backends/tcp/spin.h"
 #include "backends/tcp/tcp_wire.h"
 #include "kvxfer/backend.h"
 #include "util/auth.h"
@@ -111,6 +112,7 @@ struct Shared {
     std::atomic<bool> stopping{false};
     Fd listen_fd;
     Fd wake_fd;
+    uint32_t spin_us = 0;  // TcpConfig::spin_us: the listener's busy-poll after a readiness (spin.h)
 
     // Inbound connections (server.cc): in `epoll_fd` (level-triggered) except while a
     // worker serves one; the listener serves small frames itself and hands the rest to a
@@ -236,6 +238,10 @@ struct PeerConn {
     // A thread is writing to the socket: the sender thread (around each item) or a posting
     // thread on the inline path (sendInline). The sender waits while it is set.
     bool writing = false;
+    // The waiting caller's busy-poll for its inline job's ACK (TcpConfig::spin_us, spin.h).
+    // Budget set before the connection is shared; then used only by the thread that leads
+    // the read side as Reader::kCaller (taking that role under `mutex` orders the uses).
+    AdaptiveSpin caller_spin;
 
     std::thread sender;
     std::vector<std::thread> receivers;  // guarded by mutex; one per live session
