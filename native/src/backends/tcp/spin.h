@@ -1,8 +1,8 @@
 // TCP backend: the bounded, adaptive busy-poll before a thread sleeps on a socket
-// (TcpConfig::spin_us). Used by the target's listener (after it served a readiness, it
-// polls its epoll set with a zero timeout before blocking) and by the caller that waits
-// for its inline job's ACK (non-blocking reads before the blocking one). Private to this
-// directory.
+// (TcpConfig::spin_us). Used by the target's listener (after it served small frames it
+// keeps reading that connection, and every 4th look its epoll set with a zero timeout,
+// before blocking: server.cc) and by the caller that waits for its inline job's ACK
+// (non-blocking reads before the blocking one: receiver.cc). Private to this directory.
 //
 // Why: in a one-request-at-a-time exchange the next frame usually comes within tens of
 // microseconds, and a thread that sleeps pays the kernel's wake-up, on a VM the wake-up of
@@ -34,7 +34,7 @@ class AdaptiveSpin {
 public:
     static constexpr uint32_t kMisses = 4;
     static constexpr uint32_t kProbeEvery = 16;
-    static constexpr uint32_t kMaxUs = 1000000;  // TcpConfig::spin_us is clamped to this
+    static constexpr uint32_t kMaxUs = 1000000;  // the largest TcpConfig::spin_us accepted
 
     void setBudget(uint32_t us) { budget_ = std::chrono::microseconds(us < kMaxUs ? us : kMaxUs); }
     Clock::duration budget() const { return budget_; }

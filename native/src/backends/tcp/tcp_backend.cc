@@ -24,7 +24,8 @@
 //   TransferJob::Progress); the receiver thread then sleeps on an eventfd and the socket's
 //   hang-up, not on its data, and reads an inline job's ACK only if nobody waited for it
 //   within kCallerGrace (or the job is watched). One request: two threads run, the poster
-//   and the target's listener, as in a plain socket ping-pong.
+//   and the target's listener, as in a plain socket ping-pong. Both poll for a bounded,
+//   adaptive while before they sleep (TcpConfig::spin_us, spin.h).
 // - WRITE: the sender streams WRITE frames (<= 512 runs, <= 8 MiB) with sendmsg straight
 //   from registered memory, then END. The target checks every run against its own table
 //   of registered ranges and recvs the payload straight into place; a run outside every
