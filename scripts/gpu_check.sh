@@ -134,7 +134,8 @@ forwarding() {
   # "medium" model (about 25M parameters) on the CPU, one torch thread each, so that a prefill
   # takes hundreds of milliseconds (docs/pd-serve-forwarding.md says why not the tiny model,
   # and why not the GPUs). A compute profile taken here first sizes the decodes by Eq. 1.
-  # FWD_RUNS runs (seeds 0, 1, ...); FWD_ARGS adds to or overrides the experiment's flags.
+  # Each worker runs on a core of its own (--pin-cpus). FWD_RUNS runs (seeds 0, 1, ...);
+  # FWD_ARGS adds to or overrides the experiment's flags.
   log "forwarding, real mode, medium model (profile here, decodes by Eq. 1)"
   py_deps || return 1
   local f="$OUT/forwarding-real" plot=() seed
@@ -144,7 +145,7 @@ forwarding() {
     plot=(); $PY -c "import matplotlib" 2>/dev/null && plot=(--plot "$f-$seed.png")
     log "forwarding run, seed $seed"
     $PY -m kvxfer.cli experiment forwarding --json --mode real --model medium --profile "$OUT/medium-profile.json" \
-      --prefills 4 --decodes 0 --b-d 4 --scale 0.0625 --output-tokens 48 --duration 8 --seed "$seed" \
+      --prefills 4 --decodes 0 --b-d 4 --scale 0.0625 --output-tokens 48 --duration 8 --pin-cpus --seed "$seed" \
       --budget-s "${FWD_BUDGET_S:-400}" "${plot[@]}" ${FWD_ARGS:-} > "$f-$seed.jsonl" 2>> "$f.txt"
     echo "rc=$? (seed $seed)" >> "$f.txt"
     cat "$f-$seed.jsonl"

@@ -128,6 +128,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
         default=1,
         help="gateways per policy, each with its own load generator process (users split evenly)",
     )
+    p.add_argument(
+        "--pin-cpus",
+        action="store_true",
+        help="each worker on a physical core of its own; gateways and load generators on the rest",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     preset = QUICK if args.quick else FULL
@@ -349,8 +354,15 @@ def run(args: argparse.Namespace, emit: Any = None) -> list[dict[str, Any]]:
         b_d=args.b_d,
         gateway=False,
         seed=args.seed,
+        pin_cpus=args.pin_cpus,
         **opts,
     ) as dep:
+        own_cpus = os.sched_getaffinity(0)
+        if args.pin_cpus and dep.free_cpus:  # gateways (started below) and load generators
+            os.sched_setaffinity(0, dep.free_cpus)
+            log(f"workers pinned one per physical core; gateways and load generators on CPUs {dep.free_cpus}")
+        if args.pin_cpus:
+            log("worker CPUs: " + ", ".join(f"{n} {dep.status(n)['cpus']}" for n in dep.procs))
         gws = {pol: [GatewayProcess(dep.prefill_urls, policy=pol, ttft_slo_s=300.0, tokenizer=tok,
                                     log_path=str(dep.log_dir / f"gateway-{pol}-{i}.log"))
                      for i in range(args.gateways)]
@@ -402,6 +414,7 @@ def run(args: argparse.Namespace, emit: Any = None) -> list[dict[str, Any]]:
                 "machine": machine(),
                 "prefills": args.prefills,
                 "gateways": args.gateways,
+                "pinned_cpus": args.pin_cpus,
                 "b_p": args.b_p,
                 "decodes": args.decodes,
                 "prompt_tokens": [long_n, short_n],
@@ -437,6 +450,9 @@ def run(args: argparse.Namespace, emit: Any = None) -> list[dict[str, Any]]:
                         "throughput_rps": st.get("throughput_rps"),
                         "load_average_1m": round(os.getloadavg()[0], 2),  # the machine's, after the point
                         "where": where_time_goes(urls[pol], lg.started + ramp, long_n),
+                        "prefill_compute": prefill_times(
+                            dep.prefill_urls, lg.started + ramp, long_n, short_n
+                        ),
                         **common,
                     }
                     rows.append(row)
@@ -447,6 +463,10 @@ def run(args: argparse.Namespace, emit: Any = None) -> list[dict[str, Any]]:
                         f"TTFT p50 {_f(st['ttft_p50_s'])} p99 {_f(st['ttft_p99_s'])} s, retries p99 "
                         f"{_f(st['retries_p99'])}, {st['requests']} requests, "
                         f"errors {st['errors']}")  # fmt: skip
+                    pc = row["prefill_compute"]
+                    log("    prefill compute (s): " + "; ".join(
+                        f"{c} n {v['n']} p50 {_f(v['p50_s'])} p90 {_f(v['p90_s'])} p99 {_f(v['p99_s'])} "
+                        f"max {_f(v['max_s'])}" for c, v in pc.items()))  # fmt: skip
                     for cls, w in row["where"].items():
                         log(f"    {cls}: {w['failed']}/{w['requests']} failed ({w['not_admitted']} not "
                             f"admitted, {w['late']} late); wait p50 {_f(w['wait_p50_s'])} s, serve p50 "
@@ -456,6 +476,7 @@ def run(args: argparse.Namespace, emit: Any = None) -> list[dict[str, Any]]:
             lg.close()
             for g in (g for gs in gws.values() for g in gs):
                 g.stop()
+            os.sched_setaffinity(0, own_cpus)
             if scaled_dir is not None:
                 scaled_dir.cleanup()
     log(f"done in {time.monotonic() - t_start:.0f} s")
@@ -556,6 +577,29 @@ def where_time_goes(urls: list[str], since: float, long_n: int) -> dict[str, Any
             "failed_wait_p50_s": med([r["accept"] - r["arrival"] for r in acc_bad]),
             "failed_serve_p50_s": med([r["first_token"] - r["accept"] for r in acc_bad if r["first_token"]]),
         }
+    return out
+
+
+def prefill_times(urls: list[str], since: float, long_n: int, short_n: int) -> dict[str, Any]:
+    """From the prefills' own records (``GET /v1/kvxfer/prefill-times``): per prompt class, how
+    many prefills ended after ``since`` (wall clock) and the percentiles of their compute time
+    (admission to the first token computed), to tell compute-time spread from queueing."""
+    import urllib.request
+
+    times: list[tuple[int, float]] = []
+    for url in urls:
+        with urllib.request.urlopen(
+            f"{url.rstrip('/')}/v1/kvxfer/prefill-times?since={since}", timeout=30
+        ) as r:
+            times += [(int(n), float(t)) for n, t, _end in json.loads(r.read())]
+    out: dict[str, Any] = {}
+    for cls in ("long", "short"):
+        ts = sorted(t for n, t in times if (n >= (long_n + short_n) / 2) == (cls == "long"))
+
+        def q(p: float, ts: list[float] = ts) -> float | None:
+            return round(ts[min(len(ts) - 1, int(p * len(ts)))], 4) if ts else None
+
+        out[cls] = {"n": len(ts), "p50_s": q(0.5), "p90_s": q(0.9), "p99_s": q(0.99), "max_s": q(1.0)}
     return out
 
 

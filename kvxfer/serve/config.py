@@ -52,6 +52,7 @@ class WorkerConfig:
     stream_idle_s: float = 60.0  # longest gap between two events from a decode
     torch_threads: int = 1
     device: str = "cpu"
+    cpus: list[int] = dataclasses.field(default_factory=list)  # CPU affinity ([]: the parent's)
     # gateway role
     prefill_urls: list[str] = dataclasses.field(default_factory=list)
     routes: dict[str, list[str]] = dataclasses.field(default_factory=dict)
@@ -76,6 +77,7 @@ class WorkerConfig:
             (self.model in MODELS, f"model {self.model!r} not in {MODELS}"),
             (self.b_p >= 1 and self.b_d >= 1 and self.pending >= 0, "b_p, b_d must be >= 1, pending >= 0"),
             (self.max_prompt_tokens >= 1 and self.block_tokens >= 1, "max_prompt_tokens, block_tokens >= 1"),
+            (all(isinstance(c, int) and c >= 0 for c in self.cpus), f"cpus {self.cpus!r}: CPU numbers >= 0"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -124,6 +124,7 @@ class Deployment:
         # role -> (network namespace, address there): workers of that role start inside it
         self.role_netns: dict[str, tuple[str, str]] = {}
         self.retired: list[str] = []  # groups scaled in
+        self.free_cpus: list[int] = []  # start_local(pin_cpus=True): CPUs no worker is pinned to
 
     def _urls(self, role: str) -> list[str]:
         return [p.url for p in self.procs.values() if p.role == role]
@@ -296,6 +297,35 @@ class Deployment:
         self.stop()
 
 
+def physical_cores() -> list[list[int]]:
+    """The CPUs this process may run on, grouped by physical core (hardware threads of one core
+    together, from /sys/devices/system/cpu/cpuN/topology/thread_siblings_list; each CPU its own
+    core where that file is missing), in order of their lowest CPU number."""
+    allowed = sorted(os.sched_getaffinity(0))
+    seen: dict[tuple[int, ...], list[int]] = {}
+    for c in allowed:
+        try:
+            text = Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list").read_text()
+            sib = set(_cpu_list(text))
+        except (OSError, ValueError):
+            sib = {c}
+        key = tuple(sorted(sib & set(allowed)) or [c])
+        seen.setdefault(key, list(key))
+    return sorted(seen.values())
+
+
+def _cpu_list(text: str) -> list[int]:
+    """``"0-3,8,10-11"`` -> [0, 1, 2, 3, 8, 10, 11]."""
+    out: list[int] = []
+    for part in text.strip().split(","):
+        if "-" in part:
+            a, b = part.split("-")
+            out += range(int(a), int(b) + 1)
+        elif part:
+            out.append(int(part))
+    return out
+
+
 def start_local(
     n_prefill: int = 1,
     n_decode: int = 1,
@@ -318,6 +348,7 @@ def start_local(
     role_devices: dict[str, str] | None = None,
     role_netns: dict[str, tuple[str, str]] | None = None,
     standby: int = 0,
+    pin_cpus: bool = False,
     **worker_options: Any,
 ) -> Deployment:
     """Starts ``n_prefill`` prefill + ``n_decode`` decode (+ ``n_aggregated`` aggregated)
@@ -340,7 +371,13 @@ def start_local(
     ``backend="tcp"`` and a ``host`` the other namespace can reach). ``standby`` (registry
     deployments) starts that many stateless standby workers after the groups are confirmed:
     replacements and ``add_member`` turn them into prefills or decodes before starting new
-    processes (docs/pd-serve-control.md, "Stateless workers")."""
+    processes (docs/pd-serve-control.md, "Stateless workers").
+
+    ``pin_cpus`` (direct deployments): each worker process runs on a physical core of its own
+    (all of that core's hardware threads), prefills first, then decodes and aggregated
+    workers, so that one instance's compute does not share a core with another's; the cores
+    left over are in ``dep.free_cpus`` (for the gateways and load generators). Raises
+    :class:`ConfigError` when there are fewer cores than workers."""
     if n_prefill < 0 or n_decode < 0 or n_aggregated < 0 or (n_prefill + n_aggregated) == 0:
         raise ConfigError("need at least one prefill or aggregated worker, and no negative counts")
     if n_prefill and not n_decode:
@@ -373,11 +410,22 @@ def start_local(
             dep.stop(timeout=5.0)
             raise
         return dep
+    cores = physical_cores()
+    if pin_cpus and len(cores) < n_prefill + n_decode + n_aggregated:
+        dep.stop(timeout=1.0)
+        raise ConfigError(
+            f"pin_cpus: {len(cores)} physical cores for {n_prefill + n_decode + n_aggregated} workers"
+        )
+    used = 0
     try:
         for role, count in (("prefill", n_prefill), ("decode", n_decode), ("aggregated", n_aggregated)):
             for i in range(count):
                 dev = (role_devices or {}).get(role, base.device)
-                dep.spawn(base.replace(role=role, name=f"{role}-{i}", port=0, device=dev))
+                cpus = cores[used] if pin_cpus else []
+                used += 1
+                dep.spawn(base.replace(role=role, name=f"{role}-{i}", port=0, device=dev, cpus=cpus))
+        if pin_cpus:
+            dep.free_cpus = sorted(c for core in cores[used:] for c in core)
         for p in list(dep.procs.values()):
             p.wait_ready(deadline)
         prefills = [p for p in dep.procs.values() if p.role == "prefill"]

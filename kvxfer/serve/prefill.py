@@ -72,9 +72,12 @@ class PrefillWorker(WorkerBase):
         self.prefix = PrefixCache(cfg.prefix_min_tokens, enabled=cfg.prefix_cache)
         self.accepted = self.rejected = self.deadline_misses = 0
         self.reject_s: deque[float] = deque(maxlen=10000)  # handler time of each 429 (s)
+        # (tokens computed, seconds, end wall time) of each prefill, for load experiments
+        self.compute_s: deque[tuple[int, float, float]] = deque(maxlen=10000)
         self.session: aiohttp.ClientSession | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.app.router.add_post("/v1/prefill", self._prefill)
+        self.app.router.add_get("/v1/kvxfer/prefill-times", self._compute_times)
         self.app.on_startup.append(self._startup)
 
     async def _startup(self, _app: web.Application) -> None:
@@ -208,6 +211,7 @@ class PrefillWorker(WorkerBase):
             return
         self.prefix.update(req.scenario, ids, out.kv if self.compute.mode == "real" else None)
         t_done = time.time()
+        self.compute_s.append((out.num_tokens - out.prefix_len, t_done - t_admit, t_done))
         timings = {
             "prefill_wait_s": t_admit - arrived,
             "prefill_s": t_done - t_admit,
@@ -342,6 +346,18 @@ class PrefillWorker(WorkerBase):
             reject_decision_p50_s=sorted(self.reject_s)[len(self.reject_s) // 2] if self.reject_s else None,
         )
         return st
+
+    def compute_times(self, since: float = 0.0) -> list[tuple[int, float, float]]:
+        """``(tokens computed, seconds, end time)`` of the prefills that ended after ``since``
+        (wall clock), at most the last 10,000 (``GET /v1/kvxfer/prefill-times?since=T``)."""
+        return [x for x in self.compute_s if x[2] >= since]
+
+    async def _compute_times(self, request: web.Request) -> web.Response:
+        try:
+            since = float(request.query.get("since", "0"))
+        except ValueError:
+            return json_error(400, "bad_request", "since must be a number (wall-clock seconds)")
+        return web.json_response(self.compute_times(since))
 
 
 class _NoDecode(Exception):

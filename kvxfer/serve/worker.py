@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import threading
@@ -157,6 +158,14 @@ async def _main(cfg: WorkerConfig, watch_stdin: bool) -> None:
     await _serve(cfg, stop)
 
 
+def pin_cpus(cpus: list[int]) -> None:
+    """Runs this process (and the threads it starts later) on ``cpus`` only."""
+    try:
+        os.sched_setaffinity(0, cpus)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot pin the worker to CPUs {cpus}: {e}") from e
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -164,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         cfg = WorkerConfig.from_json(argv[0])
+        if cfg.cpus:
+            pin_cpus(cfg.cpus)
         asyncio.run(_main(cfg, watch_stdin="--no-stdin-watch" not in argv))
     except Exception as e:
         print(json.dumps({"ready": False, "error": f"{type(e).__name__}: {e}"}), flush=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -103,6 +104,7 @@ class WorkerBase:
             model=self.cfg.model,
             transfer_mode=self.cfg.transfer_mode,
             kvxfer=self.engine.stats(),
+            cpus=sorted(os.sched_getaffinity(0)),
         )
         return web.json_response(st)
 

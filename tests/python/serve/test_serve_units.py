@@ -4,6 +4,7 @@ and a deployment whose worker cannot start."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -117,3 +118,14 @@ def test_medium_model_is_one_fixed_shape_in_real_and_profiled_workers(tmp_path):
     assert forwarding.parse(["--model", "medium", "--mode", "real"]).model == "medium"
     with pytest.raises(ConfigError, match="'large'"):
         WorkerConfig(model="large")
+
+
+def test_cpu_lists_and_physical_cores():
+    from kvxfer.serve.deployment import _cpu_list, physical_cores
+
+    assert _cpu_list("0-3,8,10-11\n") == [0, 1, 2, 3, 8, 10, 11] and _cpu_list("5") == [5]
+    cores = physical_cores()
+    flat = [c for core in cores for c in core]
+    assert sorted(flat) == sorted(os.sched_getaffinity(0)) and len(flat) == len(set(flat))
+    with pytest.raises(ConfigError, match="cpus"):
+        WorkerConfig(cpus=[-1])

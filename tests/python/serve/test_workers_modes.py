@@ -131,3 +131,47 @@ def test_medium_model_workers_give_its_greedy_tokens():
         assert r.error is None, r.error
         assert r.tokens == model.generate(ids, 5)
     assert st["kvxfer"]["transfers_done"] >= len(prompts)
+
+
+def test_pinned_workers_and_prefill_compute_times():
+    """start_local(pin_cpus=True): each worker on a physical core of its own (its status says
+    which CPUs), the rest left in ``free_cpus``; more workers than cores is refused. The
+    prefill records each prompt's compute time (``GET /v1/kvxfer/prefill-times``)."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from kvxfer.serve.deployment import physical_cores
+    from kvxfer.serve.errors import ConfigError
+
+    cores = physical_cores()
+    if len(cores) < 2:
+        pytest.skip("pinning two workers needs two physical cores")
+    with pytest.raises(ConfigError, match="physical cores"):
+        start_local(len(cores), 1, model="tiny", mode="profiled", gateway=False, pin_cpus=True)
+    with start_local(1, 1, model="tiny", mode="profiled", gateway=False, b_p=2, pin_cpus=True) as dep:
+        assert dep.status("prefill-0")["cpus"] == cores[0] and dep.status("decode-0")["cpus"] == cores[1]
+        assert dep.free_cpus == sorted(c for core in cores[2:] for c in core)
+        url = dep.prefill_urls[0]
+
+        async def go(n):  # no common prefix between the two prompts: every token is computed
+            async with aiohttp.ClientSession() as s:
+                ids = list(range(1, n + 1)) if n < 100 else list(range(n, 0, -1))
+                return await client.prefill(s, url, ids, 2)
+
+        import time
+
+        t0 = time.time()
+        assert run(go(40)).error is None
+        t1 = time.time()
+        assert run(go(300)).error is None
+        with urllib.request.urlopen(url + "/v1/kvxfer/prefill-times") as r:
+            everything = json.loads(r.read())
+        with urllib.request.urlopen(f"{url}/v1/kvxfer/prefill-times?since={t1}") as r:
+            late = json.loads(r.read())
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(url + "/v1/kvxfer/prefill-times?since=x")
+        assert e.value.code == 400
+        e.value.close()
+    assert [n for n, _, _ in everything] == [40, 300] and [n for n, _, _ in late] == [300]
+    assert all(s > 0 and end >= t0 for _, s, end in everything)
