@@ -100,6 +100,10 @@ void Shared::run() {
     while (free_ud_send_.size() < kUdSendSlots && Clock::now() < until) {
         if (pollCompletions() == 0) std::this_thread::sleep_for(100us);
     }
+    // connect() calls still waiting for a handshake end now, not at their deadline.
+    for (auto& [id, conn] : initiated_) {
+        if (conn->connect_waiter) conn->connect_waiter->set(Status::canceled("ibverbs backend shut down"));
+    }
     teardownConnections();
     // Anything still tracked (standalone notifications) ends now; its QP is gone.
     while (!works_.empty()) finishWork(*works_.front(), Status::canceled("ibverbs backend shut down"));
