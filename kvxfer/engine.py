@@ -472,7 +472,8 @@ class Engine:
         return self._native.closed
 
     def close(self) -> None:
-        """Fails in-flight transfers (CanceledError), drops the peers, rejects new work."""
+        """Fails in-flight transfers (CanceledError), drops the peers, rejects new work; returns
+        once every native thread of the engine has ended."""
         for bridge in list(self._bridges.values()):
             bridge.close()
         self._native.close()

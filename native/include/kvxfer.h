@@ -85,12 +85,12 @@ typedef struct kvxfer_transfer kvxfer_transfer;
  * ibverbs.device=rxe0 (docs/api.md lists them; the KVXFER_* environment still wins).
  * An unknown key is KVXFER_NOT_FOUND, a bad value KVXFER_INVALID_ARGUMENT. */
 KVXFER_API kvxfer_status kvxfer_engine_create(const char* config, kvxfer_engine** out);
-/* Closes the engine: in-flight transfers end CANCELED, new work is refused. Idempotent. */
+/* Closes the engine: in-flight transfers end CANCELED, new work is refused, and every
+ * thread of the engine has ended when it returns. Idempotent. */
 KVXFER_API kvxfer_status kvxfer_engine_close(kvxfer_engine* engine);
-/* Closes the engine (in-flight transfers end CANCELED), releases its handle and every
- * region, peer and transfer handle made from it, waits for the canceled transfers to let
- * go of registered memory, and stops the engine's threads. KVXFER_TIMEOUT (the handles
- * are released all the same) if in-flight work still held the engine after 10 s. */
+/* Closes the engine (in-flight transfers end CANCELED, the canceled transfers let go of
+ * registered memory, the engine's threads end) and releases its handle and every region,
+ * peer and transfer handle made from it. */
 KVXFER_API kvxfer_status kvxfer_engine_destroy(kvxfer_engine* engine);
 /* Copies the engine's name, NUL-terminated, into buf (cap bytes); *len = its length
  * without the NUL. buf may be NULL to ask the length; too small = KVXFER_OUT_OF_RANGE. */

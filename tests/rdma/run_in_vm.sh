@@ -11,8 +11,8 @@
 #   2. pytest tests/rdma/test_zz_device_removal.py in a pytest process of its own, with
 #      KVXFER_RDMA_DEVICE_REMOVAL=1: it deletes rxe0, which the kernel completes only when
 #      no process holds the device, so nothing else may run in that process or after it;
-#   3. the C++ conformance suite's ibverbs instances, if that binary was built
-#      ($KVXFER_BUILD_DIR, default build/dev, with -DKVXFER_BUILD_TESTS=ON).
+#   3. the C++ conformance and lifecycle suites' ibverbs instances, if those binaries were
+#      built ($KVXFER_BUILD_DIR, default build/dev, with -DKVXFER_BUILD_TESTS=ON).
 #
 # Environment: KVXFER_PYTHON (default: the real path of the first python3, never a pyenv
 # shim, which costs seconds per call under TCG), KVXFER_BUILD_DIR, SOFTROCE_* (see
@@ -44,6 +44,11 @@ if [ -x "$conf" ]; then
   "$conf" --gtest_brief=1 --gtest_filter='*ibverbs*' || rc=1
 else
   echo "== rdma 2/3: C++ conformance suite not built ($conf): skipped" >&2
+fi
+life=$build/tests/cpp/kvxfer_lifecycle_tests
+if [ -x "$life" ]; then
+  echo "== rdma 2/3: C++ lifecycle suite (close joins every thread), ibverbs instances" >&2
+  "$life" --gtest_brief=1 --gtest_filter='*ibverbs*' || rc=1
 fi
 echo "== rdma: kvxfer-bench --backend ibverbs against ib_write_bw (tests/python/test_bench.py)" >&2
 "$py" -m pytest -q -p no:cacheprovider tests/python/test_bench.py -k ibverbs -rs || rc=1

@@ -41,6 +41,18 @@
 //   NIC or a copy thread may still touch is freed, even if the user dropped everything.
 // - Backend objects (BackendRegion, BackendPeer, BackendRemoteRegion) are destroyed by
 //   the core only after every job that references them has been released.
+//
+// Threads and shutdown
+// - Every thread a backend starts is started through BackendContext::threads (the
+//   engine's ThreadGroup, util/thread_group.h); never std::thread directly, never detached.
+//   The spawn fails once the engine is closing: the backend then fails what needed it.
+// - shutdown() is called once, by Engine::close(), possibly on one of the backend's own
+//   threads (a job released there). It must not block on the backend's threads: it tells
+//   them to stop and wakes them; from then on submit() and notify() refuse (kCanceled),
+//   and every job the backend still holds is ended (finish) by the thread holding it, on
+//   its way out, after the device no longer touches its memory (a NIC's work flushed).
+//   The core then joins the group: when that returns, every job was finished and
+//   released. Threads capture only shared state, never the backend object.
 #pragma once
 
 #include <atomic>
@@ -293,6 +305,7 @@ public:
 };
 
 struct BackendConfigs;  // config.h: one typed section per backend
+class ThreadGroup;      // util/thread_group.h: the engine's threads
 
 struct BackendContext {
     std::string engine_name;
@@ -300,6 +313,7 @@ struct BackendContext {
     Bytes secret;                            // this engine's capability: connections must prove it
     NotificationSink* sink = nullptr;        // outlives the backend
     const BackendConfigs* config = nullptr;  // outlives the backend; the backend reads its section
+    ThreadGroup* threads = nullptr;          // outlives the backend; every backend thread starts here
 };
 
 class Backend {
@@ -342,6 +356,9 @@ public:
     virtual Status notify(BackendPeer& peer, ByteView payload, Clock::time_point deadline) = 0;
     // Short human-readable description (device, GID, MTU, threads) for banners.
     virtual std::string describe() const { return std::string(name()); }
+    // The engine is closing (see "Threads and shutdown" above): stop every thread, refuse
+    // new work, end held jobs on the way out. Never blocks on the backend's own threads.
+    virtual void shutdown() {}
 };
 
 // --- registry (native/src/backends/registry.cc: the only file that knows every backend) ---

@@ -11,9 +11,11 @@
 //
 // Lifetime contract: a Region, a Peer and a Transfer each keep the Engine alive; a
 // transfer keeps its Regions and Peer alive until its backend has let go of it.
-// close() abandons in-flight transfers (they end FAILED/kCanceled), drops the peers and
-// rejects new work. The engine holds its peers, so an engine is destroyed only after
-// close() (the Python Engine calls it when garbage-collected).
+// The engine holds its peers, so an engine is destroyed only after close() (the Python
+// Engine calls it when garbage-collected); close() is described at its declaration.
+// The engine's threads (its backends' and its deadline timer) form one ThreadGroup; the
+// last reference to an engine may be dropped on one of them (a job released there): its
+// destructor then runs on another thread (util/thread_group.h), never on its own.
 #pragma once
 
 #include <atomic>
@@ -39,6 +41,7 @@ namespace kvxfer {
 class Engine;
 class Peer;
 class DeadlineTimer;
+class ThreadGroup;
 
 // A registered range of local memory. Deregistered (every backend) when the last
 // reference goes, which in-flight transfers hold.
@@ -189,6 +192,23 @@ public:
     std::vector<uint64_t> drainCompletions();
 
     EngineStats stats() const;
+    // Close contract:
+    // - Idempotent and safe from any thread, concurrently with any other call.
+    // - New work is refused (kCanceled); in-flight transfers are abandoned (FAILED,
+    //   kCanceled); peers are dropped; every region is revoked (peers reach none of it).
+    // - When it returns on a thread that is not one of this engine's own: every backend
+    //   thread of the engine and its deadline timer have been joined (none runs any more,
+    //   none calls into user code any more: no region owner is released there later), and
+    //   every transfer is DONE or FAILED and quiesced (its backend let go of it; a NIC's
+    //   work on its memory was flushed first). A concurrent second call waits for that too.
+    // - On one of the engine's own threads (e.g. a region's owner released when a backend
+    //   thread drops a finished job) it does all of the above except joining threads, as a
+    //   thread cannot join itself: the threads are told to stop, and the calling thread
+    //   ends once it returns to its loop. The join is left to the next close() from another
+    //   thread or to the destructor, which never runs on an engine thread (create()'s
+    //   deleter hands it to a thread of no engine). Threads hold only shared state, so none
+    //   touches freed memory meanwhile; nothing a NIC or GPU may still touch is freed
+    //   before its work completed or was flushed.
     void close();
     bool closed() const { return closed_.load(std::memory_order_acquire); }
 
@@ -223,10 +243,15 @@ private:
     uint64_t instance_id_ = 0;
     Bytes secret_;  // PeerDescriptor::secret
     std::string host_id_;
+    // Declared before the backends and the timer: they are destroyed before it.
+    std::unique_ptr<ThreadGroup> threads_;
     std::vector<std::unique_ptr<Backend>> backends_;
     std::unique_ptr<DeadlineTimer> timer_;
 
     std::atomic<bool> closed_{false};
+    std::mutex close_mutex_;
+    std::condition_variable close_cv_;
+    bool stopped_ = false;              // close() has told every thread to stop (guarded by close_mutex_)
     mutable std::mutex control_mutex_;  // guards the maps below; never held across I/O
     uint32_t next_region_id_ = 0;
     std::map<uint32_t, std::weak_ptr<Region>> regions_;

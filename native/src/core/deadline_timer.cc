@@ -56,22 +56,20 @@ struct DeadlineTimer::State {
     }
 };
 
-DeadlineTimer::DeadlineTimer() : state_(std::make_shared<State>()) {
-    thread_ = std::thread([state = state_] { state->run(); });
+DeadlineTimer::DeadlineTimer(ThreadGroup& threads) : state_(std::make_shared<State>()) {
+    // Created before any backend, with the engine: the group is not closed yet.
+    threads.spawn([state = state_] { state->run(); });
 }
 
-DeadlineTimer::~DeadlineTimer() {
+DeadlineTimer::~DeadlineTimer() { stop(); }
+
+void DeadlineTimer::stop() {
     {
         std::lock_guard<std::mutex> lock(state_->mutex);
         state_->stop = true;
         while (!state_->heap.empty()) state_->heap.pop();
     }
     state_->cv.notify_all();
-    if (thread_.get_id() == std::this_thread::get_id()) {
-        thread_.detach();  // the engine's last reference was dropped by the job it expired
-    } else {
-        thread_.join();
-    }
 }
 
 void DeadlineTimer::watch(const std::shared_ptr<TransferJob>& job) {
@@ -79,6 +77,7 @@ void DeadlineTimer::watch(const std::shared_ptr<TransferJob>& job) {
     bool earliest = false;
     {
         std::lock_guard<std::mutex> lock(state_->mutex);
+        if (state_->stop) return;  // closed: every job was abandoned already
         state_->pruneIfLarge();
         earliest = state_->heap.empty() || job->deadline < state_->heap.top().at;
         state_->heap.push({job->deadline, job});

@@ -2,21 +2,23 @@
 // the backend is told at once (Backend::cancel) instead of noticing on its next sweep,
 // and a transfer nobody observes still ends TIMEOUT on time.
 //
-// The thread captures only the timer's shared state, never the engine: dropping the job
-// it just expired can destroy the engine (and this timer) on the timer's own thread.
+// The thread is one of the engine's ThreadGroup (joined by Engine::close()) and captures
+// only the timer's shared state, never the engine.
 #pragma once
 
 #include <memory>
-#include <thread>
 
 #include "kvxfer/backend.h"
+#include "util/thread_group.h"
 
 namespace kvxfer {
 
 class DeadlineTimer {
 public:
-    DeadlineTimer();
-    ~DeadlineTimer();  // stops the thread; pending entries are dropped
+    explicit DeadlineTimer(ThreadGroup& threads);
+    ~DeadlineTimer();  // stop()
+    // Tells the thread to end (the group joins it); pending entries are dropped. Never blocks.
+    void stop();
     DeadlineTimer(const DeadlineTimer&) = delete;
     DeadlineTimer& operator=(const DeadlineTimer&) = delete;
 
@@ -26,7 +28,6 @@ public:
 private:
     struct State;
     std::shared_ptr<State> state_;
-    std::thread thread_;
 };
 
 }  // namespace kvxfer

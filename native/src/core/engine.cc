@@ -11,6 +11,7 @@
 #include "cuda/driver.h"
 #include "util/auth.h"
 #include "util/proc_file.h"
+#include "util/thread_group.h"
 
 namespace kvxfer {
 namespace {
@@ -97,8 +98,8 @@ bool Peer::removed() const {
 Engine::Engine(EngineConfig config) : config_(std::move(config)) {}
 
 Engine::~Engine() {
+    // Never on a thread of this engine (create()'s deleter): close() joins every thread.
     close();
-    // Backends go first: their threads may deliver notifications into members below.
     backends_.clear();
     timer_.reset();
     if (completion_fd_ >= 0) ::close(completion_fd_);
@@ -113,13 +114,17 @@ Result<std::shared_ptr<Engine>> Engine::create(EngineConfig config) {
     if (config.default_timeout.count() <= 0 || config.connect_timeout.count() <= 0) {
         return Status::invalidArgument("timeouts must be positive");
     }
-    std::shared_ptr<Engine> engine(new Engine(std::move(config)));
+    // The last reference may go on one of the engine's threads (a backend releasing a
+    // finished job): the destructor, which joins them all, then runs on another thread.
+    std::shared_ptr<Engine> engine(new Engine(std::move(config)),
+                                   [](Engine* e) { ThreadGroup::destroyOffGroupThreads([e] { delete e; }); });
+    engine->threads_ = std::make_unique<ThreadGroup>();
     engine->instance_id_ = randomInstanceId();
     KVXFER_ASSIGN_OR_RETURN(engine->secret_, auth::randomSecret());
     engine->host_id_ = readHostId();
     engine->completion_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (engine->completion_fd_ < 0) return Status::systemErrno("eventfd", errno);
-    engine->timer_ = std::make_unique<DeadlineTimer>();
+    engine->timer_ = std::make_unique<DeadlineTimer>(*engine->threads_);
 
     std::vector<std::string> names = engine->config_.backends;
     if (names.empty()) {
@@ -133,6 +138,7 @@ Result<std::shared_ptr<Engine>> Engine::create(EngineConfig config) {
     ctx.secret = engine->secret_;
     ctx.sink = engine.get();
     ctx.config = &engine->config_.backend;
+    ctx.threads = engine->threads_.get();
     for (const auto& name : names) {
         if (std::any_of(engine->backends_.begin(), engine->backends_.end(),
                         [&](const auto& b) { return b->name() == name; })) {
@@ -768,29 +774,51 @@ EngineStats Engine::stats() const {
 void Engine::close() {
     std::map<std::string, std::shared_ptr<Peer>> peers;
     std::vector<std::shared_ptr<Region>> regions;
+    bool first = false;
     {
         std::lock_guard<std::mutex> lock(control_mutex_);
-        if (closed_.exchange(true)) return;
-        peers.swap(peers_);
-        published_.clear();
-        for (auto& [id, w] : regions_) {
-            if (auto r = w.lock()) regions.push_back(std::move(r));
+        first = !closed_.exchange(true);
+        if (first) {
+            peers.swap(peers_);
+            published_.clear();
+            for (auto& [id, w] : regions_) {
+                if (auto r = w.lock()) regions.push_back(std::move(r));
+            }
         }
     }
-    // Peers reach none of this engine's memory any more.
-    for (auto& r : regions) revoke(*r);
-    regions.clear();
-    for (auto& [name, peer] : peers) {
-        std::vector<std::weak_ptr<TransferJob>> jobs;
+    if (first) {
+        // Peers reach none of this engine's memory any more.
+        for (auto& r : regions) revoke(*r);
+        regions.clear();
+        for (auto& [name, peer] : peers) {
+            std::vector<std::weak_ptr<TransferJob>> jobs;
+            {
+                std::lock_guard<std::mutex> plock(peer->mutex_);
+                peer->removed_ = true;
+                jobs.swap(peer->in_flight_);
+            }
+            for (auto& w : jobs) {
+                if (auto job = w.lock()) job->abandon(Status::canceled("engine closed"));
+            }
+        }
+        peers.clear();
+        // No thread starts from here on; every thread is told to stop (none is waited for:
+        // this may be one of them).
+        threads_->close();
+        for (auto& backend : backends_) backend->shutdown();
+        if (timer_) timer_->stop();
         {
-            std::lock_guard<std::mutex> plock(peer->mutex_);
-            peer->removed_ = true;
-            jobs.swap(peer->in_flight_);
+            std::lock_guard<std::mutex> lock(close_mutex_);
+            stopped_ = true;
         }
-        for (auto& w : jobs) {
-            if (auto job = w.lock()) job->abandon(Status::canceled("engine closed"));
-        }
+        close_cv_.notify_all();
+    } else if (!threads_->onGroupThread()) {
+        // A concurrent first close() may still be telling threads to stop.
+        std::unique_lock<std::mutex> lock(close_mutex_);
+        close_cv_.wait(lock, [&] { return stopped_; });
     }
+    // Not on one of our own threads: joins them all. On one: joins those that ended.
+    threads_->joinAll();
 }
 
 }  // namespace kvxfer

@@ -93,45 +93,42 @@ struct CopyPool::State {
     }
 };
 
-CopyPool::CopyPool(unsigned threads, uint64_t max_chunk_runs, uint64_t target_chunk_bytes, CopyFn copy,
-                   CommitFn commit)
+CopyPool::CopyPool(ThreadGroup& group, unsigned threads, uint64_t max_chunk_runs, uint64_t target_chunk_bytes,
+                   CopyFn copy, CommitFn commit)
     : state_(std::make_shared<State>()) {
     state_->max_chunk_runs = max_chunk_runs;
     state_->target_chunk_bytes = target_chunk_bytes;
     state_->copy = std::move(copy);
     state_->commit = std::move(commit);
-    for (unsigned i = 0; i < std::max(1u, threads); ++i) {
-        threads_.emplace_back([state = state_] { state->workerLoop(); });
-    }
+    threads_ = std::max(1u, threads);
+    // At engine creation: the group is open.
+    for (unsigned i = 0; i < threads_; ++i) group.spawn([state = state_] { state->workerLoop(); });
 }
 
-CopyPool::~CopyPool() {
+CopyPool::~CopyPool() { stop(); }
+
+void CopyPool::stop() {
     {
         std::lock_guard<std::mutex> lock(state_->mutex);
         state_->stopping = true;
     }
     state_->cv.notify_all();
-    for (auto& t : threads_) {
-        if (t.get_id() == std::this_thread::get_id()) {
-            t.detach();
-        } else {
-            t.join();
-        }
-    }
 }
 
-void CopyPool::submit(const std::shared_ptr<TransferJob>& job) {
+Status CopyPool::submit(const std::shared_ptr<TransferJob>& job) {
     auto a = std::make_shared<ActiveJob>();
     a->job = job;
     a->total_runs = job->num_runs;
     // Aim for about two chunks per thread so a mid-sized job (one layer of a paged KV,
     // a few MiB) still spreads over every thread; never below 1 MiB per chunk, where
     // claiming would cost more than it shares.
-    const uint64_t share = job->total_bytes / (2 * threads_.size());
+    const uint64_t share = job->total_bytes / (2 * threads_);
     a->chunk_bytes = std::clamp<uint64_t>(share, 1 << 20, state_->target_chunk_bytes);
     const uint64_t chunk_bytes = a->chunk_bytes;
     {
         std::lock_guard<std::mutex> lock(state_->mutex);
+        // Once stopping, the workers may have returned: nobody would end the job.
+        if (state_->stopping) return Status::canceled("the backend is closing");
         state_->queue.push_back(std::move(a));
     }
     // Wake every worker for big jobs so they share it; one is enough for a single chunk.
@@ -140,6 +137,7 @@ void CopyPool::submit(const std::shared_ptr<TransferJob>& job) {
     } else {
         state_->cv.notify_one();
     }
+    return Status::ok();
 }
 
 }  // namespace kvxfer

@@ -9,9 +9,9 @@
 // through `commit` and finishes the job. Workers stop claiming chunks of an abandoned or
 // failed job.
 //
-// Threads capture only the pool's shared state, never the owning backend, so the pool
-// may be destroyed on one of its own workers (the last reference to an engine can be
-// dropped when a worker releases a finished job): that worker is detached, not joined.
+// Workers are threads of the engine's ThreadGroup (joined by Engine::close()) and capture
+// only the pool's shared state, never the owning backend. stop() (the engine closing)
+// makes them end every queued job (canceled) and return.
 #pragma once
 
 #include <condition_variable>
@@ -20,10 +20,10 @@
 #include <memory>
 #include <mutex>
 #include <optional>
-#include <thread>
 #include <vector>
 
 #include "kvxfer/backend.h"
+#include "util/thread_group.h"
 
 namespace kvxfer {
 
@@ -37,19 +37,22 @@ public:
     // commit function's owner finishes the job later (so a worker never waits on a peer).
     using CommitFn = std::function<std::optional<Status>(const std::shared_ptr<TransferJob>& job)>;
 
-    CopyPool(unsigned threads, uint64_t max_chunk_runs, uint64_t target_chunk_bytes, CopyFn copy,
-             CommitFn commit);
-    ~CopyPool();
+    CopyPool(ThreadGroup& group, unsigned threads, uint64_t max_chunk_runs, uint64_t target_chunk_bytes,
+             CopyFn copy, CommitFn commit);
+    ~CopyPool();  // stop()
     CopyPool(const CopyPool&) = delete;
     CopyPool& operator=(const CopyPool&) = delete;
 
-    void submit(const std::shared_ptr<TransferJob>& job);
-    unsigned threads() const { return static_cast<unsigned>(threads_.size()); }
+    // kCanceled once stopped (nothing was queued).
+    Status submit(const std::shared_ptr<TransferJob>& job);
+    // The workers end what is queued (canceled) and return; never blocks.
+    void stop();
+    unsigned threads() const { return threads_; }
 
 private:
     struct State;
     std::shared_ptr<State> state_;
-    std::vector<std::thread> threads_;
+    unsigned threads_ = 0;
 };
 
 }  // namespace kvxfer

@@ -95,7 +95,8 @@ Bytes notificationMessage(ByteView payload) {
 
 // ---- the listener ------------------------------------------------------------------------
 
-Result<std::shared_ptr<Listener>> Listener::start(Protocol protocol, const std::string& name, Bytes secret,
+Result<std::shared_ptr<Listener>> Listener::start(ThreadGroup& threads, Protocol protocol,
+                                                  const std::string& name, Bytes secret,
                                                   NotificationSink* sink, int welcome_fd,
                                                   std::shared_ptr<const void> owner) {
     std::shared_ptr<Listener> l(new Listener());
@@ -127,23 +128,15 @@ Result<std::shared_ptr<Listener>> Listener::start(Protocol protocol, const std::
         ::epoll_ctl(l->epoll_fd_.fd, EPOLL_CTL_ADD, fd, &ev);
     }
     // The thread holds the listener; stop() ends it.
-    l->thread_ = std::thread([self = l] { self->run(); });
+    if (!threads.spawn([self = l] { self->run(); })) {
+        return Status::canceled(b + ": the engine is closing");
+    }
     return l;
-}
-
-Listener::~Listener() {
-    if (thread_.joinable()) thread_.detach();  // only when the last reference is the thread's own
 }
 
 void Listener::stop() {
     const uint64_t one = 1;
     (void)!::write(stop_fd_.fd, &one, sizeof(one));
-    if (!thread_.joinable()) return;
-    if (thread_.get_id() == std::this_thread::get_id()) {
-        thread_.detach();
-    } else {
-        thread_.join();
-    }
 }
 
 void Listener::drop(int fd) {
@@ -455,14 +448,10 @@ void Sender::cancelAll(const Status& why) {
 
 Notifier::Notifier() : wake_(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) {}
 
-std::shared_ptr<Notifier> Notifier::start() {
+std::shared_ptr<Notifier> Notifier::start(ThreadGroup& threads) {
     std::shared_ptr<Notifier> n(new Notifier());
-    n->thread_ = std::thread([n] { n->run(); });
+    if (!threads.spawn([n] { n->run(); })) return nullptr;
     return n;
-}
-
-Notifier::~Notifier() {
-    if (thread_.joinable()) thread_.detach();  // only when the thread held the last reference
 }
 
 void Notifier::stop() {
@@ -471,17 +460,20 @@ void Notifier::stop() {
         stopping_ = true;
     }
     wake();
-    if (thread_.get_id() == std::this_thread::get_id()) {
-        thread_.detach();
-    } else if (thread_.joinable()) {
-        thread_.join();
-    }
 }
 
 void Notifier::watch(std::shared_ptr<Sender> sender) {
     {
         std::lock_guard<std::mutex> lock(mutex_);
-        fresh_.push_back(std::move(sender));
+        if (!stopping_) {
+            fresh_.push_back(std::move(sender));
+            sender = nullptr;
+        }
+    }
+    // Stopping: the thread may have returned already; nobody else would end these.
+    if (sender) {
+        sender->cancelAll(Status::canceled("the backend is closing"));
+        return;
     }
     wake();
 }

@@ -32,6 +32,7 @@
 #include "kvxfer/backend.h"
 #include "util/auth.h"
 #include "util/scoped_fd.h"
+#include "util/thread_group.h"
 
 namespace kvxfer::notify_socket {
 
@@ -53,16 +54,17 @@ Bytes notificationMessage(ByteView payload);
 // The target side: the listening socket, the handshake, and delivery to the sink with
 // back-pressure (a notification the sink refuses with kBackPressure is held and its
 // connection is not read until the sink has room: the sender's socket fills, and its
-// notifications wait or end at their deadlines; nothing is dropped). One thread.
+// notifications wait or end at their deadlines; nothing is dropped). One thread, of the
+// engine's ThreadGroup (which joins it).
 class Listener : public std::enable_shared_from_this<Listener> {
 public:
     // Binds @`name`. `welcome_fd` (or -1) is passed to every authenticated peer; `owner`
     // keeps it open while the listener lives.
-    static Result<std::shared_ptr<Listener>> start(Protocol protocol, const std::string& name, Bytes secret,
+    static Result<std::shared_ptr<Listener>> start(ThreadGroup& threads, Protocol protocol,
+                                                   const std::string& name, Bytes secret,
                                                    NotificationSink* sink, int welcome_fd = -1,
                                                    std::shared_ptr<const void> owner = nullptr);
-    ~Listener();
-    // Stops the thread and closes every connection (idempotent; joins unless on the thread).
+    // Tells the thread to close every connection and return (idempotent; never blocks).
     void stop();
     const std::string& name() const { return name_; }
 
@@ -93,7 +95,6 @@ private:
     std::shared_ptr<const void> owner_;
     Fd listen_fd_, stop_fd_, room_fd_, epoll_fd_;
     std::unordered_map<int, Conn> conns_;
-    std::thread thread_;
 };
 
 // The initiator side: connects to @`name` (non-blocking socket), proves `peer.secret`,
@@ -153,13 +154,15 @@ private:
     std::deque<Outgoing> outbox_;  // not sent yet, in order; while non-empty, new ones queue behind
 };
 
-// The one thread per backend that sends queued notifications when their peer's socket has
-// room again, and ends each at its deadline if it never does.
+// The one thread per backend (of the engine's ThreadGroup) that sends queued notifications
+// when their peer's socket has room again, and ends each at its deadline if it never does.
 class Notifier {
 public:
-    static std::shared_ptr<Notifier> start();
-    ~Notifier();
-    void stop();  // ends what is still queued (kCanceled); joins unless on the thread
+    // Null when the group refuses a new thread (the engine is closing).
+    static std::shared_ptr<Notifier> start(ThreadGroup& threads);
+    // The thread ends what is still queued (kCanceled) and returns; what is queued later
+    // ends at once. Never blocks.
+    void stop();
     void watch(std::shared_ptr<Sender> sender);
 
 private:
@@ -171,7 +174,6 @@ private:
     std::mutex mutex_;
     bool stopping_ = false;
     std::vector<std::shared_ptr<Sender>> fresh_;  // newly non-empty outboxes
-    std::thread thread_;
 };
 
 }  // namespace kvxfer::notify_socket

@@ -80,21 +80,15 @@ protected:
         }
     }
 
-    // Engines hold their peers (and peers their engine) until close(). A backend thread can
-    // still hold a job that has ended, and through it the engine, for a moment after close():
-    // wait for it to let go, so that the engine is destroyed here and its threads joined.
-    // Otherwise the engine is destroyed on that thread, which then runs on past the test, and
-    // at the end of the binary past main, while exit() tears down what it uses.
+    // Engines hold their peers (and peers their engine) until close(), which joins every
+    // thread of the engine: no backend thread holds a job, and so the engine, after it.
     void TearDown() override {
         for (auto& e : engines_) e->close();
-        // The buffers stay until the engines are gone (a backend may still reach them).
-        const std::vector<uint8_t> keep_a = std::move(a_.memory), keep_b = std::move(b_.memory);
         a_ = {};
         b_ = {};
         peer_.reset();
-        const auto until = Clock::now() + 10s;
         for (const auto& e : engines_) {
-            while (e.use_count() > 1 && Clock::now() < until) std::this_thread::sleep_for(1ms);
+            EXPECT_EQ(e.use_count(), 1) << "something still holds engine '" << e->name() << "' after close()";
         }
         engines_.clear();
     }

@@ -360,22 +360,22 @@ public:
     static Result<std::unique_ptr<Backend>> create(const BackendContext& ctx) {
         KVXFER_ASSIGN_OR_RETURN(const CudaApi* api, cuda::loadCuda());
         KVXFER_ASSIGN_OR_RETURN(
-            auto listener, cudaipc::NotifyListener::start(cudaipc::notifyProtocol(),
+            auto listener, cudaipc::NotifyListener::start(*ctx.threads, cudaipc::notifyProtocol(),
                                                           socketName(ctx.instance_id), ctx.secret, ctx.sink));
         return std::unique_ptr<Backend>(new CudaIpcBackend(ctx, api, std::move(listener)));
     }
 
-    ~CudaIpcBackend() override {
+    ~CudaIpcBackend() override { shutdown(); }
+
+    // The worker starts no more kernels, waits for those in flight (the GPU may still touch
+    // their memory) and returns; queued notifications end; the listener closes. The engine
+    // joins the threads.
+    void shutdown() override {
         {
             std::lock_guard<std::mutex> lock(worker_->mutex);
             worker_->stopping = true;
         }
         worker_->cv.notify_all();
-        if (thread_.get_id() == std::this_thread::get_id()) {
-            thread_.detach();
-        } else {
-            thread_.join();
-        }
         notifier_->stop();
         listener_->stop();
     }
@@ -501,6 +501,7 @@ private:
                    std::shared_ptr<cudaipc::NotifyListener> listener)
         : api_(api),
           listener_(std::move(listener)),
+          notifier_(notify_socket::Notifier::start(*ctx.threads)),
           self_name_(ctx.engine_name),
           self_instance_(ctx.instance_id) {
         worker_ = std::make_shared<Worker>();
@@ -511,17 +512,16 @@ private:
         if (const char* l = std::getenv("KVXFER_CUDA_IPC_LINGER_US"); l != nullptr && *l) {
             worker_->linger = std::chrono::microseconds(std::strtoull(l, nullptr, 10));
         }
-        thread_ = std::thread([w = worker_] { w->run(); });
+        ctx.threads->spawn([w = worker_] { w->run(); });  // at engine creation: the group is open
     }
 
     BackendCaps caps_{.memory_kinds = memoryKindBit(MemoryKind::kCuda), .same_host_only = true};
     const CudaApi* api_;
     std::shared_ptr<cudaipc::NotifyListener> listener_;
-    std::shared_ptr<notify_socket::Notifier> notifier_ = notify_socket::Notifier::start();
+    std::shared_ptr<notify_socket::Notifier> notifier_;  // started with the engine: never null
     std::string self_name_;
     uint64_t self_instance_;
     std::shared_ptr<Worker> worker_;
-    std::thread thread_;
 };
 
 }  // namespace

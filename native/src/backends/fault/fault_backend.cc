@@ -25,6 +25,7 @@
 #include "backends/factories.h"
 #include "backends/loopback/in_process_copy.h"
 #include "kvxfer/config.h"
+#include "util/thread_group.h"
 
 namespace kvxfer {
 namespace {
@@ -110,9 +111,8 @@ struct Item {
     Rule rule;
 };
 
-// Everything the worker thread touches. The thread holds it (not the backend), because
-// the job it just finished can hold the last reference to the engine and so destroy the
-// backend on this very thread.
+// Everything the worker thread touches. The thread (one of the engine's ThreadGroup)
+// holds it, never the backend.
 struct FaultState {
     std::shared_ptr<Backend> inner;  // loopback: connections, registrations, notifications
     std::vector<Rule> rules;
@@ -144,7 +144,7 @@ struct FaultState {
             queue.erase(ready);
             lock.unlock();
             execute(item);
-            item.job.reset();  // may destroy the engine and the backend: `this` stays alive
+            item.job.reset();
             lock.lock();
         }
         // Shutting down: nothing may stay PENDING.
@@ -187,25 +187,24 @@ struct FaultState {
 
 class FaultBackend final : public Backend {
 public:
-    FaultBackend(std::unique_ptr<Backend> inner, std::vector<Rule> rules)
+    FaultBackend(ThreadGroup& threads, std::unique_ptr<Backend> inner, std::vector<Rule> rules)
         : state_(std::make_shared<FaultState>()) {
         state_->inner = std::move(inner);
         state_->rules = std::move(rules);
         caps_ = state_->inner->caps();
-        worker_ = std::thread([s = state_] { s->run(); });
+        threads.spawn([s = state_] { s->run(); });  // at engine creation: the group is open
     }
 
-    ~FaultBackend() override {
+    ~FaultBackend() override { shutdown(); }
+
+    // The worker ends what is queued or hung (canceled) and returns.
+    void shutdown() override {
         {
             std::lock_guard<std::mutex> lock(state_->mutex);
             state_->stop = true;
         }
         state_->cv.notify_all();
-        if (worker_.get_id() == std::this_thread::get_id()) {
-            worker_.detach();  // destroyed by the worker itself: it exits on its own
-        } else {
-            worker_.join();
-        }
+        state_->inner->shutdown();
     }
 
     std::string_view name() const override { return "fault"; }
@@ -284,7 +283,6 @@ public:
 private:
     std::shared_ptr<FaultState> state_;
     BackendCaps caps_;
-    std::thread worker_;
 };
 
 }  // namespace
@@ -292,7 +290,7 @@ private:
 Result<std::unique_ptr<Backend>> createFaultBackend(const BackendContext& context) {
     KVXFER_ASSIGN_OR_RETURN(auto rules, parseScript(context.config->fault.script));
     KVXFER_ASSIGN_OR_RETURN(auto inner, createLoopbackBackend(context));
-    return std::unique_ptr<Backend>(new FaultBackend(std::move(inner), std::move(rules)));
+    return std::unique_ptr<Backend>(new FaultBackend(*context.threads, std::move(inner), std::move(rules)));
 }
 
 }  // namespace kvxfer

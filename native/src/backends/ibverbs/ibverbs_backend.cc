@@ -7,9 +7,8 @@
 // caller's thread; submit() and notify() only queue a command and wake the progress
 // thread. The progress thread owns every connection, queue pair window and job state:
 // it posts work requests, polls the one completion queue, answers connection requests,
-// delivers notifications and applies deadlines. It captures only `Shared` (never the
-// backend object), because the backend may be destroyed on that very thread when it
-// drops the last reference to a finished job (then the thread is detached, not joined).
+// delivers notifications and applies deadlines. It is a thread of the engine's ThreadGroup
+// (Engine::close() joins it) and captures only `Shared`, never the backend object.
 //
 // This file is the Backend subclass; the rest is spread over the files README.md maps.
 #include <deque>
@@ -19,6 +18,7 @@
 
 #include "backends/factories.h"
 #include "backends/ibverbs/shared.h"
+#include "util/thread_group.h"
 
 namespace kvxfer {
 namespace ib {
@@ -57,17 +57,14 @@ public:
         KVXFER_ASSIGN_OR_RETURN(std::shared_ptr<Device> device, Device::open(*verbs, sel));
         auto shared = std::make_shared<Shared>(*verbs, device, ctx, Tunables::from(config));
         KVXFER_RETURN_IF_ERROR(shared->init());
-        return std::unique_ptr<Backend>(new IbverbsBackend(std::move(shared)));
+        return std::unique_ptr<Backend>(new IbverbsBackend(*ctx.threads, std::move(shared)));
     }
 
-    ~IbverbsBackend() override {
-        shared_->stop();
-        if (thread_.get_id() == std::this_thread::get_id()) {
-            thread_.detach();
-        } else {
-            thread_.join();
-        }
-    }
+    ~IbverbsBackend() override { shutdown(); }
+
+    // The progress thread tells its peers, tears the connections down (their QPs flushed,
+    // so the NIC touches no job memory any more), ends every job and returns.
+    void shutdown() override { shared_->stop(); }
 
     std::string_view name() const override { return "ibverbs"; }
     const BackendCaps& caps() const override { return caps_; }
@@ -168,7 +165,9 @@ public:
             KVXFER_ASSIGN_OR_RETURN(conn->slots[i].qp, shared_->newRcQp());
         }
         auto waiter = std::make_shared<Waiter>();
-        shared_->enqueue({Command::Kind::kConnect, nullptr, conn, waiter, {}, deadline});
+        if (!shared_->enqueue({Command::Kind::kConnect, nullptr, conn, waiter, {}, deadline})) {
+            return Status::canceled("ibverbs: the backend is closing");
+        }
         if (!waiter->wait(deadline + 1s)) {  // the progress thread normally answers at `deadline`
             shared_->enqueue({Command::Kind::kAbortConnect, nullptr, conn, nullptr, {}, {}});
             return Status::peerUnreachable("ibverbs: connecting to peer '" + identity.name + "' timed out");
@@ -199,7 +198,9 @@ public:
             Status why = peer.conn->deadStatus();
             return Status::peerUnreachable(why.message());
         }
-        shared_->enqueue({Command::Kind::kSubmit, job, peer.conn, nullptr, {}, {}});
+        if (!shared_->enqueue({Command::Kind::kSubmit, job, peer.conn, nullptr, {}, {}})) {
+            return Status::canceled("ibverbs: the backend is closing");
+        }
         return Status::ok();
     }
 
@@ -214,8 +215,14 @@ public:
         if (shared_->deviceDead()) return shared_->deviceDeadStatus();
         if (peer.conn->dead.load(std::memory_order_acquire)) return peer.conn->deadStatus();
         auto waiter = std::make_shared<Waiter>();
-        shared_->enqueue(
-            {Command::Kind::kNotify, nullptr, peer.conn, waiter, Bytes(payload.begin(), payload.end()), {}});
+        if (!shared_->enqueue({Command::Kind::kNotify,
+                               nullptr,
+                               peer.conn,
+                               waiter,
+                               Bytes(payload.begin(), payload.end()),
+                               {}})) {
+            return Status::canceled("ibverbs: the backend is closing");
+        }
         if (!waiter->wait(deadline)) {
             return Status::timeout("ibverbs: notification to peer '" + peer.conn->peer_name +
                                    "' was not acknowledged before its deadline (it may still arrive)");
@@ -224,7 +231,7 @@ public:
     }
 
 private:
-    explicit IbverbsBackend(std::shared_ptr<Shared> shared) : shared_(std::move(shared)) {
+    IbverbsBackend(ThreadGroup& threads, std::shared_ptr<Shared> shared) : shared_(std::move(shared)) {
         caps_.max_run_bytes = std::min<uint64_t>(shared_->maxMessage(), shared_->tunables().max_wr_bytes);
         caps_.lanes = shared_->tunables().qps_per_peer;  // RC QPs per peer
         // GPUDirect RDMA: CUDA regions are offered to this backend only where registering
@@ -232,7 +239,7 @@ private:
         const Status gpu = gpuDirectAvailability(shared_->device().verbs());
         if (gpu.isOk()) caps_.memory_kinds |= memoryKindBit(MemoryKind::kCuda);
         gpu_memory_ = gpu.isOk() ? "GPUDirect (dma-buf, else peer memory)" : "no (" + gpu.message() + ")";
-        thread_ = std::thread([s = shared_] { s->run(); });
+        threads.spawn([s = shared_] { s->run(); });  // at engine creation: the group is open
     }
 
     static constexpr size_t kMaxRetiredKeys = 65536;
@@ -240,7 +247,6 @@ private:
     std::shared_ptr<Shared> shared_;
     BackendCaps caps_{};
     std::string gpu_memory_;  // for describe()
-    std::thread thread_;
     std::mutex keys_mutex_;
     std::unordered_set<uint32_t> retired_rkeys_;  // rkeys of revoked regions, newest kMaxRetiredKeys
     std::deque<uint32_t> retired_order_;

@@ -16,7 +16,7 @@ namespace kvxfer::ib {
 void Shared::run() {
     std::vector<pollfd> fds(3);
     for (;;) {
-        graveyard_.clear();  // may destroy the backend (on this thread): only flags are touched
+        graveyard_.clear();  // releases finished jobs
         if (stop_.load(std::memory_order_acquire)) break;
         drainCommands();
         if (room_.exchange(false, std::memory_order_acq_rel)) {
@@ -36,7 +36,7 @@ void Shared::run() {
         if (found > 0) continue;
 
         // Idle. Release finished jobs before waiting: they keep their engine alive (and so
-        // the device open) for as long as they sit here. This may destroy the backend.
+        // the device open) for as long as they sit here.
         graveyard_.clear();
         if (stop_.load(std::memory_order_acquire)) break;
         // Spin briefly, then arm the CQ and sleep on its channel.
@@ -103,6 +103,18 @@ void Shared::run() {
     teardownConnections();
     // Anything still tracked (standalone notifications) ends now; its QP is gone.
     while (!works_.empty()) finishWork(*works_.front(), Status::canceled("ibverbs backend shut down"));
+    // Commands queued before the stop and never drained: their jobs and waiters end here
+    // (nothing of them was posted to the device).
+    std::vector<Command> left;
+    {
+        std::lock_guard<std::mutex> lock(mutex_);
+        left.swap(commands_);
+    }
+    for (auto& c : left) {
+        if (c.job) c.job->dataDone(Status::canceled("ibverbs backend shut down"), false);
+        if (c.waiter) c.waiter->set(Status::canceled("ibverbs backend shut down"));
+    }
+    left.clear();
     graveyard_.clear();
 }
 

@@ -302,15 +302,17 @@ public:
     bool portDown() const { return port_down_.load(std::memory_order_acquire); }
 
     // ---- commands from other threads ----
-    void enqueue(Command cmd) {
+    // False once stopped: the command was not queued (the progress thread may be gone).
+    bool enqueue(Command cmd) {
         bool must_wake = false;
         {
             std::lock_guard<std::mutex> lock(mutex_);
-            if (stopped_) return;
+            if (stopped_) return false;
             commands_.push_back(std::move(cmd));
             must_wake = sleeping_;
         }
         if (must_wake) wake();
+        return true;
     }
     void stop() {
         {

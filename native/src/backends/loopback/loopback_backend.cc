@@ -65,7 +65,7 @@ class LoopbackBackend final : public Backend {
 public:
     explicit LoopbackBackend(const BackendContext& ctx)
         : endpoint_(std::make_shared<Endpoint>()),
-          pool_(std::max(1u, ctx.config->loopback.threads), 1024, 8 << 20, copyRuns,
+          pool_(*ctx.threads, std::max(1u, ctx.config->loopback.threads), 1024, 8 << 20, copyRuns,
                 [](const std::shared_ptr<TransferJob>& job) -> std::optional<Status> {
                     return deliverTo(static_cast<LoopbackPeer&>(*job->peer), job->notify);
                 }) {
@@ -77,13 +77,20 @@ public:
         std::lock_guard<std::mutex> lock(g_directory_mutex);
         directory()[ctx.instance_id] = endpoint_;
     }
-    ~LoopbackBackend() override {
+    ~LoopbackBackend() override { shutdown(); }
+
+    // Peers reach this engine no more; the workers end what is queued and return.
+    void shutdown() override {
         {
             std::lock_guard<std::mutex> lock(g_directory_mutex);
-            directory().erase(endpoint_->instance);
+            auto it = directory().find(endpoint_->instance);
+            if (it != directory().end() && it->second.lock() == endpoint_) directory().erase(it);
         }
-        std::lock_guard<std::mutex> lock(endpoint_->mutex);
-        endpoint_->sink = nullptr;
+        {
+            std::lock_guard<std::mutex> lock(endpoint_->mutex);
+            endpoint_->sink = nullptr;
+        }
+        pool_.stop();
     }
 
     std::string_view name() const override { return "loopback"; }
@@ -129,10 +136,7 @@ public:
         return std::unique_ptr<BackendRemoteRegion>(std::move(remote));
     }
 
-    Status submit(const std::shared_ptr<TransferJob>& job) override {
-        pool_.submit(job);
-        return Status::ok();
-    }
+    Status submit(const std::shared_ptr<TransferJob>& job) override { return pool_.submit(job); }
 
     // Small jobs are copied on the posting thread (caps().inline_max_bytes); the
     // notification goes straight into the target's sink, as a copy worker would do it.

@@ -228,12 +228,17 @@ public:
         KVXFER_ASSIGN_OR_RETURN(std::shared_ptr<shm::ExportTable> exports, shm::ExportTable::create());
         const std::string name = socketName(ctx.instance_id);
         KVXFER_ASSIGN_OR_RETURN(
-            auto listener,
-            notify_socket::Listener::start(kProtocol, name, ctx.secret, ctx.sink, exports->fd(), exports));
+            auto listener, notify_socket::Listener::start(*ctx.threads, kProtocol, name, ctx.secret, ctx.sink,
+                                                          exports->fd(), exports));
         return std::unique_ptr<Backend>(new ShmBackend(ctx, std::move(exports), std::move(listener), name));
     }
 
-    ~ShmBackend() override {
+    ~ShmBackend() override { shutdown(); }
+
+    // Copy workers end what is queued; queued notifications end (kCanceled); the listener
+    // closes its connections. The threads return on their own; the engine joins them.
+    void shutdown() override {
+        pool_.stop();
         notifier_->stop();
         listener_->stop();
     }
@@ -387,8 +392,7 @@ public:
     Status submit(const std::shared_ptr<TransferJob>& job) override {
         auto& peer = static_cast<ShmPeer&>(*job->peer);
         if (peer.exited()) return cmaError(peer, ESRCH);
-        pool_.submit(job);
-        return Status::ok();
+        return pool_.submit(job);
     }
 
     Result<bool> trySubmitInline(const std::shared_ptr<TransferJob>& job) override {
@@ -419,7 +423,9 @@ private:
           self_name_(ctx.engine_name),
           self_instance_(ctx.instance_id),
           start_time_(processStartTime(::getpid())),
+          notifier_(notify_socket::Notifier::start(*ctx.threads)),
           pool_(
+              *ctx.threads,
               ctx.config->shm.threads ? ctx.config->shm.threads
                                       : std::min(4u, std::max(1u, std::thread::hardware_concurrency())),
               kMaxIov, 64 << 20,
@@ -440,7 +446,7 @@ private:
     std::string self_name_;
     uint64_t self_instance_;
     uint64_t start_time_;
-    std::shared_ptr<notify_socket::Notifier> notifier_ = notify_socket::Notifier::start();
+    std::shared_ptr<notify_socket::Notifier> notifier_;  // started with the engine: never null
     CopyPool pool_;
 };
 

@@ -441,27 +441,23 @@ TransferJob::Progress& inlineProgress() {
     return progress;
 }
 
-void startSession(const std::shared_ptr<PeerConn>& c, Fd fd) {
+Status startSession(const std::shared_ptr<PeerConn>& c, Fd fd) {
     auto s = std::make_shared<Session>();
     s->fd = std::move(fd);
     s->wake = Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
     std::lock_guard<std::mutex> lock(c->mutex);
-    c->session = s;
-    c->receivers.emplace_back([c, s] {
+    // Under the lock: stopConnection() either sees this session and breaks it, or this
+    // sees `stopping`.
+    if (c->stopping.load()) return Status::canceled(c->label() + ": connection closed");
+    // A receiver that ends by itself (its session died) is joined by the group later.
+    const bool started = c->threads->spawn([c, s] {
         Status why = receiverRun(*c, s);
         killSession(*c, *s, std::move(why));
         receiverSweep(*c, *s);
-        // Done with this session: detach ourselves (no one needs to join a finished receiver).
-        std::lock_guard<std::mutex> lock(c->mutex);
-        const auto self = std::this_thread::get_id();
-        for (auto it = c->receivers.begin(); it != c->receivers.end(); ++it) {
-            if (it->get_id() == self) {
-                it->detach();
-                c->receivers.erase(it);
-                break;
-            }
-        }
     });
+    if (!started) return Status::canceled(c->label() + ": the engine is closing");
+    c->session = s;
+    return Status::ok();
 }
 
 }  // namespace kvxfer::tcp

