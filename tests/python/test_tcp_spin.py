@@ -77,6 +77,11 @@ class Pair:
         self.dst = np.zeros_like(self.src)
         self.ra, self.rb = self.a.register(self.src), self.b.register(self.dst)
         self.peer = self.a.add_peer(self.b.descriptor())
+        # A first request, then a pause: the worker that served the handshake may serve a
+        # request that follows it at once (no listener spin after that one); 50 ms later
+        # the connection is parked, so later requests reach the listener's quick path.
+        self.one_request(3)
+        time.sleep(0.05)
 
     def one_request(self, slot: int = 0) -> None:
         off = slot * SLOT
