@@ -729,6 +729,7 @@ void listenLoop(const std::shared_ptr<Shared>& sh) {
         // one arms and cancels a kernel timer on every wait, i.e. on every small request.
         if (n <= 0 && !sh->stopping.load()) n = ::epoll_wait(sh->epoll_fd.fd, events, 64, -1);
         if (sh->stopping.load()) {
+            hot.reset();  // every connection closes in stopServing
             stopServing(*sh);
             return;
         }
